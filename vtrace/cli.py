@@ -42,16 +42,26 @@ def _root(
     """vtrace: capture, understand and predict the cost of guest I/O on KVM."""
 
 
-# Commands are grouped by part of the product, one section each (import/summary, capture,
-# lab, model, demo); each section only adds @app.command functions.
+# Commands are grouped by part of the product, one section each; each section only adds
+# @app.command functions and imports what it needs inside them (keeps `--help` fast).
 
-# --- import / summary ------------------------------------------------------------------------
+# --- import ---------------------------------------------------------------------------------
+
+
+# --- summary ----------------------------------------------------------------------------------
+
 
 # --- capture: record / doctor / stat -----------------------------------------------------------
 
-# --- lab ----------------------------------------------------------------------------------------
+
+# --- lab: the /dev/kvm lab VMM --------------------------------------------------------------------
+
+
+# --- qemu-lab: real Linux guests under QEMU -------------------------------------------------------
+
 
 # --- model: calibrate / replay / sweep ---------------------------------------------------------
+
 
 # --- demo / notebook ------------------------------------------------------------------------------
 
