@@ -74,3 +74,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+_MARKER_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Count each test once: its call phase, or its setup phase when it was skipped there.
+    if report.when == "call" or (report.when == "setup" and report.skipped):
+        for name in _CHECKS:
+            if name in report.keywords:
+                counts = _MARKER_COUNTS.setdefault(name, {"ran": 0, "skipped": 0})
+                counts["skipped" if report.skipped else "ran"] += 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not _MARKER_COUNTS:
+        return
+    terminalreporter.section("tests that need host features")
+    for name, counts in sorted(_MARKER_COUNTS.items()):
+        terminalreporter.write_line(
+            f"{name:8s} ran {counts['ran']:4d}   skipped {counts['skipped']:4d}"
+        )

@@ -177,7 +177,9 @@ class ReasonTables:
     origin: str
 
 
-def parse_reason_tables(kvm_exit_format: str, userspace_exit_format: str, origin: str) -> ReasonTables:
+def parse_reason_tables(
+    kvm_exit_format: str, userspace_exit_format: str, origin: str
+) -> ReasonTables:
     """Build the reason tables from the text of the two tracepoint format files."""
     calls = _SYMBOLIC.findall(kvm_exit_format.split("print fmt:", 1)[-1])
     if len(calls) < 2:

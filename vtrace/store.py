@@ -139,7 +139,8 @@ class TraceWriter:
         self.meta["parts"] = self.parts
         self.meta["events"] = self.rows
         _write_bytes_atomic(
-            self.path / META_NAME, json.dumps(self.meta, indent=2, sort_keys=True, default=str).encode()
+            self.path / META_NAME,
+            json.dumps(self.meta, indent=2, sort_keys=True, default=str).encode(),
         )
 
     def close(self, **meta: Any) -> Trace:
@@ -172,7 +173,9 @@ class TraceWriter:
 
 
 def write_trace(
-    path: str | os.PathLike[str], events: pl.DataFrame | Iterable[pl.DataFrame], meta: dict[str, Any]
+    path: str | os.PathLike[str],
+    events: pl.DataFrame | Iterable[pl.DataFrame],
+    meta: dict[str, Any],
 ) -> Trace:
     """Write a whole trace at once (importers, tests); removes it again on failure."""
     frames = [events] if isinstance(events, pl.DataFrame) else events
@@ -201,7 +204,9 @@ class Trace:
         return self.path.name
 
     def __repr__(self) -> str:
-        return f"Trace({str(self.path)!r}, parts={len(self.parts)}, events={self.meta.get('events')})"
+        return (
+            f"Trace({str(self.path)!r}, parts={len(self.parts)}, events={self.meta.get('events')})"
+        )
 
 
 def open_trace(path: str | os.PathLike[str]) -> Trace:
