@@ -7,6 +7,7 @@ Each command parses, calls the library, and renders with rich or prints `--json`
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -47,23 +48,524 @@ def _root(
 
 # --- import ---------------------------------------------------------------------------------
 
+# Files above this size get a progress display (a few seconds of parsing here).
+IMPORT_PROGRESS_BYTES = 32 * 1024 * 1024
+
+
+@app.command("import")
+def import_cmd(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="Format of FILE: ftrace, perf or qemu."),
+    file: str = typer.Argument(
+        ..., metavar="FILE", help="Text trace: tracefs/trace-cmd report, perf script, QEMU -D log."
+    ),
+    out: str = typer.Option(..., "-o", "--out", help="New trace directory to write."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any line that is not an event."),
+) -> None:
+    """Import a text trace into a trace directory (events as Parquet + meta.json)."""
+    import os
+    from contextlib import nullcontext
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vtrace.ingest import FORMATS, import_file
+
+    if fmt not in FORMATS:
+        raise VtraceError(f"{file}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    try:
+        big = os.path.getsize(file) > IMPORT_PROGRESS_BYTES
+    except OSError:
+        big = False
+    progress = (
+        Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        )
+        if big
+        else nullcontext()
+    )
+    with progress as bar:
+        task = bar.add_task(f"importing {file}", total=None) if big else None
+
+        def step(name: str) -> None:
+            if big:
+                bar.update(task, description=f"{name}: {file}")
+
+        trace = import_file(fmt, file, out, strict=strict, progress=step)
+    meta = trace.meta
+
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    say(f"{trace.path}: {meta['events']:,} events from {meta['lines']:,} lines of {file}")
+    if meta.get("unparsed"):
+        first = ", ".join(map(str, meta.get("unparsed_first_lines", [])))
+        say(f"  unparsed lines: {meta['unparsed']:,} (first: lines {first})")
+    if meta.get("malformed"):
+        first = ", ".join(map(str, meta.get("malformed_first_lines", [])))
+        say(f"  events not matching their format (kept as raw): {meta['malformed']:,} ({first})")
+    if meta.get("lost_events"):
+        say(f"  events the tracer reported lost: {meta['lost_events']:,}")
+    say(f"  clock: {meta.get('clock')}")
+
 
 # --- summary ----------------------------------------------------------------------------------
+
+
+@app.command("summary")
+def summary_command(
+    trace_dir: str = typer.Argument(..., metavar="DIR", help="A trace directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (times in ns)."),
+    top: int = typer.Option(
+        10, "--top", min=1, help="Rows in the accesses, kicks and interrupts tables."
+    ),
+) -> None:
+    """Summarise a trace: events, exits and user-space exits by reason, accesses, kicks,
+    requests, batching, interrupts, lost and unparsed counts.
+
+    [bold]Examples[/]
+
+      vtrace summary mytrace            tables, times in microseconds
+
+      vtrace summary mytrace --json     the same as JSON, times in nanoseconds
+    """
+    import json
+
+    from vtrace.analyze import summary
+
+    data = summary(trace_dir, top=top)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    from vtrace.analyze.console import print_summary
+
+    print_summary(data, console)
 
 
 # --- capture: record / doctor / stat -----------------------------------------------------------
 
 
+@app.command(
+    epilog="Examples:\n\n"
+    "  vtrace record -o /tmp/t1                      every KVM event on the host, until Ctrl-C\n\n"
+    "  vtrace record -o /tmp/t1 --pid 4242 --duration 10   one VM for 10 s\n\n"
+    "  vtrace record -o /tmp/t1 --events kvm_pio,kvm_userspace_exit\n\n"
+    "  vtrace record -o x --print-c                   show the BPF program (no root needed)"
+)
+def record(
+    output: str = typer.Option(None, "-o", "--output", help="New trace directory to write."),
+    pid: list[int] = typer.Option(  # noqa: B008 (typer's repeatable option)
+        None, "--pid", help="VM (VMM) process to record; repeatable. Default: all."
+    ),
+    duration: float = typer.Option(None, "--duration", min=0.1, help="Stop after S seconds."),
+    events: str = typer.Option(None, "--events", help="Comma-separated subset of events."),
+    buffer_mb: int = typer.Option(
+        None, "--buffer-mb", help="Ring buffer size in MiB (default 32)."
+    ),
+    print_c: bool = typer.Option(False, "--print-c", hidden=True, help="Print the BPF C and exit."),
+) -> None:
+    """Record KVM events with bcc into a trace directory (needs root)."""
+    from pathlib import Path
+
+    from vtrace.collect import live, program
+
+    event_list = program.parse_events(events)
+    if print_c:
+        typer.echo(program.print_c(event_list, pid or [], buffer_mb))
+        return
+    if output is None:
+        raise VtraceError("record: -o DIR is required")
+    summary = live.record(
+        Path(output),
+        err_console,
+        pids=pid or [],
+        duration_s=duration,
+        events=event_list,
+        buffer_mb=buffer_mb,
+    )
+    console.print(live.summary_view(summary))
+
+
+@app.command(
+    epilog="Examples:\n\n  vtrace doctor\n\n  vtrace doctor --fix      mount tracefs, link headers\n\n"
+    "  vtrace doctor --json"
+)
+def doctor(
+    fix: bool = typer.Option(False, "--fix", help="Mount tracefs and link headers where needed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Can this host record? One verdict per requirement, with the exact fix.
+
+    Exit status 1 when a check that recording needs fails.
+    """
+    import json
+
+    from vtrace.collect import doctor as checks_mod
+    from vtrace.collect import live
+
+    checks = checks_mod.run_checks(fix=fix)
+    if as_json:
+        typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        console.print(live.checks_view(checks))
+    if checks_mod.record_problem(checks):
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog="Examples:\n\n  vtrace stat                       refresh every second\n\n"
+    "  vtrace stat --pid 4242 --interval 5\n\n  vtrace stat --once --interval 2 --csv"
+)
+def stat(
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+    csv: bool = typer.Option(
+        False, "--csv", help="Print CSV rows (for logging) instead of a table."
+    ),
+    once: bool = typer.Option(False, "--once", help="Print one interval and exit."),
+    pid: list[int] = typer.Option(  # noqa: B008 (typer's repeatable option)
+        None, "--pid", help="VM process to show; repeatable."
+    ),
+) -> None:
+    """Live exit counts and handling-time histograms per VM and reason (in-kernel aggregation)."""
+    from vtrace.collect import stat as stat_mod
+
+    stat_mod.run(console, interval_s=interval, csv=csv, once=once, pids=pid or [])
+
+
 # --- lab: the /dev/kvm lab VMM --------------------------------------------------------------------
+
+lab_app = typer.Typer(
+    help="A minimal VMM on /dev/kvm: real exits and kicks from tiny guests.",
+    no_args_is_help=True,
+)
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command(
+    "run",
+    epilog="Examples:\n\n"
+    "  vtrace lab run --device emulated --requests 10000\n\n"
+    "  vtrace lab run --device virtio --requests 100000 --batch 16 --ring-size 256 --json\n\n"
+    "  vtrace lab run --device virtio --wait irq --record /tmp/lab-trace",
+)
+def lab_run(
+    device: str = typer.Option("virtio", help="emulated (PIO register file) or virtio."),
+    requests: int = typer.Option(1000, help="Requests the guest issues."),
+    batch: int = typer.Option(1, help="Requests added to the ring per kick (virtio)."),
+    ring_size: int = typer.Option(256, help="Descriptors in the virtqueue (power of two)."),
+    request_bytes: int = typer.Option(4096, help="Bytes the device writes per request."),
+    wait: str = typer.Option("poll", help="virtio completions: poll used.idx, or irq (irqfd)."),
+    record: str | None = typer.Option(
+        None, help="Trace directory: record kvm events of this VMM plus the lab's own."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run a tiny guest against an emulated device or a virtio ring; print what it cost."""
+    import json
+
+    from rich.table import Table
+
+    from vtrace.lab import run_lab
+
+    result = run_lab(device, requests, batch, ring_size, request_bytes, wait=wait, record=record)
+    if json_out:
+        print(json.dumps(result.to_json()))
+        return
+    table = Table(title=f"lab run: {device}, pid {result.pid}", show_header=False)
+    lat = result.latency_ns
+    for key, value in (
+        ("requests", f"{result.requests} (batch {result.batch}, ring {result.ring_size}, "
+         f"{result.request_bytes} B)"),
+        ("duration", f"{result.duration_s:.3f} s"),
+        ("rate", f"{result.requests_per_s:,.0f} requests/s"),
+        ("user-space exits", f"{result.userspace_exits} "
+         f"({result.userspace_exits / result.requests:.2f} per request)"),
+        ("kicks (eventfd)", f"{result.kicks} (guest skipped {result.kicks_suppressed})"),
+        ("interrupts", str(result.interrupts)),
+        ("latency", f"mean {lat['mean'] / 1e3:.1f} us, p50 {lat['p50'] / 1e3:.1f} us, "
+         f"p99 {lat['p99'] / 1e3:.1f} us"),
+        ("trace", result.trace or "-"),
+    ):  # fmt: skip
+        table.add_row(key, value)
+    console.print(table)
+
+
+@lab_app.command(
+    "exit-cost",
+    epilog="Examples:\n\n  vtrace lab exit-cost --writes 50000\n\n  vtrace lab exit-cost --json",
+)
+def lab_exit_cost(
+    writes: int = typer.Option(20000, help="PIO writes the guest makes per loop."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Time one PIO write handled in user space vs in the kernel (ioeventfd)."""
+    import json
+
+    from rich.table import Table
+
+    from vtrace.lab import measure_exit_cost
+
+    costs = {h: measure_exit_cost(writes, h) for h in ("userspace", "ioeventfd", "none")}
+    if json_out:
+        print(json.dumps({h: c.to_json() for h, c in costs.items()}))
+        return
+    loop_ns = costs["none"].per_write_ns
+    table = Table(title=f"PIO write cost, {writes} writes")
+    for col in ("handled", "per loop iteration", "less the loop", "user-space exits"):
+        table.add_column(col, justify="right")
+    for handling, c in costs.items():
+        table.add_row(
+            handling,
+            f"{c.per_write_ns / 1e3:.2f} us",
+            "-" if handling == "none" else f"{(c.per_write_ns - loop_ns) / 1e3:.2f} us",
+            str(c.userspace_exits),
+        )
+    console.print(table)
 
 
 # --- qemu-lab: real Linux guests under QEMU -------------------------------------------------------
+
+qemu_lab_app = typer.Typer(
+    help="Real Linux guests under QEMU: emulated vs virtio devices, traced per request.",
+    no_args_is_help=True,
+)
+app.add_typer(qemu_lab_app, name="qemu-lab")
+
+
+@qemu_lab_app.command(
+    "run",
+    epilog="Examples:\n\n"
+    "  vtrace qemu-lab run --device ide --requests 64 -o /tmp/ide\n\n"
+    "  vtrace qemu-lab run --device virtio-blk --queue-depth 16 --requests 512 -o /tmp/vblk16\n\n"
+    "  vtrace qemu-lab run --device e1000 --requests 200 --request-bytes 56 -o /tmp/e1000 --json",
+)
+def qemu_lab_run(
+    device: str = typer.Option("virtio-blk", help="ide, virtio-blk, e1000 or virtio-net."),
+    out: str = typer.Option(..., "-o", "--out", help="New trace directory to write."),
+    requests: int = typer.Option(64, help="Block requests, or echo round trips for a NIC."),
+    request_bytes: int = typer.Option(4096, help="Bytes per block request, or echo payload."),
+    queue_depth: int = typer.Option(1, help="Block requests in flight at once."),
+    submit: str = typer.Option(
+        "batch",
+        help="How depth is made: batch (one stream, QUEUE_DEPTH requests per plug) or "
+        "streams (QUEUE_DEPTH concurrent dd processes).",
+    ),
+    write: bool = typer.Option(False, "--write", help="Block writes instead of reads."),
+    accel: str = typer.Option("auto", help="auto, kvm or tcg (auto: KVM only with vmx/svm)."),
+    kernel: str | None = typer.Option(
+        None, help="Guest kernel image (default: newest /boot/vmlinuz-*)."
+    ),
+    timeout: float = typer.Option(180.0, help="Hard limit for the whole run, in seconds."),
+    raw_log: str | None = typer.Option(None, help="Also keep QEMU's raw trace log here."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Boot a Linux guest, run one workload on DEVICE, print what each request cost."""
+    import json
+
+    from rich.table import Table
+
+    from vtrace.lab.qemu import QemuLabConfig, run_qemu_lab
+
+    config = QemuLabConfig(
+        device=device,
+        requests=requests,
+        request_bytes=request_bytes,
+        queue_depth=queue_depth,
+        submit=submit,
+        write=write,
+        accel=accel,
+        kernel=kernel,
+        timeout_s=timeout,
+    )
+    trace, summary = run_qemu_lab(config, out, raw_log=raw_log)
+    if json_out:
+        print(json.dumps({**summary, "trace": str(trace.path)}))
+        return
+
+    def fmt(value: float | None, unit: str = "") -> str:
+        return "-" if value is None else f"{value:.2f}{unit}"
+
+    unit = "request" if device in ("ide", "virtio-blk") else "echo round trip"
+    table = Table(title=f"qemu-lab: {device} under {summary['accel']}", show_header=False)
+    for key, value in (
+        ("requests", f"{requests} x {request_bytes} B, queue depth {queue_depth}"),
+        ("duration", fmt(summary["duration_s"], " s")),
+        (f"trapping accesses per {unit}", fmt(summary["device_accesses_per_request"])),
+        (f"kicks per {unit}", fmt(summary["kicks_per_request"])),
+        (f"interrupts per {unit}", fmt(summary["interrupts_per_request"])),
+        ("requests per kick", fmt(summary["requests_per_kick"])),
+        ("most requests in one kick", str(summary["max_requests_per_kick"] or "-")),
+        ("trace", str(trace.path)),
+    ):  # fmt: skip
+        table.add_row(key, value)
+    console.print(table)
+    console.print(
+        "Trapping accesses: register accesses that reached QEMU's device model, counted "
+        f"under {summary['accel'].upper()}; under KVM each is an exit to user space.",
+        style="dim",
+    )
 
 
 # --- model: calibrate / replay / sweep ---------------------------------------------------------
 
 
+@app.command(
+    "replay",
+    epilog="""Examples:
+
+  vtrace replay --model virtio-blk --json
+
+  vtrace replay --model lab-virtio --set virtqueue.batch=8 --set ring_size=64
+
+  vtrace replay traces/lab-virtio --model calibrated.toml --requests 10000
+""",
+)
+def replay_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name or TOML file.")],
+    trace: Annotated[
+        str | None, typer.Argument(help="Trace whose arrivals drive the guest.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a parameter: key=value (dotted).")
+    ] = None,
+    requests: Annotated[int | None, typer.Option("--requests", "-n", help="Requests.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run a model (optionally replaying a trace's request arrivals) and summarise it."""
+    import json
+
+    from vtrace.sim import replay
+    from vtrace.sim.report import summary_table
+
+    result = replay(model, trace, set_ or [], requests=requests, seed=seed)
+    if json_out:
+        print(json.dumps(result.summary))
+    else:
+        console.print(summary_table(result.summary))
+
+
+@app.command(
+    "calibrate",
+    epilog="""Examples:
+
+  vtrace calibrate runs/virtio-b1 runs/virtio-b8 --model lab-virtio -o lab-virtio-fit.toml
+
+  vtrace calibrate runs/emulated --model lab-emulated -o lab-emulated-fit.toml
+""",
+)
+def calibrate_cmd(
+    traces: Annotated[list[str], typer.Argument(help="Trace directories to fit the costs from.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to start from.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="TOML file to write.")],
+) -> None:
+    """Fit the costs a trace can show and write a model whose comments say where each came from."""
+    from vtrace.sim.calibrate import calibrate
+
+    fit = calibrate(traces, model, output)
+    for key, (value, source) in fit.fitted.items():
+        console.print(f"{key} = {value:.6g}  [dim]# {source}[/dim]")
+    console.print(f"wrote {output}")
+
+
+@app.command(
+    "sweep",
+    epilog="""Examples:
+
+  vtrace sweep --model virtio-blk --grid ring_size=8,64,256 --grid batch=1,4,16 -o sweep.parquet
+
+  vtrace sweep --model mm1 --grid queue.arrival_rate_per_s=20000,50000,80000 -o mm1.parquet
+""",
+)
+def sweep_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name or TOML file.")],
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,... per parameter.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Parquet file, a row per point.")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a parameter for every point.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", help="Processes.")] = None,
+) -> None:
+    """Run a model over a grid of parameters in parallel local processes."""
+    from rich.progress import Progress
+
+    from vtrace.sim.sweep import parse_grid, run_sweep
+
+    points = parse_grid(model, grid, set_ or [])
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task(f"sweep {model}", total=len(points))
+        frame = run_sweep(
+            model, points, set_ or [], output, workers=workers,
+            on_point=lambda: progress.advance(task),
+        )  # fmt: skip
+    console.print(f"wrote {output}: {frame.height} points")
+
+
 # --- demo / notebook ------------------------------------------------------------------------------
+
+
+@app.command(
+    "demo",
+    epilog="Examples:\n\n"
+    "  vtrace demo                     # report in ./vtrace-demo/index.html\n\n"
+    "  vtrace demo -o /tmp/report --notebooks 01-explore-a-trace,02-emulated-vs-virtio",
+)
+def demo(
+    out: str = typer.Option(
+        "vtrace-demo", "-o", "--out", help="Directory for the report (made if missing)."
+    ),
+    notebooks: str | None = typer.Option(
+        None, help="Comma-separated notebook names to run (default: all)."
+    ),
+) -> None:
+    """Run the whole story on the shipped traces and write a report (no root, no KVM).
+
+    Trace summaries, emulated vs virtio, a small sweep and the executed notebooks, in one page.
+    """
+    from pathlib import Path
+
+    from vtrace.demo import run_demo
+    from vtrace.notebook import NOTEBOOKS
+
+    chosen = NOTEBOOKS
+    if notebooks is not None:
+        chosen = tuple(n.strip() for n in notebooks.split(",") if n.strip())
+        unknown = [n for n in chosen if n not in NOTEBOOKS]
+        if unknown:
+            raise VtraceError(
+                f"--notebooks: unknown {', '.join(unknown)} (known: {', '.join(NOTEBOOKS)})"
+            )
+    result = run_demo(Path(out), console=console, notebooks=chosen)
+    for m in result.missing:
+        console.print(f"[yellow]not in the report:[/] {m}", highlight=False)
+    failed = result.failed_notebooks
+    console.print(
+        f"\n[bold]Report:[/] {result.index.resolve()}  ({result.seconds:.0f} s, "
+        f"{len(result.traces)} traces, {len(result.notebooks) - len(failed)}/"
+        f"{len(result.notebooks)} notebooks ran)",
+        highlight=False,
+    )
+    console.print(f"Open it:   xdg-open {result.index.resolve()}", highlight=False)
+    console.print("Live:      vtrace notebook   (JupyterLab on the notebooks)", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command(
+    "notebook",
+    epilog="Examples:\n\n  vtrace notebook\n\n  vtrace notebook --port 8899 --no-browser",
+)
+def notebook(
+    port: int | None = typer.Option(None, help="Port for JupyterLab (default: its own)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open a browser tab."),
+) -> None:
+    """Start JupyterLab on the shipped notebooks (paired .py and .ipynb)."""
+    from vtrace.notebook import notebooks_dir, start_jupyterlab
+
+    console.print(f"JupyterLab on {notebooks_dir()} (Ctrl-C twice to stop)", highlight=False)
+    raise typer.Exit(start_jupyterlab(notebooks_dir(), port=port, open_browser=browser))
 
 
 def main() -> None:

@@ -1,0 +1,271 @@
+"""Collector overhead and capacity, side by side in one run (medians over interleaved rounds).
+
+    .venv/bin/python benchmarks/bench_collector.py [--rounds 5] [--pio-exits 100000] [--kicks 1000000]
+
+Workloads (tests/kvm_guest.py, a real KVM guest looping on `out dx, al`):
+- pio: every `out` exits to the VMM in user space (kvm_pio + kvm_userspace_exit per exit);
+- kick: the port is an ioeventfd, every `out` stays in the kernel (one kvm_pio per kick):
+  the highest event rate this host makes.
+
+Conditions, each run on the same workload in turn within a round:
+- untraced;
+- `vtrace record` (all processes, default buffers);
+- `perf record -e kvm:kvm_pio -e kvm:kvm_userspace_exit -a` (the anchor: HOST.md);
+- `vtrace stat` (in-kernel aggregation);
+- bcc-callback (kick only): the same BPF program read through bcc's ring_buffer_poll with
+  a Python callback per event, to show why the collector drains the ring itself.
+
+Printed: median rate per condition, its ratio to untraced (overhead = 1 - ratio), events
+recorded and lost. Rates come from the guest's own clock around its KVM_RUN loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes as ct
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST = ROOT / "tests" / "kvm_guest.py"
+PY = sys.executable
+VTRACE = [PY, "-m", "vtrace.cli"]
+
+
+def run_guest(exits: int, ioeventfd: bool) -> dict:
+    args = [PY, str(GUEST), "--exits", str(exits)] + (["--ioeventfd"] if ioeventfd else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+    return json.loads(out[-1])
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if proc.poll() is not None:
+            raise RuntimeError(f"tracer exited early: {proc.args}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tracer not ready: {proc.args}")
+        time.sleep(0.05)
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def under_vtrace_record(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    out = tmp / f"rec-{time.monotonic_ns()}"
+    proc = subprocess.Popen([*VTRACE, "record", "-o", str(out)], stdout=subprocess.DEVNULL)
+    wait_for(lambda: (out / "meta.json").exists(), proc)
+    ready_cpu_s = _cpu_s(proc.pid)  # compiling and attaching is not part of the per-event cost
+    res = run_guest(exits, ioeventfd)
+    # The recorder's CPU for these events: until its parts hold them all (it rewrites
+    # meta.json after each part), not counting detaching and exiting.
+    want = exits * (1 if ioeventfd else 2)
+    wait_for(lambda: json.loads((out / "meta.json").read_text())["events"] >= want, proc)
+    consumer_cpu_s = _cpu_s(proc.pid) - ready_cpu_s
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    meta = json.loads((out / "meta.json").read_text())
+    shutil.rmtree(out)
+    return res, {
+        "events": meta["events"],
+        "lost": meta["lost"],
+        "bpf_ns_per_event": round(meta.get("bpf_ns_per_event", float("nan")), 1),
+        # What the recorder process did after attaching until the events were in Parquet
+        # parts: draining, decoding, writing, the live line.
+        "consumer_cpu_s": round(consumer_cpu_s, 3),
+        "consumer_ns_per_event": round(1e9 * consumer_cpu_s / max(meta["events"], 1), 1),
+    }
+
+
+def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    data, ctl, ack = tmp / "perf.data", tmp / "perf.ctl", tmp / "perf.ack"
+    for fifo in (ctl, ack):
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+    # Start with events disabled (-D -1), enable through the control fifo and wait for the
+    # acknowledgement: only then is every CPU's kvm tracepoint being recorded.
+    proc = subprocess.Popen(
+        ["perf", "record", "-q", "-D", "-1", f"--control=fifo:{ctl},{ack}", "-a", "-o", str(data),
+         "-e", "kvm:kvm_pio", "-e", "kvm:kvm_userspace_exit"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    with open(ctl, "w") as c, open(ack) as a:
+        c.write("enable\n")
+        c.flush()
+        a.readline()
+        res = run_guest(exits, ioeventfd)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    size = data.stat().st_size if data.exists() else 0
+    if not os.environ.get("BENCH_KEEP_PERF"):
+        data.unlink(missing_ok=True)
+    return res, {"perf_data_bytes": size}
+
+
+def under_vtrace_stat(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    proc = subprocess.Popen(
+        [*VTRACE, "stat", "--csv", "--interval", "60"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stderr.readline()  # "attached ..."
+    res = run_guest(exits, ioeventfd)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    return res, {}
+
+
+def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    """The same program, consumed the way bcc's examples do: one Python call per event."""
+    sys.path.insert(0, str(ROOT))
+    from vtrace.collect import bccload, program
+
+    bcc = bccload.load_bcc()
+    plan = program.plan_probes(["kvm_pio", "kvm_userspace_exit"])
+    values = program.defines(plan, program.buffer_pages(None), False)
+    b = bcc.BPF(src_file=str(program.SOURCE).encode(), cflags=program.cflags(values))
+    program.attach(b, plan)
+    seen = [0]
+
+    def on_event(ctx, data, size):
+        seen[0] += 1
+
+    b[b"events"].open_ring_buffer(on_event)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            b.ring_buffer_poll(timeout=50)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    res = run_guest(exits, ioeventfd)
+    deadline = time.monotonic() + 30
+    while seen[0] < exits and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    t.join()
+    b.ring_buffer_consume()
+    lost = sum(int(v) for v in b[b"lost"][ct.c_int(0)])
+    b.cleanup()
+    return res, {"events": seen[0], "lost": lost}
+
+
+def untraced(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    return run_guest(exits, ioeventfd), {}
+
+
+CONDITIONS = {
+    "untraced": untraced,
+    "vtrace record": under_vtrace_record,
+    "perf record": under_perf,
+    "vtrace stat": under_vtrace_stat,
+    "bcc callback": under_bcc_callback,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pio-exits", type=int, default=50_000)
+    ap.add_argument("--kicks", type=int, default=500_000)
+    ap.add_argument("--skip-perf", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (BPF, perf -a)")
+    workloads = {"pio": (args.pio_exits, False), "kick": (args.kicks, True)}
+    conds = [c for c in CONDITIONS if c != "untraced"]
+    if args.skip_perf or shutil.which("perf") is None:
+        conds.remove("perf record")
+    stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
+    stats_before = stats_path.read_text().strip()
+    stats_path.write_text("1")  # BPF run time per event, measured by the kernel
+    # A kill must still restore the sysctl (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Each traced run is paired with an untraced run just before it: the host is shared, and
+    # a ratio within a pair cancels most of the drift between rounds.
+    ratios: dict[tuple[str, str], list[float]] = {}
+    rates: dict[tuple[str, str], list[float]] = {}
+    extra: dict[tuple[str, str], list[dict]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    cpu_ratios: dict[tuple[str, str], list[float]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            for r in range(args.rounds):
+                for wl, (n, iofd) in workloads.items():
+                    for c in conds:
+                        if c == "bcc callback" and wl != "kick":
+                            continue
+                        plain = run_guest(n, iofd)
+                        base = n / plain["duration_s"]
+                        res, info = CONDITIONS[c](n, iofd, tmp)
+                        rate = n / res["duration_s"]
+                        rates.setdefault((wl, "untraced"), []).append(base)
+                        rates.setdefault((wl, c), []).append(rate)
+                        ratios.setdefault((wl, c), []).append(rate / base)
+                        # CPU time of the guest process per `out`: the tracer's work done in
+                        # the guest's context (BPF program, perf's buffer writes), and much
+                        # less sensitive than wall time to other load on a shared host.
+                        cpu_ns = 1e9 * res["cpu_s"] / n
+                        cpu.setdefault((wl, "untraced"), []).append(1e9 * plain["cpu_s"] / n)
+                        cpu.setdefault((wl, c), []).append(cpu_ns)
+                        cpu_ratios.setdefault((wl, c), []).append(res["cpu_s"] / plain["cpu_s"])
+                        extra.setdefault((wl, c), []).append(info)
+                        print(
+                            f"round {r + 1} {wl:4s} {c:14s} {rate:10,.0f}/s untraced {base:10,.0f}/s "
+                            f"ratio {rate / base:5.3f} cpu/out {cpu_ns:6.0f} ns vs "
+                            f"{1e9 * plain['cpu_s'] / n:6.0f} {json.dumps(info)}",
+                            flush=True,
+                        )
+    finally:
+        stats_path.write_text(stats_before)
+    print(f"\nmedians over {args.rounds} rounds, each traced run paired with an untraced one")
+    print("rate: guest `out` instructions per second (wall); cpu: guest process CPU ns per `out`")
+    print(
+        f"{'workload':8s} {'condition':14s} {'rate/s':>10s} {'ratio':>6s} {'overhead':>8s} "
+        f"{'cpu ns':>7s} {'cpu +%':>7s}  details"
+    )
+    med = statistics.median
+    for wl in workloads:
+        print(
+            f"{wl:8s} {'untraced':14s} {med(rates[(wl, 'untraced')]):10,.0f} {'':6s} {'':8s} {med(cpu[(wl, 'untraced')]):7.0f}"
+        )
+        for c in conds:
+            if (wl, c) not in ratios:
+                continue
+            ratio = med(ratios[(wl, c)])
+            infos = extra[(wl, c)]
+            detail = ""
+            if infos and "lost" in infos[0]:
+                detail = f"events/run {med(i['events'] for i in infos):,.0f} lost {[i['lost'] for i in infos]}"
+            if infos and "bpf_ns_per_event" in infos[0]:
+                detail += (
+                    f" bpf {med(i['bpf_ns_per_event'] for i in infos):.0f} ns/event,"
+                    f" recorder {med(i['consumer_cpu_s'] for i in infos):.2f} cpu-s/run"
+                )
+            if infos and "perf_data_bytes" in infos[0]:
+                detail = f"perf.data {med(i['perf_data_bytes'] for i in infos) / 1e6:.1f} MB/run"
+            print(
+                f"{wl:8s} {c:14s} {med(rates[(wl, c)]):10,.0f} {ratio:6.3f} {1 - ratio:8.1%} "
+                f"{med(cpu[(wl, c)]):7.0f} {med(cpu_ratios[(wl, c)]) - 1:7.1%}  {detail}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Import speed: the vectorised ftrace importer vs a straightforward per-line `re` parser.
+
+Generates a tracefs-format file of kvm events (default 1.2M lines, a mix like a VMX host
+running an emulated device and a virtio one: exits and entries, PIO and MMIO with
+user-space exits, MSI and IRQ-line interrupts, injections, instruction emulation and other
+kvm events kept as raw), then times, in the same run and on the same file:
+
+* ``vtrace.ingest.import_file("ftrace", ...)``: read, parse, write the trace directory;
+* the anchor: a loop over lines with Python's ``re`` filling per-column lists, building the
+  same events frame and writing it with the same trace writer.
+
+Both produce the same table (checked once). Prints lines/s, the median over the repeats,
+and the ratio.
+
+    .venv/bin/python benchmarks/bench_import.py [--lines N] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+from vtrace import schema as s
+from vtrace.ingest import IMPORT_COMPRESSION, import_file, read_events
+from vtrace.store import open_trace, write_trace
+
+# (weight, event, payload template); {x} fields are filled per line.
+MIX = [
+    (
+        20,
+        "kvm_exit",
+        "vcpu {vcpu} reason {reason} rip 0x{rip:x} info1 0x{info:016x} info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000 requests 0x0000000000000000",
+    ),
+    (20, "kvm_entry", "vcpu {vcpu}, rip 0x{rip:x} intr_info 0x00000000 error_code 0x00000000"),
+    (12, "kvm_pio", "pio_{rw} at 0x{port:x} size {size} count 1 val 0x{val:x} "),
+    (8, "kvm_mmio", "mmio {mrw} len {size} gpa 0x{gpa:x} val 0x{val:x}"),
+    (10, "kvm_userspace_exit", "reason {ureason}"),
+    (4, "kvm_msi_set_irq", "dst 0 vec {vec} (Fixed|physical|edge)"),
+    (3, "kvm_set_irq", "gsi {gsi} level {level} source 0"),
+    (3, "kvm_inj_virq", "IRQ 0x{vec:x}"),
+    (5, "kvm_emulate_insn", "0:{rip:x}:ee (prot64)"),
+    (2, "kvm_fast_mmio", "fast mmio at gpa 0x{gpa:x}"),
+    (8, "kvm_fpu", "{fpu}"),
+    (5, "kvm_apic_accept_irq", "apicid 0 vec {vec} (Fixed|edge)"),
+]
+REASONS = [
+    "IO_INSTRUCTION",
+    "EPT_VIOLATION",
+    "EPT_MISCONFIG",
+    "HLT",
+    "MSR_WRITE",
+    "EXTERNAL_INTERRUPT",
+]
+UREASONS = ["KVM_EXIT_IO (2)", "KVM_EXIT_MMIO (6)"]
+TASKS = ["CPU 0/KVM", "CPU 1/KVM", "qemu-system-x86", "kworker/1:2"]
+
+
+def generate(path: Path, lines: int, seed: int = 1) -> None:
+    """Write a tracefs `trace` file with ``lines`` event lines."""
+    rng = random.Random(seed)
+    weights = [w for w, _, _ in MIX]
+    picks = rng.choices(range(len(MIX)), weights=weights, k=lines)
+    ts_us = 1_000_000
+    with path.open("w") as f:
+        f.write("# tracer: nop\n#\n#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION\n")
+        out = []
+        for i, k in enumerate(picks):
+            _, event, template = MIX[k]
+            ts_us += rng.randint(1, 9)
+            vcpu = i & 1
+            payload = template.format(
+                vcpu=vcpu,
+                reason=REASONS[i % len(REASONS)],
+                rip=0xFFFFFFFF81000000 + (i % 4096),
+                info=i % 512,
+                rw="write" if i % 3 else "read",
+                port=0xC000 + (i % 64),
+                size=(1, 2, 4)[i % 3],
+                val=i % 251,
+                mrw=("write", "read", "unsatisfied-read")[i % 3],
+                gpa=0xFEBF0000 + (i % 4096),
+                ureason=UREASONS[i % 2],
+                vec=32 + i % 200,
+                gsi=i % 24,
+                level=i % 2,
+                fpu=("load", "unload")[i % 2],
+            )
+            task = TASKS[vcpu] if event != "kvm_set_irq" else TASKS[3]
+            out.append(
+                f"{task:>16}-{4000 + vcpu:<7} [{vcpu:03d}] ..... {ts_us // 1_000_000:5d}."
+                f"{ts_us % 1_000_000:06d}: {event}: {payload}\n"
+            )
+            if len(out) >= 100_000:
+                f.writelines(out)
+                out.clear()
+        f.writelines(out)
+
+
+# --- the anchor: one `re` match per line ------------------------------------------------------
+
+HEADER_RE = re.compile(
+    r"^\s*(?P<comm>.*)-(?P<tid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:\S{4,5}\s+)?"
+    r"(?P<sec>\d+)\.(?P<frac>\d+):\s+(?P<event>\w+):\s*(?P<payload>.*)$"
+)
+PIO_RE = re.compile(r"^pio_(read|write) at 0x([0-9a-f]+) size (\d+) count (\d+) val 0x([0-9a-f]+)")
+MMIO_RE = re.compile(
+    r"^mmio (unsatisfied-read|read|write) len (\d+) gpa 0x([0-9a-f]+) val 0x([0-9a-f]+)$"
+)
+USER_RE = re.compile(r"^reason (\S+) \((-?\d+)\)$")
+EXIT_RE = re.compile(r"^(?:vcpu (\d+) )?reason (.+?) rip 0x([0-9a-f]+)(?:\s|$)")
+ENTRY_RE = re.compile(r"^vcpu (\d+), rip 0x([0-9a-f]+)(.*)$")
+MSI_RE = re.compile(
+    r"^dst ([0-9a-f]+) vec (\d+) \((\w+)\|(logical|physical)\|(level|edge)(\|rh)?\)$"
+)
+IRQ_RE = re.compile(r"^gsi (\d+) level (-?\d+) source (-?\d+)$")
+INJ_RE = re.compile(r"^(IRQ|Soft/INTn) 0x([0-9a-f]+)( \[reinjected\])?$")
+INSN_RE = re.compile(r"^([0-9a-f]+):([0-9a-f]+):(.*?)( failed| FAIL)?$")
+FAST_RE = re.compile(r"^fast mmio at gpa 0x([0-9a-f]+)$")
+MODES = {"Fixed": 0, "LowPrio": 1, "SMI": 2, "Res3": 3, "NMI": 4, "INIT": 5, "SIPI": 6, "ExtINT": 7}
+
+
+def per_line_parse(path: Path) -> pl.DataFrame:
+    """The straightforward parser: a Python loop, one regex match per line and per payload."""
+    tables = s.load_reason_tables()
+    vmx = {v: k for k, v in tables.vmx.items()}
+    svm = {v: k for k, v in tables.svm.items()}
+    cols: dict[str, list] = {c: [] for c in s.COLUMNS}
+    with path.open() as f:
+        for line in f:
+            m = HEADER_RE.match(line.rstrip("\n"))
+            if m is None:
+                continue
+            ev, payload = m["event"], m["payload"].rstrip()
+            row: dict[str, object] = {
+                "ts_ns": int(m["sec"]) * 1_000_000_000 + int(m["frac"].ljust(9, "0")[:9]),
+                "source": "kvm" if ev.startswith("kvm") else "kernel",
+                "event": ev,
+                "tid": int(m["tid"]),
+                "cpu": int(m["cpu"]),
+            }
+            raw: str | None = payload
+            if ev == "kvm_pio" and (p := PIO_RE.match(payload)):
+                row.update(
+                    write=p[1] == "write",
+                    addr=int(p[2], 16),
+                    size=int(p[3]),
+                    count=int(p[4]),
+                    value=int(p[5], 16),
+                )
+                raw = None
+            elif ev == "kvm_mmio" and (p := MMIO_RE.match(payload)):
+                row.update(
+                    write=p[1] == "write",
+                    flags={"unsatisfied-read": 0, "read": 1, "write": 2}[p[1]],
+                    size=int(p[2]),
+                    addr=int(p[3], 16),
+                    value=int(p[4], 16),
+                )
+                raw = None
+            elif ev == "kvm_userspace_exit" and (p := USER_RE.match(payload)):
+                failed = p[1] in ("restart", "error")
+                row.update(
+                    reason=None if failed else int(p[2]),
+                    reason_name=p[1],
+                    flags=-int(p[2]) if failed else 0,
+                )
+                raw = None
+            elif ev == "kvm_exit" and (p := EXIT_RE.match(payload)):
+                name = p[2]
+                flag = 0x80000000 if name.endswith(" FAILED_VMENTRY") else 0
+                name = name.removesuffix(" FAILED_VMENTRY")
+                row.update(vcpu=int(p[1]) if p[1] else None, rip=int(p[3], 16))
+                if name in vmx:
+                    row.update(reason=vmx[name], flags=flag, reason_name=name, isa="vmx")
+                elif name in svm:
+                    row.update(reason=svm[name], flags=0, reason_name=name, isa="svm")
+            elif ev == "kvm_entry" and (p := ENTRY_RE.match(payload)):
+                row.update(vcpu=int(p[1]), rip=int(p[2], 16), flags=int("[immediate exit]" in p[3]))
+            elif ev == "kvm_msi_set_irq" and (p := MSI_RE.match(payload)):
+                dst = int(p[1], 16)
+                addr = 0xFEE00000 | (dst & 0xFF) << 12 | (dst & ~0xFF) << 32
+                addr |= (4 if p[4] == "logical" else 0) | (8 if p[6] else 0)
+                row.update(
+                    addr=addr,
+                    value=int(p[2]) | MODES[p[3]] << 8 | (1 << 15 if p[5] == "level" else 0),
+                )
+            elif ev == "kvm_set_irq" and (p := IRQ_RE.match(payload)):
+                row.update(addr=int(p[1]), value=int(p[2]), flags=int(p[3]))
+                raw = None
+            elif ev == "kvm_inj_virq" and (p := INJ_RE.match(payload)):
+                row.update(
+                    value=int(p[2], 16), flags=int(p[1] == "Soft/INTn") | int(bool(p[3])) << 1
+                )
+                raw = None
+            elif ev == "kvm_emulate_insn" and (p := INSN_RE.match(payload)):
+                row.update(rip=int(p[2], 16), flags=int(bool(p[4])))
+            elif ev == "kvm_fast_mmio" and (p := FAST_RE.match(payload)):
+                row.update(addr=int(p[1], 16), write=True)
+                raw = None
+            row["raw"] = raw
+            for c in s.COLUMNS:
+                cols[c].append(row.get(c))
+    schema = {c: pl.String if t == pl.Categorical() else t for c, t in s.EVENTS_SCHEMA.items()}
+    return s.conform(pl.DataFrame(cols, schema=schema, strict=False))
+
+
+def run_anchor(path: Path, out: Path) -> None:
+    # The same Parquet as the importer writes: same writer, same compression.
+    write_trace(
+        out, per_line_parse(path), {"importer": "per-line re"}, compression=IMPORT_COMPRESSION
+    )
+
+
+def run_vtrace(path: Path, out: Path) -> None:
+    import_file("ftrace", path, out)
+
+
+def timed(fn, path: Path, work: Path, name: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: all threads) of one run."""
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(path, out)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--lines", type=int, default=1_200_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vtrace-bench-") as tmp:
+        work = Path(tmp)
+        path = work / "kvm_trace.txt"
+        t0 = time.perf_counter()
+        generate(path, args.lines)
+        size_mb = path.stat().st_size / 1e6
+        print(
+            f"generated {args.lines:,} event lines ({size_mb:.0f} MB) in {time.perf_counter() - t0:.1f} s"
+        )
+
+        # Same table from both (checked once, outside the timings).
+        run_vtrace(path, work / "check-vtrace")
+        run_anchor(path, work / "check-anchor")
+        a = (
+            open_trace(work / "check-vtrace")
+            .events.collect()
+            .with_columns(pl.col(pl.Categorical).cast(pl.String))
+        )
+        b = (
+            open_trace(work / "check-anchor")
+            .events.collect()
+            .with_columns(pl.col(pl.Categorical).cast(pl.String))
+        )
+        same = a.equals(b)
+        print(f"same events table from both: {same} ({a.height:,} rows)")
+
+        print("load average before the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        vt, an = [], []
+        for _ in range(args.repeats):
+            vt.append(timed(run_vtrace, path, work, "vtrace"))
+            an.append(timed(run_anchor, path, work, "anchor"))
+        lines = args.lines + 3
+        for label, runs in (("vtrace import ftrace", vt), ("per-line re (anchor)", an)):
+            wall = statistics.median(r[0] for r in runs)
+            cpu = statistics.median(r[1] for r in runs)
+            walls = ", ".join(f"{r[0]:.2f}" for r in runs)
+            print(
+                f"{label}: median {wall:6.2f} s wall ({lines / wall:10,.0f} lines/s), "
+                f"{cpu:6.2f} s CPU  (runs: {walls})"
+            )
+        # Parsing alone (no Parquet): where the two differ; the write is the same code.
+        parse_vt, parse_an = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            read_events("ftrace", path)
+            parse_vt.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            per_line_parse(path)
+            parse_an.append(time.perf_counter() - t0)
+        pv, pa = statistics.median(parse_vt), statistics.median(parse_an)
+        print(
+            f"parse only (no write): vtrace {pv:.2f} s ({lines / pv:,.0f} lines/s), "
+            f"anchor {pa:.2f} s ({lines / pa:,.0f} lines/s): {pa / pv:.1f}x"
+        )
+        wall_ratio = statistics.median(r[0] for r in an) / statistics.median(r[0] for r in vt)
+        cpu_ratio = statistics.median(r[1] for r in an) / statistics.median(r[1] for r in vt)
+        print(f"speed-up: {wall_ratio:.1f}x wall, {cpu_ratio:.1f}x CPU time (goal: at least 5x)")
+        print("load average after the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        if not same:
+            raise SystemExit("the two parsers disagree: fix before trusting the timings")
+
+
+if __name__ == "__main__":
+    main()

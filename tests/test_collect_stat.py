@@ -1,0 +1,62 @@
+"""`vtrace stat`: in-kernel counts and handling-time histograms of a real KVM guest."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import polars as pl
+import pytest
+
+from tests.test_collect_capture import VTRACE, GuestProcess
+from vtrace.collect.decode import EVENT_IDS
+from vtrace.collect.stat import KIND_USERSPACE, Stat, interval_view
+
+pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bcc]
+
+
+def test_counts_and_histograms_are_exact():
+    exits = 5000
+    guest = GuestProcess(exits)
+    with Stat([guest.pid]) as st:
+        before = st.snapshot()
+        guest.go()
+        after = st.snapshot()
+    counts, hist = interval_view(before, after, 1.0)
+    got = {
+        (ev, reason): n for ev, reason, n in counts.select("event", "reason", "count").iter_rows()
+    }
+    assert got == {
+        (EVENT_IDS["kvm_pio"], 0x10): exits,
+        (EVENT_IDS["kvm_userspace_exit"], 2): exits,  # KVM_EXIT_IO
+        (EVENT_IDS["kvm_userspace_exit"], 5): 1,  # KVM_EXIT_HLT
+    }
+    # Every IO exit is followed by the VMM's next KVM_RUN; the final HLT is not.
+    timed = hist.group_by("kind", "reason").agg(pl.col("count").sum()).rows()
+    assert timed == [(KIND_USERSPACE, 2, exits)]
+    row = counts.filter(pl.col("event") == EVENT_IDS["kvm_userspace_exit"], pl.col("reason") == 2)
+    assert 0 < row["p50_ns"][0] <= row["p99_ns"][0]
+
+
+def test_stat_once_csv_cli():
+    exits = 3000
+    guest = GuestProcess(exits)
+    proc = subprocess.Popen(
+        [*VTRACE, "stat", "--once", "--csv", "--interval", "3", "--pid", str(guest.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert "attached" in proc.stderr.readline()
+    guest.go()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    df = pl.read_csv(io.StringIO(out))
+    assert df.columns[:4] == ["time_s", "pid", "vm", "event_name"]
+    rows = {(e, r): n for e, r, n in df.select("event_name", "reason_name", "count").iter_rows()}
+    assert rows == {
+        ("kvm_pio", "port 0x10"): exits,
+        ("kvm_userspace_exit", "KVM_EXIT_IO"): exits,
+        ("kvm_userspace_exit", "KVM_EXIT_HLT"): 1,
+    }
+    assert df["pid"].unique().to_list() == [guest.pid]

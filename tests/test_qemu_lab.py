@@ -1,0 +1,310 @@
+"""The QEMU lab: initramfs from the host's own files, per-request figures, real guests.
+
+Fast tests use the raw logs in tests/data/qemu (real captures, see its README.md). Tests
+marked `qemu` + `slow` boot fresh guests under QEMU (TCG here, a few seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from vtrace.errors import VtraceError
+from vtrace.ingest import read_events
+from vtrace.lab import initramfs
+from vtrace.lab.qemu import (
+    QemuLabConfig,
+    choose_accel,
+    device_events,
+    find_qemu,
+    run_qemu_lab,
+    summarize,
+)
+
+QEMU_LOGS = Path(__file__).resolve().parent / "data" / "qemu"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _kernel() -> initramfs.GuestKernel:
+    try:
+        return initramfs.find_kernel()
+    except VtraceError as e:
+        pytest.skip(f"no guest kernel: {e}")
+
+
+def _fixture_summary(name: str, device: str, requests: int, pins: tuple[int, ...] = ()) -> dict:
+    events, meta = read_events("qemu", QEMU_LOGS / name)
+    kept, dropped = device_events(events, device, pins)
+    summary = summarize(kept, device, requests, timed=meta["clock"] == "realtime")
+    summary["dropped"] = dropped
+    return summary
+
+
+# --- the initramfs ---------------------------------------------------------------------------
+
+
+def test_modules_resolved_dependencies_first() -> None:
+    kernel = _kernel()
+    order = initramfs.resolve_modules(kernel.modules_dir, ("virtio_blk", "sd_mod"))
+    names = [initramfs._module_name(p) for p in order]
+    table = initramfs.read_modules_dep(kernel.modules_dir)
+    # Every module comes after everything modules.dep says it needs, each exactly once.
+    assert len(names) == len(set(names))
+    for i, name in enumerate(names):
+        assert set(table[name][1]) <= set(names[:i]), name
+    assert (
+        names.index("virtio_ring") < names.index("virtio")
+        or "virtio" not in table["virtio_ring"][1]
+    )
+    assert names[-1] == "sd_mod" and "scsi_mod" in names and "virtio_blk" in names
+
+
+def test_unknown_module_is_a_clear_error() -> None:
+    kernel = _kernel()
+    with pytest.raises(VtraceError, match=r"modules.dep: no module no_such_driver"):
+        initramfs.resolve_modules(kernel.modules_dir, ("no_such_driver",))
+
+
+def test_initramfs_lists_init_busybox_and_modules_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = _kernel()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh build, not the shared cache
+    path = initramfs.build_initramfs(kernel, "ide")
+    again = initramfs.build_initramfs(kernel, "ide")
+    assert path == again and path.parent == tmp_path / "vtrace" / "initramfs"
+    assert path.stat().st_size % 512 == 0
+    # busybox's own cpio reads the archive back: the format is what the kernel unpacks.
+    listing = subprocess.run(
+        ["busybox", "cpio", "-t"], stdin=path.open("rb"), capture_output=True, text=True
+    ).stdout.split()
+    assert {"init", "bin/busybox", "bin/sh", "etc/vtrace/modules"} <= set(listing)
+    modules = [n for n in listing if n.startswith("lib/modules/") and n.endswith(".ko")]
+    expected = [
+        "lib/modules/" + initramfs._module_name(p).replace("_", "-") + ".ko"
+        for p in initramfs.resolve_modules(kernel.modules_dir, initramfs.DEVICE_MODULES["ide"])
+    ]
+    assert [m.replace("_", "-") for m in modules] == expected
+    assert initramfs._has_interpreter(Path("/bin/busybox")) is False
+    assert initramfs._has_interpreter(Path(sys.executable).resolve()) is True  # dynamic
+
+
+def test_compressed_module_is_decompressed(tmp_path: Path) -> None:
+    import lzma
+
+    elf = b"\x7fELF" + bytes(60)
+    xz = tmp_path / "m.ko.xz"
+    xz.write_bytes(lzma.compress(elf))
+    assert initramfs.module_bytes(xz) == elf
+
+
+def test_unknown_device_is_a_clear_error() -> None:
+    with pytest.raises(VtraceError, match="unknown device 'nvme'"):
+        initramfs.build_initramfs(_kernel(), "nvme")
+
+
+# --- options and host checks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (QemuLabConfig(device="floppy"), "--device 'floppy'"),
+        (QemuLabConfig(requests=0), "--requests 0"),
+        (QemuLabConfig(request_bytes=1000), "--request-bytes 1000: a multiple of 512"),
+        (QemuLabConfig(queue_depth=16, requests=40), "--requests 40: a multiple of --queue-depth"),
+        (QemuLabConfig(queue_depth=4, request_bytes=2048), "a multiple of 4096 with --submit"),
+        (QemuLabConfig(submit="fio"), "--submit 'fio'"),
+        (QemuLabConfig(device="e1000", queue_depth=2), "--queue-depth applies to block"),
+        (QemuLabConfig(device="e1000", write=True), "--write applies to block"),
+        (QemuLabConfig(device="virtio-blk", vhost=True), "--vhost applies to --device virtio-net"),
+        (QemuLabConfig(accel="hvf"), "--accel 'hvf'"),
+        (QemuLabConfig(device="virtio-net", request_bytes=56, vhost=True), "--vhost: "),
+    ],
+)
+def test_bad_options(config: QemuLabConfig, message: str) -> None:
+    with pytest.raises(VtraceError, match=message.replace("(", r"\(")):
+        config.check()
+
+
+def test_accel_follows_the_cpu_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    hardware = any(
+        line.startswith("flags") and ({"vmx", "svm"} & set(line.split()))
+        for line in cpuinfo.splitlines()
+    )
+    accel, reason = choose_accel("auto")
+    if hardware and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert accel == "kvm"
+    else:
+        assert accel == "tcg" and reason  # the reason is recorded in meta
+    assert choose_accel("tcg") == ("tcg", "requested")
+
+
+def test_missing_qemu_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(VtraceError, match=r"apt-get install qemu-system-x86"):
+        find_qemu()
+
+
+def test_missing_kernel_names_the_package(tmp_path: Path) -> None:
+    with pytest.raises(VtraceError, match=r"no such kernel image \(apt-get install linux-image"):
+        initramfs.find_kernel(tmp_path / "vmlinuz-none")
+
+
+# --- per-request figures from the shipped raw logs (exact counts) ------------------------------
+
+
+def test_ide_log_26_accesses_and_one_interrupt_per_request() -> None:
+    s = _fixture_summary("ide.log", "ide", 32, pins=(14, 15))
+    assert s["device_accesses"] == 832 and s["device_accesses_per_request"] == 26.0
+    assert s["interrupts"] == 32 and s["ide_commands"] == 32
+    assert s["kicks_per_request"] is None and s["requests_per_kick"] is None
+    # The console's and the local APIC's accesses are left out, and counted as such.
+    assert s["dropped"]["memory_region_ops_write:serial"] == 63
+    assert s["dropped"]["memory_region_ops_write:apic-msi"] > 0
+
+
+def test_virtio_blk_qd1_log_one_kick_one_interrupt_per_request() -> None:
+    s = _fixture_summary("virtio-blk-qd1.log", "virtio-blk", 32)
+    assert (s["kicks"], s["interrupts"], s["virtqueue_pops"]) == (32, 32, 32)
+    assert s["device_accesses"] == 0  # the notify write is taken by the ioeventfd
+    assert s["max_requests_per_kick"] == 1 and s["duration_s"] > 0
+
+
+def test_virtio_blk_log_without_timestamps_has_no_duration() -> None:
+    s = _fixture_summary("virtio-blk-qd1-notimestamp.log", "virtio-blk", 16)
+    assert (s["kicks"], s["interrupts"], s["duration_s"]) == (16, 16, None)
+
+
+def test_virtio_blk_qd16_log_batches_kicks() -> None:
+    s = _fixture_summary("virtio-blk-qd16.log", "virtio-blk", 64)
+    assert (s["kicks"], s["interrupts"], s["virtqueue_pops"]) == (15, 11, 64)
+    assert s["max_requests_per_kick"] == 16
+
+
+def test_nic_logs_accesses_vs_kicks_per_packet() -> None:
+    e1000 = _fixture_summary("e1000.log", "e1000", 16, pins=(10,))
+    vnet = _fixture_summary("virtio-net.log", "virtio-net", 16)
+    assert e1000["device_accesses"] == 112 and e1000["interrupts"] == 16
+    assert (vnet["device_accesses"], vnet["kicks"], vnet["interrupts"]) == (0, 16, 32)
+    assert vnet["virtqueue_pops"] == 32  # 16 transmitted, 16 received
+
+
+# --- fresh guests ------------------------------------------------------------------------------
+
+
+def _run(tmp_path: Path, name: str, **kw) -> tuple[dict, dict]:
+    trace, summary = run_qemu_lab(QemuLabConfig(**kw), tmp_path / name)
+    return summary, trace.meta
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_ide_tens_of_trapping_accesses_per_request(tmp_path: Path) -> None:
+    s, meta = _run(tmp_path, "ide", device="ide", requests=32)
+    assert meta["accel"] == s["accel"] and meta["accel_reason"]
+    assert s["ide_commands"] == 32  # one READ DMA per request
+    assert 15 <= s["device_accesses_per_request"] <= 60
+    # Interrupts seen by QEMU's IOAPIC on the device's pins = the guest's own count.
+    assert s["interrupts"] == int(meta["guest_info"]["guest_interrupts"]) >= 32
+    events = pl.read_parquet(tmp_path / "ide" / "part-*.parquet")
+    regions = set(events["device"].drop_nulls().cast(pl.String).unique())
+    assert regions <= {"ide", "piix-bmdma", "bmdma"}
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_virtio_blk_depth_1_vs_16(tmp_path: Path) -> None:
+    qd1, _ = _run(tmp_path, "qd1", device="virtio-blk", requests=64)
+    qd16, meta = _run(tmp_path, "qd16", device="virtio-blk", requests=256, queue_depth=16)
+    assert qd1["virtqueue_pops"] == 64 and qd16["virtqueue_pops"] == 256
+    assert 0.95 <= qd1["kicks_per_request"] <= 1.05
+    assert 0.95 <= qd1["interrupts_per_request"] <= 1.05
+    assert qd1["max_requests_per_kick"] == 1
+    # Batching: a kick carries several requests, never more than are in flight (16),
+    # hence never more than the ring holds (256).
+    assert qd16["kicks_per_request"] < 0.5 * qd1["kicks_per_request"]
+    assert 1 < qd16["max_requests_per_kick"] <= 16
+    assert qd16["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_e1000_accesses_vs_virtio_net_kicks_per_packet(tmp_path: Path) -> None:
+    # Through the CLI: one JSON object on stdout.
+    out = subprocess.run(
+        [str(VENV_BIN / "vtrace"), "qemu-lab", "run", "--device", "e1000", "--requests", "32",
+         "--request-bytes", "56", "-o", str(tmp_path / "e1000"), "--json"],
+        capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    e1000 = json.loads(out.stdout)
+    vnet, meta = _run(tmp_path, "vnet", device="virtio-net", requests=32, request_bytes=56)
+    for key in ("device", "accel", "requests", "duration_s", "device_accesses_per_request",
+                "kicks_per_request", "interrupts_per_request", "requests_per_kick"):  # fmt: skip
+        assert key in e1000
+    assert e1000["device_accesses_per_request"] >= 5  # Linux e1000: TDT + 5 per interrupt
+    assert e1000["kicks_per_request"] is None
+    assert e1000["interrupts_per_request"] == e1000["guest_interrupts_per_request"] >= 1
+    assert vnet["device_accesses_per_request"] == 0
+    assert 0.95 <= vnet["kicks_per_request"] <= 1.05
+    assert vnet["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
+
+
+def test_cli_without_qemu_on_path_is_one_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(VENV_BIN / "vtrace"), "qemu-lab", "run", "-o", str(tmp_path / "t")],
+        capture_output=True, text=True, env={**os.environ, "PATH": "/nonexistent"},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "vtrace: error: qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86)"
+    ]
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.qemu
+def test_guest_that_cannot_boot_shows_qemu_output(tmp_path: Path) -> None:
+    kernel = _kernel()
+    bad = tmp_path / f"vmlinuz-{kernel.version}"  # same module tree, not a kernel
+    bad.write_bytes(b"\0" * 4096)
+    with pytest.raises(VtraceError, match=r"guest did not come up: QEMU exited .*last console"):
+        run_qemu_lab(QemuLabConfig(device="virtio-blk", kernel=str(bad)), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_hard_timeout(tmp_path: Path) -> None:
+    with pytest.raises(VtraceError, match=r"no 'vtrace-guest: ready' within 2 s"):
+        run_qemu_lab(QemuLabConfig(device="virtio-blk", timeout_s=2), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_virtio_net_receive_queue_gets_its_index() -> None:
+    events, _ = read_events("qemu", QEMU_LOGS / "virtio-net.log")
+    kept, _ = device_events(events, "virtio-net", ())
+    per_queue = (
+        kept.filter(pl.col("event").cast(pl.String).str.starts_with("virt"))
+        .group_by(pl.col("event").cast(pl.String), "queue")
+        .len()
+        .sort("event", "queue")
+    )
+    assert per_queue.rows() == [
+        ("virtio_notify", 0, 16),
+        ("virtio_notify", 1, 16),
+        ("virtio_queue_notify", 1, 16),  # the guest kicks only the transmit queue
+        ("virtqueue_fill", 0, 16),
+        ("virtqueue_fill", 1, 16),
+        ("virtqueue_flush", 0, 16),
+        ("virtqueue_flush", 1, 16),
+        ("virtqueue_pop", 0, 16),
+        ("virtqueue_pop", 1, 16),
+    ]

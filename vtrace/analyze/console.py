@@ -1,0 +1,207 @@
+"""The summary of a trace as rich tables (what `vtrace summary DIR` prints).
+
+Times are shown in microseconds (`us` in every header); `--json` keeps nanoseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+Row = dict[str, Any]
+
+
+def _us(ns: Any) -> str:
+    return "" if ns is None else f"{ns / 1000:,.1f}"
+
+
+def _ms(ns: Any) -> str:
+    return "" if ns is None else f"{ns / 1e6:,.2f}"
+
+
+def _int(n: Any) -> str:
+    return "" if n is None else f"{n:,}"
+
+
+def _pct(x: Any) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def _hex(n: Any) -> str:
+    return "" if n is None else f"0x{n:x}"
+
+
+def _text(x: Any) -> str:
+    return "" if x is None else str(x)
+
+
+def _ratio(x: Any) -> str:
+    return "" if x is None else f"{x:,.2f}"
+
+
+Column = tuple[str, str, Callable[[Any], str]]
+
+
+def _table(title: str, rows: Sequence[Row], columns: Sequence[Column]) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold")
+    for header, key, _ in columns:
+        numeric = key not in {"source", "event", "device", "reason_name", "handled"}
+        # Names stay on one line; numbers fold rather than lose digits on a narrow terminal.
+        table.add_column(
+            header, justify="right" if numeric else "left", overflow="fold", no_wrap=not numeric
+        )
+    for row in rows:
+        table.add_row(*(fmt(row.get(key)) for _, key, fmt in columns))
+    return table
+
+
+TIMES: list[Column] = [
+    ("total (ms)", "total_ns", _ms),
+    ("mean (us)", "mean_ns", _us),
+    ("p50 (us)", "p50_ns", _us),
+    ("p90 (us)", "p90_ns", _us),
+    ("p99 (us)", "p99_ns", _us),
+    ("p99.9 (us)", "p999_ns", _us),
+    ("max (us)", "max_ns", _us),
+]
+BY_REASON: list[Column] = [
+    ("reason", "reason_name", _text),
+    ("count", "count", _int),
+    ("share (%)", "share", _pct),
+    *TIMES,
+]
+
+
+def print_summary(data: dict[str, Any], console: Console) -> None:
+    """Print :func:`vtrace.analyze.summary`'s dict as tables."""
+    t = data["trace"]
+    duration = t.get("duration_ns")
+    console.print(
+        f"[bold]{t['path']}[/]: {t['events']:,} events in {t['parts']} parts"
+        + (f", {duration / 1e9:,.3f} s" if duration is not None else "")
+        + (f"; host {t['host']}, kernel {t['kernel']}" if t.get("host") else ""),
+        highlight=False,
+    )
+    lost, unparsed = data["lost_events"], data["unparsed"]
+    style = "bold red" if lost or unparsed else "green"
+    per_cpu = data.get("lost_events_per_cpu")
+    detail = (
+        " (" + ", ".join(f"cpu {k}: {v}" for k, v in per_cpu.items() if v) + ")"
+        if per_cpu and lost
+        else ""
+    )
+    console.print(
+        f"[{style}]lost events: {lost:,}{detail}; unparsed lines: {unparsed:,}[/]", highlight=False
+    )
+    if t.get("complete") is False:
+        console.print("[bold red]the trace was not closed: its writer stopped early[/]")
+    if data.get("error"):
+        console.print(f"[bold red]recording error: {data['error']}[/]", highlight=False)
+    if data.get("incomplete_parts"):
+        console.print(f"[bold red]incomplete parts: {', '.join(data['incomplete_parts'])}[/]")
+
+    console.print(
+        _table(
+            "Events by source and name",
+            data["events"],
+            [("source", "source", _text), ("event", "event", _text), ("count", "count", _int)],
+        )
+    )
+    missing = data["missing"]
+    sections: list[tuple[str, str, list[Column]]] = [
+        ("exits", "VM exits by reason (kvm_exit -> kvm_entry)", BY_REASON),
+        (
+            "exits_handled",
+            "VM exits by where they were handled",
+            [("handled", "handled", _text), ("count", "count", _int), *TIMES],
+        ),
+        (
+            "user_exits",
+            "User-space exits by reason (kvm_userspace_exit -> next KVM event of the thread)",
+            BY_REASON,
+        ),
+        (
+            "accesses",
+            "Top device accesses",
+            [
+                ("source", "source", _text),
+                ("event", "event", _text),
+                ("device", "device", _text),
+                ("addr", "addr", _hex),
+                ("count", "count", _int),
+                ("reads", "reads", _int),
+                ("writes", "writes", _int),
+                ("user space", "user", _int),
+                ("kernel", "kernel", _int),
+            ],
+        ),
+        (
+            "kicks",
+            "Kicks by queue",
+            [
+                ("source", "source", _text),
+                ("event", "event", _text),
+                ("device", "device", _text),
+                ("queue", "queue", _text),
+                ("addr", "addr", _hex),
+                ("kicks", "kicks", _int),
+                ("rate (/s)", "rate_per_s", _ratio),
+            ],
+        ),
+        (
+            "requests",
+            "Requests by queue (pop -> completion)",
+            [
+                ("source", "source", _text),
+                ("device", "device", _text),
+                ("queue", "queue", _text),
+                ("requests", "requests", _int),
+                *TIMES[1:],
+                ("kick->pop mean (us)", "mean_kick_to_pop_ns", _us),
+                ("complete->irq mean (us)", "mean_complete_to_irq_ns", _us),
+            ],
+        ),
+        (
+            "batching",
+            "Batching by queue",
+            [
+                ("source", "source", _text),
+                ("device", "device", _text),
+                ("queue", "queue", _text),
+                ("requests", "requests", _int),
+                ("kicks", "kicks", _int),
+                ("requests/kick", "requests_per_kick", _ratio),
+                ("interrupts", "interrupts", _int),
+                ("requests/interrupt", "requests_per_interrupt", _ratio),
+                ("completions", "completions", _int),
+                ("requests/completion", "requests_per_completion", _ratio),
+            ],
+        ),
+        (
+            "interrupts",
+            "Interrupts",
+            [
+                ("source", "source", _text),
+                ("event", "event", _text),
+                ("device", "device", _text),
+                ("queue", "queue", _text),
+                ("gsi", "gsi", _text),
+                ("vector", "vector", _hex),
+                ("count", "count", _int),
+                ("raised", "raised", _int),
+            ],
+        ),
+    ]
+    # Where an empty table's reason comes from; a follow-up table of an absent analysis
+    # is not printed at all.
+    follows = {"exits_handled": "exits", "batching": "requests"}
+    for key, title, columns in sections:
+        rows = data[key]
+        if rows:
+            console.print(_table(title, rows, columns))
+        elif key not in follows or follows[key] not in missing:
+            why = missing.get(key, "no rows")
+            console.print(f"[bold]{title}[/]: [dim]{why}[/]", highlight=False)

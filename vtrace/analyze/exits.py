@@ -1,0 +1,186 @@
+"""VM exits: each `kvm_exit` paired with the next `kvm_entry` of its thread, and user-space exits.
+
+An exit is *handled in user space* when a `kvm_userspace_exit` of the same thread falls
+between the exit and its entry: KVM returned from `KVM_RUN` and the VMM emulated the
+access. Otherwise KVM handled it in the kernel.
+
+Where `kvm_exit`/`kvm_entry` never fire (software KVM, or not recorded), :func:`user_exits`
+still measures every return to user space: its reason (`KVM_EXIT_IO`, `KVM_EXIT_MMIO`, ...)
+and the time until the thread's next KVM event.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from vtrace.analyze.distributions import percentile_exprs
+from vtrace.analyze.requires import requires_events
+from vtrace.analyze.timeline import kvm_timeline
+from vtrace.schema import KVM_ENTRY, KVM_EXIT, KVM_USERSPACE_EXIT
+
+# Longest exit accepted as one exit: a lost `kvm_entry` must not pair an exit with an
+# entry seconds later. An idle vCPU can sit in a HLT exit for long stretches, so this is
+# generous; a following `kvm_exit` of the same thread ends the pairing anyway.
+DEFAULT_TOLERANCE_NS = 1_000_000_000
+
+HANDLED = pl.Enum(["kernel", "user"])
+
+
+@requires_events(KVM_EXIT, KVM_ENTRY)
+def exits_plan(events: pl.LazyFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS) -> pl.LazyFrame:
+    """The lazy plan of :func:`exits` (collect several plans together with `pl.collect_all`)."""
+    return exits_from_timeline(kvm_timeline(events.lazy()), tolerance_ns)
+
+
+def exits_from_timeline(
+    timeline: pl.LazyFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS
+) -> pl.LazyFrame:
+    """:func:`exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline` (shared by several
+    analyses of one trace)."""
+    exits = timeline.filter(pl.col("event") == KVM_EXIT).select(
+        "tid",
+        "pid",
+        "vcpu",
+        "cpu",
+        "ts_ns",
+        "reason",
+        "reason_name",
+        "isa",
+        "flags",
+        "rip",
+        # The thread's next exit bounds the pairing: an entry after it belongs to that one.
+        pl.when(pl.col("tid").shift(-1) == pl.col("tid"))
+        .then(pl.col("ts_ns").shift(-1))
+        .alias("next_exit_ts_ns"),
+    )
+    entries = timeline.filter(pl.col("event") == KVM_ENTRY).select(
+        "tid", pl.col("ts_ns").alias("entry_ts_ns")
+    )
+    user = timeline.filter(pl.col("event") == KVM_USERSPACE_EXIT).select(
+        "tid",
+        pl.col("ts_ns").alias("user_ts_ns"),
+        pl.col("reason_name").alias("user_reason_name"),
+    )
+    paired = exits.join_asof(
+        entries,
+        left_on="ts_ns",
+        right_on="entry_ts_ns",
+        by="tid",
+        strategy="forward",
+        tolerance=tolerance_ns,
+        check_sortedness=False,  # sorted by (tid, ts_ns) in kvm_timeline
+    ).join_asof(
+        user,
+        left_on="ts_ns",
+        right_on="user_ts_ns",
+        by="tid",
+        strategy="forward",
+        tolerance=tolerance_ns,
+        check_sortedness=False,
+    )
+    entry_ok = pl.col("entry_ts_ns").is_not_null() & (
+        pl.col("next_exit_ts_ns").is_null() | (pl.col("entry_ts_ns") <= pl.col("next_exit_ts_ns"))
+    )
+    entry = pl.when(entry_ok).then(pl.col("entry_ts_ns"))
+    # Where the exit ends: its entry, or (entry lost) the thread's next exit.
+    end = pl.coalesce(entry, pl.col("next_exit_ts_ns"))
+    went_user = pl.col("user_ts_ns").is_not_null() & (end.is_null() | (pl.col("user_ts_ns") < end))
+    return paired.select(
+        "tid",
+        "pid",
+        "vcpu",
+        "cpu",
+        "ts_ns",
+        entry.alias("entry_ts_ns"),
+        (entry - pl.col("ts_ns")).alias("duration_ns"),
+        "reason",
+        "reason_name",
+        "isa",
+        "flags",
+        "rip",
+        pl.when(went_user)
+        .then(pl.lit("user", HANDLED))
+        .when(entry_ok)
+        .then(pl.lit("kernel", HANDLED))
+        .alias("handled"),
+        pl.when(went_user).then(pl.col("user_reason_name")).alias("user_reason_name"),
+    )
+
+
+def exits(
+    events: pl.LazyFrame | pl.DataFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS
+) -> pl.DataFrame:
+    """One row per `kvm_exit`, paired with the next `kvm_entry` of the same thread.
+
+    Columns: `tid`, `pid`, `vcpu`, `cpu`, `ts_ns` (exit), `entry_ts_ns`, `duration_ns`
+    (entry - exit), `reason`, `reason_name`, `isa`, `flags`, `rip`, `handled` ("kernel" or
+    "user"), `user_reason_name` (the KVM_EXIT_* reason when handled in user space).
+
+    An exit whose entry is lost (the thread's next exit comes first, or no entry within
+    ``tolerance_ns``) keeps null `entry_ts_ns`/`duration_ns`; its `handled` is "user" when
+    a user-space exit followed it, else null. Empty, with this schema, when the trace has
+    no `kvm_exit`.
+    """
+    return exits_plan(events.lazy(), tolerance_ns).collect()
+
+
+@requires_events(KVM_USERSPACE_EXIT)
+def user_exits_plan(events: pl.LazyFrame) -> pl.LazyFrame:
+    """The lazy plan of :func:`user_exits`."""
+    return user_exits_from_timeline(kvm_timeline(events.lazy()))
+
+
+def user_exits_from_timeline(timeline: pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`user_exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline`."""
+    return timeline.filter(pl.col("event") == KVM_USERSPACE_EXIT).select(
+        "tid",
+        "pid",
+        "vcpu",
+        "cpu",
+        "ts_ns",
+        "reason",
+        "reason_name",
+        pl.col("next_event").cast(pl.String).cast(pl.Categorical),
+        "next_ts_ns",
+        (pl.col("next_ts_ns") - pl.col("ts_ns")).alias("until_next_ns"),
+    )
+
+
+def user_exits(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+    """One row per `kvm_userspace_exit` (a return from `KVM_RUN` to the VMM).
+
+    Columns: `tid`, `pid`, `vcpu`, `cpu`, `ts_ns`, `reason` (KVM_EXIT_* code),
+    `reason_name`, `next_event` (the thread's next KVM event), `next_ts_ns`, and
+    `until_next_ns`: the time from the return to user space to that next event, i.e. the
+    VMM's handling, the way back into the guest and, without `kvm_entry` in the trace, the
+    guest's run up to its next trapped access. Null at the thread's last event.
+    """
+    return user_exits_plan(events.lazy()).collect()
+
+
+def by_reason_plan(frame: pl.DataFrame | pl.LazyFrame, col: str) -> pl.LazyFrame:
+    """The lazy plan of :func:`by_reason`."""
+    timed = percentile_exprs(col)
+    timed[0] = timed[0].alias("timed")
+    return (
+        frame.lazy()
+        .group_by("reason_name")
+        .agg(pl.len().cast(pl.Int64).alias("count"), *timed)
+        .with_columns(
+            pl.col("reason_name").cast(pl.String),
+            (pl.col("count") / pl.col("count").sum()).alias("share"),
+        )
+        .select("reason_name", "count", "share", pl.exclude("reason_name", "count", "share"))
+        .sort(["count", "reason_name"], descending=[True, False], nulls_last=True)
+    )
+
+
+def by_reason(frame: pl.DataFrame | pl.LazyFrame, col: str) -> pl.DataFrame:
+    """Count, share of count, total/mean/percentile times of ``col`` per `reason_name`.
+
+    Works on :func:`exits` (``col="duration_ns"``) and :func:`user_exits`
+    (``col="until_next_ns"``). Columns: `reason_name`, `count`, `share`, `timed` (rows
+    with a time), then `total_ns`, `mean_ns`, `p50_ns`, `p90_ns`, `p99_ns`, `p999_ns`,
+    `max_ns` over the timed rows. Sorted by `count` descending.
+    """
+    return by_reason_plan(frame, col).collect()

@@ -1,0 +1,137 @@
+"""Running a recording from the command line: live line, stop on Ctrl-C / SIGTERM /
+duration, and the one-screen summary; plus the doctor's verdict table."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from vtrace.collect.doctor import FAIL, OK, Check
+from vtrace.collect.recording import Recording
+
+REFRESH_S = 0.5
+
+
+def _live_line(
+    rec: Recording, out: Path, last: tuple[float, int]
+) -> tuple[Text, tuple[float, int]]:
+    now, delivered = time.monotonic(), rec.delivered
+    rate = (delivered - last[1]) / max(now - last[0], 1e-9)
+    lost = rec.lost_per_cpu()
+    text = Text.assemble(
+        ("recording ", "bold"),
+        f"{out}  {rec.elapsed_s():7.1f} s  events {delivered:,}  ",
+        (f"{rate:,.0f}/s", "cyan"),
+        "  lost ",
+        (f"{sum(lost):,}", "red" if sum(lost) else "green"),
+        f" {lost}" if sum(lost) else "",
+        "   (Ctrl-C stops)",
+    )
+    return text, (now, delivered)
+
+
+def record(
+    out: Path,
+    console: Console,
+    *,
+    pids: list[int] | None = None,
+    duration_s: float | None = None,
+    events: list[str] | None = None,
+    buffer_mb: int | None = None,
+) -> dict[str, Any]:
+    """Record until Ctrl-C, SIGTERM or ``duration_s``; returns the recording's summary."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    rec = Recording(out, pids=pids, events=events, buffer_mb=buffer_mb)
+    try:
+        rec.start()
+    except BaseException:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        raise
+    try:
+        last = (time.monotonic(), 0)
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        with Live(console=console, refresh_per_second=4, transient=True) as live:
+            while not stop.is_set():
+                timeout = (
+                    REFRESH_S if deadline is None else min(REFRESH_S, deadline - time.monotonic())
+                )
+                if timeout <= 0 or stop.wait(timeout):
+                    break
+                line, last = _live_line(rec, out, last)
+                live.update(line)
+    finally:
+        # Cleanup detaches probes and writes the last part; a second Ctrl-C must not cut it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            summary = rec.stop()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+    return summary
+
+
+def summary_view(summary: dict[str, Any]) -> Group:
+    """The one-screen summary of a finished recording."""
+    head = Text.assemble(
+        ("recorded ", "bold"),
+        f"{summary['events']:,} events in {summary['duration_s']:.2f} s ",
+        (f"({summary['events_per_s']:,.0f}/s)", "cyan"),
+        f" into {summary['path']} ({summary['parts']} parts)",
+    )
+    lost = summary["lost"]
+    lost_line = Text.assemble(
+        "lost ",
+        (f"{lost:,}", "red bold" if lost else "green"),
+        f" (per CPU {summary['lost_per_cpu']}; peak buffer fill {summary.get('peak_buffer_fill', 0):.0%})",
+    )
+    table = Table(title=None, show_edge=False, box=None)
+    table.add_column("event")
+    table.add_column("count", justify="right")
+    table.add_column("per s", justify="right")
+    d = max(summary["duration_s"], 1e-9)
+    for name, n in sorted(summary["by_event"].items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{n:,}", f"{n / d:,.0f}")
+    parts: list[Any] = [head, lost_line, table]
+    unavailable = summary["probes"]["unavailable"]
+    if unavailable:
+        parts.append(Text(f"not recorded here ({len(unavailable)}):", style="yellow"))
+        # One line per distinct reason, not per probe: the same cause usually covers several.
+        by_reason: dict[str, list[str]] = {}
+        for ev, why in unavailable.items():
+            by_reason.setdefault(why, []).append(ev)
+        for why, evs in by_reason.items():
+            parts.append(Text(f"  {', '.join(evs)}: {why}"))
+    if summary["pids"]:
+        parts.append(Text(f"pids {summary['pids']} (IRQ events also from kworker threads)"))
+    return Group(*parts)
+
+
+def checks_view(checks: list[Check]) -> Table:
+    table = Table(show_edge=False, box=None, show_header=False)
+    table.add_column("status")
+    table.add_column("check", style="bold")
+    table.add_column("verdict")
+    for c in checks:
+        style = "green" if c.status == OK else "red bold" if c.status == FAIL else "yellow"
+        verdict = Text(c.verdict)
+        if c.fixed:
+            verdict.append(f"\n--fix: {c.fixed}", style="cyan")
+        if c.fix and c.status != OK:
+            verdict.append(f"\nfix: {c.fix}", style="dim")
+        table.add_row(Text(c.status, style=style), c.name, verdict)
+    return table

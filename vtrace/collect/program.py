@@ -1,0 +1,234 @@
+"""The collector's BPF program: which probes this host has, the ``-D`` defines, attaching.
+
+The C source (probes.c) never sees user text: every option arrives as an integer define
+validated here, and every field offset comes from the running kernel's format files.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtrace import schema as s
+from vtrace.collect import doctor
+from vtrace.collect.decode import C_NAMES, EVENT_IDS
+from vtrace.collect.formats import TRACEPOINT_SLOTS, Field, parse_format, read_format, slot_defines
+from vtrace.errors import VtraceError
+
+SOURCE = Path(__file__).with_name("probes.c")
+DEFAULT_BUFFER_MB = 32
+MAX_BUFFER_MB = 1024
+MAX_PIDS = 1024  # size of the pids map in probes.c
+KPROBES = {
+    s.IOEVENTFD_WRITE: "ioeventfd_write",
+    s.IRQFD_WAKEUP: "irqfd_wakeup",
+    "handle_tx_kick": "handle_tx_kick",
+    "handle_rx_kick": "handle_rx_kick",
+}
+USDT_PROBES = (
+    s.VIRTIO_QUEUE_NOTIFY,
+    s.VIRTQUEUE_POP,
+    s.VIRTQUEUE_FLUSH,
+    s.VIRTIO_NOTIFY,
+    s.VIRTIO_NOTIFY_IRQFD,
+)
+ALL_EVENTS = tuple(EVENT_IDS)
+
+
+def parse_events(text: str | None) -> list[str] | None:
+    """``--events`` text (comma separated names) -> names, or None for all."""
+    if text is None or not text.strip():
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVENT_IDS]
+    if unknown:
+        raise VtraceError(
+            f"--events: unknown event {', '.join(unknown)}; known: {', '.join(ALL_EVENTS)}"
+        )
+    return names
+
+
+def buffer_pages(buffer_mb: int | None) -> int:
+    """Ring buffer size in pages: a power of two (the kernel requires it), rounded up."""
+    mb = DEFAULT_BUFFER_MB if buffer_mb is None else buffer_mb
+    if not isinstance(mb, int) or isinstance(mb, bool) or not 1 <= mb <= MAX_BUFFER_MB:
+        raise VtraceError(f"--buffer-mb must be an integer from 1 to {MAX_BUFFER_MB}, got {mb!r}")
+    pages = (mb << 20) // mmap.PAGESIZE
+    return 1 << (pages - 1).bit_length()
+
+
+def validate_pids(pids: list[int] | None) -> list[int]:
+    out: list[int] = []
+    for p in pids or []:
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 1 << 22:
+            raise VtraceError(f"--pid: not a process id: {p!r}")
+        out.append(p)
+    if len(out) > MAX_PIDS:
+        raise VtraceError(f"--pid: at most {MAX_PIDS} processes")
+    return sorted(set(out))
+
+
+@dataclass
+class ProbePlan:
+    """What will be attached and what cannot be, with why."""
+
+    tracepoints: dict[str, dict[str, Field]] = field(default_factory=dict)
+    kprobes: dict[str, str] = field(default_factory=dict)  # event -> kernel function
+    usdt: dict[str, str] = field(default_factory=dict)  # event -> binary
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def events(self) -> list[str]:
+        return [*self.tracepoints, *self.kprobes, *self.usdt]
+
+
+def plan_probes(
+    events: list[str] | None,
+    tracefs: Path = doctor.TRACEFS,
+    kallsyms: Path = Path("/proc/kallsyms"),
+    qemu_binaries: list[Path] | None = None,
+) -> ProbePlan:
+    """Decide per wanted event whether this host can record it (and if not, why)."""
+    wanted = set(events or ALL_EVENTS)
+    plan = ProbePlan()
+    for ev in TRACEPOINT_SLOTS:
+        if ev not in wanted:
+            continue
+        fields = read_format(tracefs / "events", "kvm", ev)
+        if fields is None:
+            plan.unavailable[ev] = f"no kvm:{ev} in {tracefs}/events (kernel without it?)"
+        else:
+            plan.tracepoints[ev] = fields
+    kprobe_events = [e for e in KPROBES if e in wanted]
+    if kprobe_events:
+        why = doctor.kprobes_problem(tracefs)
+        symbols = set() if why else _kernel_symbols(kallsyms, set(KPROBES.values()))
+        for ev in kprobe_events:
+            fn = KPROBES[ev]
+            if why:
+                plan.unavailable[ev] = why
+            elif fn not in symbols:
+                module = "vhost_net" if "kick" in fn else "kvm"
+                plan.unavailable[ev] = (
+                    f"kernel function {fn} not found in {kallsyms} (is {module} loaded?)"
+                )
+            else:
+                plan.kprobes[ev] = fn
+    usdt_events = [e for e in USDT_PROBES if e in wanted]
+    if usdt_events:
+        binaries = doctor.find_qemu_binaries() if qemu_binaries is None else qemu_binaries
+        with_notes = {b: doctor.usdt_probes(b) for b in binaries}
+        for ev in usdt_events:
+            have = [b for b, probes in with_notes.items() if ev in probes]
+            if have:
+                plan.usdt[ev] = str(have[0])
+            elif not binaries:
+                plan.unavailable[ev] = "no qemu-system-* binary on PATH"
+            elif not any(with_notes.values()):
+                names = ", ".join(str(b) for b in binaries)
+                plan.unavailable[ev] = (
+                    f"no USDT notes in {names} (QEMU built without the dtrace trace backend)"
+                )
+            else:
+                plan.unavailable[ev] = f"no USDT probe {ev} in the QEMU binaries with USDT notes"
+    return plan
+
+
+def _kernel_symbols(kallsyms: Path, names: set[str]) -> set[str]:
+    found: set[str] = set()
+    try:
+        with kallsyms.open() as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in names:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return found
+
+
+def defines(plan: ProbePlan, pages: int, filter_pids: bool) -> dict[str, int]:
+    """Every ``-D`` define of probes.c, all integers."""
+    mask = 0
+    for ev in plan.events:
+        mask |= 1 << EVENT_IDS[ev]
+    out: dict[str, int] = {
+        "RINGBUF_PAGES": pages,
+        "FILTER_PIDS": int(filter_pids),
+        "EVENT_MASK": mask,
+    }
+    out.update({f"EV_{C_NAMES[ev]}": i for ev, i in EVENT_IDS.items()})
+    for ev, fields in plan.tracepoints.items():
+        out.update(slot_defines(ev, fields))
+    return out
+
+
+def cflags(values: dict[str, int]) -> list[str]:
+    for k, v in values.items():
+        if not (isinstance(v, int) and k.replace("_", "").isalnum()):
+            raise VtraceError(f"bad BPF define {k}={v!r}")
+    return [f"-D{k}={v}" for k, v in values.items()]
+
+
+def program_text(values: dict[str, int]) -> str:
+    """The C as the compiler sees it: the defines, then probes.c (``--print-c``)."""
+    head = "".join(f"#define {k} {v}\n" for k, v in values.items())
+    return f"// cflags: {' '.join(cflags(values))}\n{head}\n{SOURCE.read_text()}"
+
+
+def attach(bpf: Any, plan: ProbePlan) -> dict[str, str]:
+    """Attach every planned probe; returns event -> what it attached to. Failures go to
+    ``plan.unavailable`` with the kernel's reason instead of aborting the recording."""
+    attached: dict[str, str] = {}
+    for ev in list(plan.tracepoints):
+        try:
+            bpf.attach_tracepoint(tp=f"kvm:{ev}".encode(), fn_name=f"on_{C_NAMES[ev]}".encode())
+            attached[ev] = f"tracepoint:kvm:{ev}"
+        except Exception as e:  # bcc raises plain Exception with the kernel's errno text
+            plan.unavailable[ev] = f"attach failed: {e}"
+            del plan.tracepoints[ev]
+    for ev, fn in list(plan.kprobes.items()):
+        try:
+            bpf.attach_kprobe(event=fn.encode(), fn_name=f"on_{C_NAMES[ev]}".encode())
+            attached[ev] = f"kprobe:{fn}"
+        except Exception as e:
+            plan.unavailable[ev] = f"attach failed: {e}"
+            del plan.kprobes[ev]
+    return attached
+
+
+def usdt_contexts(plan: ProbePlan, pids: list[int], bcc: Any) -> list[Any]:
+    """USDT contexts for QEMU's virtio probes (bcc wants them before compiling)."""
+    contexts = []
+    for ev, binary in list(plan.usdt.items()):
+        try:
+            ctx = bcc.USDT(path=binary, pid=pids[0]) if pids else bcc.USDT(path=binary)
+            ctx.enable_probe(probe=ev, fn_name=f"on_{C_NAMES[ev]}")
+            contexts.append(ctx)
+        except Exception as e:
+            plan.unavailable[ev] = f"USDT enable failed: {e}"
+            del plan.usdt[ev]
+    return contexts
+
+
+def print_c(events: list[str] | None, pids: list[int] | None, buffer_mb: int | None) -> str:
+    """The program with its defines as ``vtrace record`` would load it; needs no root.
+
+    Field offsets come from the host's format files when readable, else from the copies
+    shipped in vtrace/formats/kvm (said in the first line).
+    """
+    readable = os.access(doctor.TRACEFS / "events" / "kvm", os.R_OK)
+    plan = plan_probes(events) if readable else ProbePlan()
+    origin = f"{doctor.TRACEFS}/events/kvm"
+    if not readable:
+        origin = str(s.FORMATS_DIR)
+        for ev in TRACEPOINT_SLOTS:
+            if events and ev not in events:
+                continue
+            path = s.FORMATS_DIR / f"{ev}.format"
+            plan.tracepoints[ev] = parse_format(path.read_text(), str(path))
+    values = defines(plan, buffer_pages(buffer_mb), bool(validate_pids(pids)))
+    return f"// field offsets from {origin}\n" + program_text(values)

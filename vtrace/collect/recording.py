@@ -1,0 +1,389 @@
+"""A recording: the BPF program attached, a consumer draining its ring buffer in batches, and
+a writer appending parts to a trace directory at least every second.
+
+    with Recording(out_dir, pids=[pid]) as rec:
+        ...workload...
+        rec.add_events(frame)      # extra events (e.g. source=lab) in the same trace
+    rec.summary                    # counts, lost, rate, probes
+
+Leaving the block detaches every probe, drains what is left, writes the final part and
+finalises meta.json (start/end, lost per CPU, probes, filters, host facts).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from vtrace import __version__
+from vtrace import schema as s
+from vtrace.collect import bccload, doctor, program
+from vtrace.collect.decode import EVENT_IDS, RECORD_DTYPE, decode_records, signed_fields
+from vtrace.collect.host import host_facts
+from vtrace.collect.ringbuf import RingReader
+from vtrace.errors import VtraceError
+from vtrace.store import TraceWriter
+
+CLOCK = "CLOCK_MONOTONIC (bpf_ktime_get_ns)"
+IRQ_RULE = (
+    "kvm_set_irq, kvm_msi_set_irq and kvm_inj_virq are kept from the recorded processes and "
+    "from kernel worker threads (comm kworker*): an injection through an irqfd runs in a "
+    "kworker, not in the VM's process, and these tracepoints carry no VM identity, so "
+    "kworker interrupts of other VMs on the host are recorded too"
+)
+
+
+def monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def preflight(tracefs: Path = doctor.TRACEFS) -> None:
+    """Run the checks recording needs, in order; a :class:`VtraceError` with the fix of the
+    first that fails (later checks may not even be possible without the earlier ones)."""
+    checks = (
+        doctor.check_privileges,
+        lambda: doctor.check_tracefs(tracefs),
+        doctor.check_bcc,
+        doctor.check_headers,
+        lambda: doctor.check_tracepoints(tracefs),
+    )
+    for check in checks:
+        problem = doctor.record_problem([check()])
+        if problem:
+            raise VtraceError(f"cannot record: {problem}")
+
+
+def reason_tables_meta(tables: s.ReasonTables) -> dict[str, Any]:
+    return {
+        "origin": tables.origin,
+        "vmx": {str(k): v for k, v in sorted(tables.vmx.items())},
+        "svm": {str(k): v for k, v in sorted(tables.svm.items())},
+        "userspace": {str(k): v for k, v in sorted(tables.userspace.items())},
+    }
+
+
+# Drained records waiting for the writer, in ring buffers' worth (see Recording.__init__).
+MAX_PENDING_BUFFERS = 4
+
+
+class Recording:
+    """Record KVM events of the given VM processes (all when ``pids`` is empty) into ``out_dir``."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        pids: list[int] | None = None,
+        events: list[str] | None = None,
+        buffer_mb: int | None = None,
+        meta_extra: dict[str, Any] | None = None,
+        *,
+        flush_interval_s: float = 1.0,
+        poll_interval_s: float = 0.02,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
+            raise VtraceError(f"{self.out_dir}: output exists; choose a new directory")
+        self.pids = program.validate_pids(pids)
+        self.events = program.parse_events(",".join(events)) if events else None
+        self.pages = program.buffer_pages(buffer_mb)
+        # Kept by reference: values the caller adds or changes while recording (counters
+        # known only at the end) are written when the recording stops.
+        self.meta_extra = meta_extra if meta_extra is not None else {}
+        self.flush_interval_s = flush_interval_s
+        self.poll_interval_s = poll_interval_s
+        self.summary: dict[str, Any] = {}
+        self._bpf: Any = None
+        self._writer: TraceWriter | None = None
+        self._reader: RingReader | None = None
+        self._batches: queue.SimpleQueue[np.ndarray | pl.DataFrame] = queue.SimpleQueue()
+        # Bytes of drained records the writer has not taken yet. Memory stays bounded: above
+        # MAX_PENDING_BUFFERS ring buffers' worth the drain pauses, the ring buffer fills and
+        # the kernel counts what it cannot reserve as lost, so nothing is dropped silently.
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self._counts = np.zeros(256, np.int64)
+        self._write_lock = threading.Lock()
+        self._started_ns = 0
+        self._plan: program.ProbePlan | None = None
+        self._attached: dict[str, str] = {}
+
+    # -- set up --------------------------------------------------------------------------------
+    def start(self) -> Recording:
+        """Check the host, compile, attach, open the trace and start consuming."""
+        try:
+            return self._start()
+        except BaseException:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+            raise
+
+    def _start(self) -> Recording:
+        preflight()
+        bcc = bccload.load_bcc()
+        plan = program.plan_probes(self.events)
+        if not plan.events:
+            why = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
+            raise VtraceError(f"none of the requested events can be recorded here ({why})")
+        usdt = program.usdt_contexts(plan, self.pids, bcc)  # may move probes to unavailable
+        values = program.defines(plan, self.pages, bool(self.pids))
+        try:
+            self._bpf = bcc.BPF(
+                src_file=str(program.SOURCE).encode(),
+                cflags=program.cflags(values),
+                usdt_contexts=usdt,
+            )
+        except Exception as e:  # bcc raises Exception with the compiler's message on stderr
+            raise VtraceError(
+                f"the BPF program did not load ({e}); run `vtrace doctor` for the fix"
+            ) from None
+        if self.pids:
+            pids_map = self._bpf[b"pids"]
+            for p in self.pids:
+                pids_map[ct.c_uint32(p)] = ct.c_uint8(1)
+        self._tables = s.load_reason_tables(prefer_host=True)
+        self._signed = signed_fields(plan.tracepoints)
+        self._reader = RingReader(
+            self._bpf[b"events"].map_fd, self.pages * os.sysconf("SC_PAGE_SIZE")
+        )
+        self._plan = plan
+        self._started_ns = monotonic_ns()  # before attaching: no event is older than start
+        self._attached = program.attach(self._bpf, plan)
+        for ev in plan.usdt:
+            self._attached[ev] = f"usdt:{plan.usdt[ev]}:{ev}"
+        if not self._attached:
+            raise VtraceError("no probe could be attached: " + "; ".join(plan.unavailable.values()))
+        meta = {
+            **host_facts(),
+            "source": "vtrace record",
+            "collector": {
+                "version": __version__,
+                "program": program.SOURCE.name,
+                "record_bytes": RECORD_DTYPE.itemsize,
+                "buffer_bytes": self.pages * os.sysconf("SC_PAGE_SIZE"),
+                "delivery": "BPF ring buffer, drained in batches from its memory mapping",
+            },
+            "clock": CLOCK,
+            "reason_tables": reason_tables_meta(self._tables),
+            "probes": {"attached": self._attached, "unavailable": dict(plan.unavailable)},
+            "filters": {
+                "pids": self.pids,
+                "events": self.events or "all",
+                "irq_events": IRQ_RULE if self.pids else "all processes",
+            },
+            "start": {"unix": time.time(), "monotonic_ns": self._started_ns},
+            **self.meta_extra,
+        }
+        self._writer = TraceWriter(self.out_dir, meta, keep_on_error=True)
+        self._threads = [
+            threading.Thread(target=self._drain_loop, name="vtrace-drain", daemon=True),
+            threading.Thread(target=self._write_loop, name="vtrace-write", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    # -- consumer ------------------------------------------------------------------------------
+    def _drain_once(self) -> int:
+        assert self._reader is not None
+        if self._pending_bytes > MAX_PENDING_BUFFERS * self._reader.data_bytes:
+            return 0  # the writer is behind: leave records in the ring (lost are counted there)
+        recs = self._reader.drain()
+        if len(recs):
+            self._counts += np.bincount(recs["event"], minlength=256)
+            with self._pending_lock:
+                self._pending_bytes += recs.nbytes
+            self._batches.put(recs)
+        return len(recs)
+
+    def _drain_loop(self) -> None:
+        assert self._reader is not None
+        # Sleep between drains even when there was data: large batches cost far less CPU per
+        # record than many small ones, and the buffer holds a second or more at full rate.
+        # Only a buffer more than a quarter full is drained again at once.
+        hurry = self._reader.data_bytes // 4
+        try:
+            while not self._stop.is_set():
+                self._drain_once()
+                if self._reader.pending_bytes() < hurry:
+                    time.sleep(self.poll_interval_s)
+        except BaseException as e:
+            self._errors.append(e)
+
+    def _write_pending(self) -> None:
+        records: list[np.ndarray] = []
+        frames: list[pl.DataFrame] = []
+        while True:
+            try:
+                item = self._batches.get_nowait()
+            except queue.Empty:
+                break
+            (records if isinstance(item, np.ndarray) else frames).append(item)
+        taken = sum(r.nbytes for r in records)
+        with self._pending_lock:
+            self._pending_bytes -= taken
+        assert self._writer is not None
+        with self._write_lock:
+            if records:
+                self._writer.append(
+                    decode_records(np.concatenate(records), self._tables, self._signed)
+                )
+            for f in frames:
+                self._writer.append(f)
+            if records or frames:
+                self._writer.flush()
+                self._writer.meta["lost_per_cpu"] = self.lost_per_cpu()
+                self._writer.write_meta()
+
+    def _write_loop(self) -> None:
+        try:
+            while not self._stop.wait(self.flush_interval_s):
+                self._write_pending()
+        except BaseException as e:
+            self._errors.append(e)
+            self._stop.set()
+
+    # -- while running -------------------------------------------------------------------------
+    def add_events(self, frame: pl.DataFrame) -> None:
+        """Store extra events (e.g. the lab's own, ``source=lab``) in the same trace."""
+        self._batches.put(s.conform(frame))  # type: ignore[arg-type]
+
+    def lost_per_cpu(self) -> list[int]:
+        """Records the kernel could not reserve in the ring buffer, per CPU, so far."""
+        if self._bpf is None:
+            return []
+        return [int(v) for v in self._bpf[b"lost"][ct.c_int(0)]]
+
+    def seen(self) -> int:
+        """Events the BPF program saw after the pid filter (delivered + lost), so far."""
+        return int(sum(self._bpf[b"seen"][ct.c_int(0)])) if self._bpf is not None else 0
+
+    def program_run_ns(self) -> dict[str, dict[str, int]]:
+        """Kernel-measured run time of each attached BPF function (``run_time_ns``,
+        ``run_cnt`` from its fdinfo); only counted while sysctl kernel.bpf_stats_enabled=1."""
+        out: dict[str, dict[str, int]] = {}
+        for name, fn in self._bpf.funcs.items() if self._bpf is not None else ():
+            try:
+                text = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+            except OSError:
+                continue
+            info = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+            if "run_cnt" in info:
+                key = name.decode() if isinstance(name, bytes) else str(name)
+                out[key] = {
+                    "run_time_ns": int(info["run_time_ns"]),
+                    "run_cnt": int(info["run_cnt"]),
+                }
+        return out
+
+    @property
+    def delivered(self) -> int:
+        return int(self._counts.sum())
+
+    def counts(self) -> dict[str, int]:
+        """Events delivered so far, by event name."""
+        return {name: int(self._counts[i]) for name, i in EVENT_IDS.items() if self._counts[i]}
+
+    def elapsed_s(self) -> float:
+        return (monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0
+
+    # -- tear down -----------------------------------------------------------------------------
+    def stop(self, error: BaseException | None = None) -> dict[str, Any]:
+        """Detach, drain the rest, write the last part, finalise meta; returns the summary."""
+        if self._bpf is None or self._writer is None:
+            return self.summary
+        for ev in list(self._attached):
+            if ev in (self._plan.tracepoints if self._plan else {}):
+                self._bpf.detach_tracepoint(tp=f"kvm:{ev}".encode())
+            elif self._plan and ev in self._plan.kprobes:
+                self._bpf.detach_kprobe(event=self._plan.kprobes[ev].encode())
+        end_ns = monotonic_ns()
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        try:
+            # Write between drains so the pending-bytes bound never leaves records behind.
+            self._write_pending()
+            while self._drain_once():
+                self._write_pending()
+            lost = self.lost_per_cpu()
+            seen = self.seen()
+            run = self.program_run_ns()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+            self._bpf.cleanup()
+            self._bpf = None
+        assert self._writer is not None
+        duration_s = (end_ns - self._started_ns) / 1e9
+        delivered = self.delivered
+        errors = [f"{type(e).__name__}: {e}" for e in self._errors]
+        if error is not None:
+            errors.append(f"{type(error).__name__}: {error}")
+        self.summary = {
+            "path": str(self.out_dir),
+            "duration_s": duration_s,
+            "events": delivered,
+            "events_per_s": delivered / duration_s if duration_s > 0 else 0.0,
+            "by_event": self.counts(),
+            "lost": sum(lost),
+            "lost_per_cpu": lost,
+            "seen": seen,
+            "peak_buffer_fill": self._reader.peak_pending_bytes / self._reader.data_bytes
+            if self._reader
+            else 0.0,
+            "parts": self._writer.parts,
+            "probes": {
+                "attached": self._attached,
+                "unavailable": self._plan.unavailable if self._plan else {},
+            },
+            "pids": self.pids,
+        }
+        runs = sum(v["run_cnt"] for v in run.values())
+        if runs:
+            self.summary["bpf_ns_per_event"] = sum(v["run_time_ns"] for v in run.values()) / runs
+        extra: dict[str, Any] = {
+            "end": {"unix": time.time(), "monotonic_ns": end_ns},
+            "lost_per_cpu": lost,
+            "lost": sum(lost),
+            "seen": seen,
+            "by_event": self.counts(),
+        }
+        if runs:
+            extra["bpf_ns_per_event"] = self.summary["bpf_ns_per_event"]
+        extra = {**self.meta_extra, **extra}  # the collector's own keys win
+        if errors:
+            extra["error"] = "; ".join(errors)
+        self._writer.close(**extra)
+        self.summary["parts"] = self._writer.parts
+        if self._errors:
+            raise self._errors[0]
+        return self.summary
+
+    def __enter__(self) -> Recording:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Cleanup detaches probes and writes the last part: a Ctrl-C must not cut it short.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self.stop(exc)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,172 @@
+// vtrace stat: in-kernel aggregation of KVM events, no per-event output.
+//
+// counts: (pid, event, reason) -> events. For kvm_exit the reason is the exit reason (VMX:
+// low 16 bits), for kvm_userspace_exit the KVM_EXIT_* code, for kvm_pio the port.
+// hist:   (pid, kind, reason, log2 slot) -> events, where kind 0 is kvm_exit -> kvm_entry on
+// the same thread (the whole exit, where the CPU has vmx/svm) and kind 1 is
+// kvm_userspace_exit -> the same thread's next ioctl(KVM_RUN) (time the VMM spent in user
+// space handling the exit; seen on every host).
+// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL and <NAME>_OFF/_SIZE
+// offsets from the running kernel's format files.
+
+struct ckey {
+    u32 pid;
+    u32 reason;
+    u32 event;
+};
+struct hkey {
+    u32 pid;
+    u32 kind;
+    u32 reason;
+    u32 slot;
+};
+struct pending {
+    u64 ts_ns;
+    u32 reason;
+    u32 kind;
+};
+
+BPF_PERCPU_HASH(counts, struct ckey, u64, 16384);
+BPF_PERCPU_HASH(hist, struct hkey, u64, 16384);
+BPF_HASH(start, u32, struct pending, 65536);
+BPF_HASH(pids, u32, u8, 1024);
+
+static __always_inline u64 field(void *ctx, int off, int size) {
+    if (off < 0)
+        return 0;
+    switch (size) {
+    case 1:
+        return *(u8 *)((u8 *)ctx + off);
+    case 2:
+        return *(u16 *)((u8 *)ctx + off);
+    case 4:
+        return *(u32 *)((u8 *)ctx + off);
+    default:
+        return *(u64 *)((u8 *)ctx + off);
+    }
+}
+
+// Kernel worker threads: where KVM injects an interrupt signalled through an irqfd.
+static __always_inline int is_kworker(void) {
+    char comm[16];
+    bpf_get_current_comm(&comm, sizeof(comm));
+    return comm[0] == 'k' && comm[1] == 'w' && comm[2] == 'o' && comm[3] == 'r' &&
+           comm[4] == 'k' && comm[5] == 'e' && comm[6] == 'r';
+}
+
+// irq_rule: the interrupt events are also counted from kworkers when filtering by pid.
+static __always_inline int count(u32 event, u32 reason, int irq_rule) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+#if FILTER_PIDS
+    if (!pids.lookup(&tgid) && !(irq_rule && is_kworker()))
+        return 0;
+#endif
+    struct ckey k = {.pid = tgid, .reason = reason, .event = event};
+    u64 zero = 0;
+    u64 *n = counts.lookup_or_try_init(&k, &zero);
+    if (n)
+        *n += 1;
+    return 1;
+}
+
+// log2 of a duration in ns, by halving (bounded loop the verifier accepts).
+static __always_inline u32 log2_slot(u64 v) {
+    u32 slot = 0;
+#pragma unroll
+    for (int i = 0; i < 40; i++) {
+        if (v > 1) {
+            v >>= 1;
+            slot++;
+        }
+    }
+    return slot;
+}
+
+static __always_inline void begin(u32 reason, u32 kind) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending p = {.ts_ns = bpf_ktime_get_ns(), .reason = reason, .kind = kind};
+    start.update(&tid, &p);
+}
+
+static __always_inline void end(u32 kind) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct pending *p = start.lookup(&tid);
+    if (!p || p->kind != kind)
+        return;
+    struct hkey k = {.pid = id >> 32, .kind = kind, .reason = p->reason,
+                     .slot = log2_slot(bpf_ktime_get_ns() - p->ts_ns)};
+    start.delete(&tid);
+    u64 zero = 0;
+    u64 *n = hist.lookup_or_try_init(&k, &zero);
+    if (n)
+        *n += 1;
+}
+
+#if HAVE_EXIT
+int on_kvm_exit(void *ctx) {
+    u32 reason = field(ctx, EXIT_REASON_OFF, EXIT_REASON_SIZE);
+    if (field(ctx, EXIT_ISA_OFF, EXIT_ISA_SIZE) == 1)  // KVM_ISA_VMX: flags in the high bits
+        reason &= 0xffff;
+    if (count(EV_KVM_EXIT, reason, 0))
+        begin(reason, 0);
+    return 0;
+}
+
+int on_kvm_entry(void *ctx) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+#if FILTER_PIDS
+    if (!pids.lookup(&tgid))
+        return 0;
+#endif
+    end(0);
+    return 0;
+}
+#endif
+
+int on_kvm_userspace_exit(void *ctx) {
+    u32 reason = field(ctx, USER_REASON_OFF, USER_REASON_SIZE);
+    if (count(EV_KVM_USERSPACE_EXIT, reason, 0))
+        begin(reason, 1);
+    return 0;
+}
+
+#if HAVE_IOCTL
+int on_sys_enter_ioctl(void *ctx) {
+    if ((u32)field(ctx, IOCTL_CMD_OFF, IOCTL_CMD_SIZE) != KVM_RUN)
+        return 0;
+    end(1);
+    return 0;
+}
+#endif
+
+int on_kvm_pio(void *ctx) {
+    count(EV_KVM_PIO, field(ctx, PIO_PORT_OFF, PIO_PORT_SIZE), 0);
+    return 0;
+}
+
+int on_kvm_mmio(void *ctx) {
+    count(EV_KVM_MMIO, 0, 0);
+    return 0;
+}
+
+int on_kvm_fast_mmio(void *ctx) {
+    count(EV_KVM_FAST_MMIO, 0, 0);
+    return 0;
+}
+
+// IRQ injection through an irqfd runs in a kworker: counted from kworkers too.
+int on_kvm_set_irq(void *ctx) {
+    count(EV_KVM_SET_IRQ, 0, 1);
+    return 0;
+}
+
+int on_kvm_msi_set_irq(void *ctx) {
+    count(EV_KVM_MSI_SET_IRQ, 0, 1);
+    return 0;
+}
+
+int on_kvm_inj_virq(void *ctx) {
+    count(EV_KVM_INJ_VIRQ, 0, 1);
+    return 0;
+}

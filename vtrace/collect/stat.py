@@ -1,0 +1,330 @@
+"""`vtrace stat`: live per-VM, per-reason event rates and log2 histograms of exit handling
+time, aggregated in the kernel (stat.c): only the aggregates cross into user space.
+
+Handling time is kvm_exit -> kvm_entry on the same thread where the CPU has vmx/svm (the
+whole exit), and kvm_userspace_exit -> the thread's next ioctl(KVM_RUN) everywhere (the time
+the VMM spent in user space on the exit, the part a user-space device model adds).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from vtrace import schema as s
+from vtrace.collect import bccload, doctor, program
+from vtrace.collect.decode import EVENT_IDS
+from vtrace.collect.formats import read_format
+from vtrace.collect.host import host_facts, vm_name
+from vtrace.collect.recording import preflight
+from vtrace.errors import VtraceError
+
+SOURCE = Path(__file__).with_name("stat.c")
+KVM_RUN = 0xAE80
+KIND_EXIT, KIND_USERSPACE = 0, 1
+KIND_NAMES = {KIND_EXIT: "exit->entry", KIND_USERSPACE: "user space"}
+STAT_EVENTS = (
+    s.KVM_EXIT,
+    s.KVM_ENTRY,
+    s.KVM_USERSPACE_EXIT,
+    s.KVM_PIO,
+    s.KVM_MMIO,
+    s.KVM_FAST_MMIO,
+    s.KVM_SET_IRQ,
+    s.KVM_MSI_SET_IRQ,
+    s.KVM_INJ_VIRQ,
+)
+# (define prefix, tracepoint system, event, field)
+_FIELDS = (
+    ("EXIT_REASON", "kvm", s.KVM_EXIT, "exit_reason"),
+    ("EXIT_ISA", "kvm", s.KVM_EXIT, "isa"),
+    ("USER_REASON", "kvm", s.KVM_USERSPACE_EXIT, "reason"),
+    ("PIO_PORT", "kvm", s.KVM_PIO, "port"),
+    ("IOCTL_CMD", "syscalls", "sys_enter_ioctl", "cmd"),
+)
+COUNT_KEYS = ["pid", "event", "reason"]
+HIST_KEYS = ["pid", "kind", "reason"]
+
+
+class Stat:
+    """The aggregating BPF program: attach, read cumulative counts and histograms, detach."""
+
+    def __init__(self, pids: list[int] | None = None, tracefs: Path = doctor.TRACEFS) -> None:
+        self.pids = program.validate_pids(pids)
+        self.tracefs = tracefs
+        self.attached: list[str] = []
+        self.unavailable: dict[str, str] = {}
+        self._bpf: Any = None
+
+    def defines(self) -> dict[str, int]:
+        events = self.tracefs / "events"
+        values = {
+            "FILTER_PIDS": int(bool(self.pids)),
+            "KVM_RUN": KVM_RUN,
+            "HAVE_EXIT": int(read_format(events, "kvm", s.KVM_EXIT) is not None),
+            "HAVE_IOCTL": int(read_format(events, "syscalls", "sys_enter_ioctl") is not None),
+        }
+        values.update(
+            {f"EV_{name.upper()}": i for name, i in EVENT_IDS.items() if name in STAT_EVENTS}
+        )
+        for prefix, system, event, name in _FIELDS:
+            fields = read_format(events, system, event) or {}
+            f = fields.get(name)
+            values[f"{prefix}_OFF"] = f.offset if f else -1
+            values[f"{prefix}_SIZE"] = f.size if f else 0
+        return values
+
+    def start(self) -> Stat:
+        preflight(self.tracefs)
+        bcc = bccload.load_bcc()
+        values = self.defines()
+        try:
+            self._bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=program.cflags(values))
+        except Exception as e:
+            raise VtraceError(
+                f"the stat BPF program did not load ({e}); run `vtrace doctor`"
+            ) from None
+        for p in self.pids:
+            self._bpf[b"pids"][ct.c_uint32(p)] = ct.c_uint8(1)
+        probes = [("kvm", ev) for ev in STAT_EVENTS]
+        if values["HAVE_IOCTL"]:
+            probes.append(("syscalls", "sys_enter_ioctl"))
+        else:
+            self.unavailable["user-space handling time"] = "no syscalls:sys_enter_ioctl tracepoint"
+        for system, ev in probes:
+            if read_format(self.tracefs / "events", system, ev) is None:
+                self.unavailable[ev] = f"no {system}:{ev} in {self.tracefs}/events"
+                continue
+            if ev == s.KVM_ENTRY and not values["HAVE_EXIT"]:
+                continue
+            try:
+                self._bpf.attach_tracepoint(
+                    tp=f"{system}:{ev}".encode(), fn_name=f"on_{ev}".encode()
+                )
+                self.attached.append(f"{system}:{ev}")
+            except Exception as e:
+                self.unavailable[ev] = f"attach failed: {e}"
+        return self
+
+    def snapshot(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Cumulative (counts, histogram) frames, summed over CPUs."""
+        c_rows = [
+            (k.pid, k.event, k.reason, sum(v)) for k, v in self._bpf[b"counts"].items()
+        ]  # one row per (pid, event, reason) key, not per event
+        h_rows = [(k.pid, k.kind, k.reason, k.slot, sum(v)) for k, v in self._bpf[b"hist"].items()]
+        counts = pl.DataFrame(
+            c_rows, schema=dict.fromkeys([*COUNT_KEYS, "total"], pl.Int64), orient="row"
+        )
+        hist = pl.DataFrame(
+            h_rows, schema=dict.fromkeys([*HIST_KEYS, "slot", "total"], pl.Int64), orient="row"
+        )
+        return counts, hist
+
+    def stop(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> Stat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def interval_view(
+    prev: tuple[pl.DataFrame, pl.DataFrame],
+    cur: tuple[pl.DataFrame, pl.DataFrame],
+    interval_s: float,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-interval rows: counts with per_s and p50/p99 handling time; the interval's histograms."""
+    counts = (
+        cur[0]
+        .join(prev[0], on=COUNT_KEYS, how="left", suffix="_prev")
+        .with_columns(count=pl.col("total") - pl.col("total_prev").fill_null(0))
+        .with_columns(per_s=pl.col("count") / interval_s)
+    )
+    hist = (
+        cur[1]
+        .join(prev[1], on=[*HIST_KEYS, "slot"], how="left", suffix="_prev")
+        .with_columns(count=pl.col("total") - pl.col("total_prev").fill_null(0))
+        .filter(pl.col("count") > 0)
+        .sort([*HIST_KEYS, "slot"])
+    )
+    # Percentiles from log2 buckets: the bucket's upper bound (2^(slot+1) ns) where the
+    # cumulative count crosses the fraction.
+    quant = (
+        hist.with_columns(
+            cum=pl.col("count").cum_sum().over(HIST_KEYS), n=pl.col("count").sum().over(HIST_KEYS)
+        )
+        .group_by(HIST_KEYS)
+        .agg(
+            p50_ns=(2 ** (pl.col("slot").filter(pl.col("cum") >= 0.5 * pl.col("n")).first() + 1)),
+            p99_ns=(2 ** (pl.col("slot").filter(pl.col("cum") >= 0.99 * pl.col("n")).first() + 1)),
+            timed=pl.col("count").sum(),
+        )
+        .with_columns(
+            event=pl.when(pl.col("kind") == KIND_EXIT)
+            .then(EVENT_IDS[s.KVM_EXIT])
+            .otherwise(EVENT_IDS[s.KVM_USERSPACE_EXIT])
+        )
+    )
+    counts = counts.join(
+        quant.select("pid", "event", "reason", "p50_ns", "p99_ns"),
+        on=COUNT_KEYS,
+        how="left",
+    ).sort(["per_s", "pid"], descending=[True, False])
+    return counts, hist
+
+
+def _names(counts: pl.DataFrame, tables: s.ReasonTables, isa: str) -> pl.DataFrame:
+    exit_table = tables.svm if isa == "svm" else tables.vmx
+    ids = {v: k for k, v in EVENT_IDS.items()}
+    names = {pid: vm_name(pid) for pid in counts["pid"].unique().to_list()}
+    ev = pl.col("event")
+    return counts.with_columns(
+        vm=pl.col("pid").replace_strict(names, return_dtype=pl.String),
+        event_name=ev.replace_strict(ids, return_dtype=pl.String),
+        reason_name=pl.when(ev == EVENT_IDS[s.KVM_EXIT])
+        .then(pl.col("reason").replace_strict(exit_table, default=None, return_dtype=pl.String))
+        .when(ev == EVENT_IDS[s.KVM_USERSPACE_EXIT])
+        .then(
+            pl.col("reason").replace_strict(tables.userspace, default=None, return_dtype=pl.String)
+        )
+        .when(ev == EVENT_IDS[s.KVM_PIO])
+        .then(pl.format("port 0x{}", pl.col("reason").map_batches(_hex, return_dtype=pl.String)))
+        .otherwise(pl.lit("")),
+    )
+
+
+def _hex(col: pl.Series) -> pl.Series:
+    return pl.Series(np.char.mod("%x", col.to_numpy()), dtype=pl.String)
+
+
+def _us(ns: int | None) -> str:
+    return "" if ns is None else f"{ns / 1000:,.1f}"
+
+
+def table_view(
+    counts: pl.DataFrame,
+    hist: pl.DataFrame,
+    interval_s: float,
+    elapsed_s: float,
+    reason_names: dict[tuple[int, int], str],
+) -> Group:
+    t = Table(title=f"vtrace stat: last {interval_s:g} s ({elapsed_s:.0f} s in)", show_edge=False)
+    for col, justify in (
+        ("VM", "left"), ("pid", "right"), ("event", "left"), ("reason", "left"),
+        ("per s", "right"), ("total", "right"), ("p50≤µs", "right"), ("p99≤µs", "right"),
+    ):  # fmt: skip
+        t.add_column(col, justify=justify, no_wrap=True, min_width=8 if col == "VM" else None)  # type: ignore[arg-type]
+    for r in counts.filter(pl.col("total") > 0).head(40).iter_rows(named=True):
+        t.add_row(
+            r["vm"][:16], str(r["pid"]), r["event_name"].removeprefix("kvm_"),
+            (r["reason_name"] or str(r["reason"])).removeprefix("KVM_EXIT_"),
+            f"{r['per_s']:,.0f}", f"{r['total']:,}", _us(r["p50_ns"]), _us(r["p99_ns"]),
+        )  # fmt: skip
+    parts: list[Any] = [t]
+    # The busiest timed reasons as log2 histograms, like bcc's print_log2_hist.
+    groups = (
+        hist.group_by(HIST_KEYS).agg(pl.col("count").sum()).sort("count", descending=True).head(3)
+    )
+    for g in groups.iter_rows(named=True):
+        rows = hist.filter(
+            (pl.col("pid") == g["pid"])
+            & (pl.col("kind") == g["kind"])
+            & (pl.col("reason") == g["reason"])
+        )
+        peak = max(rows["count"].max() or 1, 1)
+        parts.append(
+            Text(
+                f"\n{KIND_NAMES[g['kind']]} time, pid {g['pid']}, "
+                f"{reason_names.get((g['kind'], g['reason']), g['reason'])} ({g['count']:,} timed):"
+            )
+        )
+        for slot, n in rows.select("slot", "count").iter_rows():
+            lo, hi = (1 << slot), (1 << (slot + 1))
+            bar = "█" * max(1, round(30 * n / peak))
+            parts.append(Text(f"  {lo:>10,} -> {hi:<10,} ns {n:>10,} {bar}"))
+    return Group(*parts)
+
+
+CSV_COLUMNS = [
+    "time_s",
+    "pid",
+    "vm",
+    "event_name",
+    "reason",
+    "reason_name",
+    "count",
+    "per_s",
+    "p50_ns",
+    "p99_ns",
+]
+
+
+def run(
+    console: Console,
+    *,
+    interval_s: float = 1.0,
+    csv: bool = False,
+    once: bool = False,
+    pids: list[int] | None = None,
+) -> None:
+    """The live loop: refresh every ``interval_s`` until Ctrl-C / SIGTERM (or once)."""
+    stop = threading.Event()
+    old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    tables = s.load_reason_tables(prefer_host=True)
+    isa = host_facts()["isa"]
+    started = time.monotonic()
+    header_done = False
+    try:
+        with Stat(pids) as st:
+            prev = st.snapshot()
+            # On stderr, so CSV on stdout stays clean; scripts can wait for this line.
+            print(
+                f"vtrace stat: attached {len(st.attached)} tracepoints; first refresh in {interval_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            while True:
+                try:
+                    if stop.wait(interval_s):
+                        break
+                except KeyboardInterrupt:
+                    break
+                cur = st.snapshot()
+                counts, hist = interval_view(prev, cur, interval_s)
+                prev = cur
+                counts = _names(counts, tables, isa)
+                elapsed = time.monotonic() - started
+                if csv:
+                    rows = counts.with_columns(time_s=pl.lit(round(elapsed, 3))).select(CSV_COLUMNS)
+                    sys.stdout.write(rows.write_csv(include_header=not header_done))
+                    sys.stdout.flush()
+                    header_done = True
+                else:
+                    if not once:
+                        console.clear()
+                    names = {
+                        (KIND_EXIT if ev == EVENT_IDS[s.KVM_EXIT] else KIND_USERSPACE, r): n
+                        for ev, r, n in counts.select("event", "reason", "reason_name")
+                        .unique()
+                        .iter_rows()
+                    }
+                    console.print(table_view(counts, hist, interval_s, elapsed, names))
+                if once:
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, old_term)

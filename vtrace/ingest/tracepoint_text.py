@@ -1,0 +1,346 @@
+"""Text output of kernel tracepoints (ftrace, trace-cmd, perf script) into the events table.
+
+Every format here is a per-line header (task, thread, CPU, timestamp, event name) followed
+by the tracepoint's own text. Lines with tracefs' fixed-width header are read by
+:func:`split_fast` (the header from the file's bytes, :mod:`vtrace.ingest.tracefs_layout`);
+every other line is cut apart with searches and slices over the whole column
+(:func:`split_lines`). The payloads are then parsed once per event name with that
+tracepoint's pattern (:mod:`vtrace.ingest.kvm_payloads`). Lines that are neither events,
+nor comments, nor lost-event markers are counted as unparsed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from vtrace import schema as s
+from vtrace.errors import VtraceError
+from vtrace.ingest.kvm_payloads import PAYLOADS, field
+from vtrace.ingest.textlines import (
+    TextLines,
+    check_truncated,
+    check_unparsed,
+    first_line_numbers,
+    read_text_lines,
+)
+from vtrace.ingest.tracefs_layout import tracefs_header
+
+NS_PER_S = 1_000_000_000
+MAX_SECONDS = (2**63 - 1) // NS_PER_S
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """How one text format writes its lines: ``HEAD[CPU] ... TIMESTAMP: EVENT: PAYLOAD``.
+
+    ``stamp`` finds where the timestamp starts and checks what follows it (no groups: a
+    plain search is cheap); the line is cut there into HEAD and REST. In HEAD, the thread
+    id (``tid``, first group) and, where the format has it, the process id (``pid``) end
+    the text before ``[CPU]``, so a task name with spaces or dashes needs no group. In REST
+    the timestamp ends at the first colon and the event name at the next ": ";
+    ``system_prefix`` says the name is written ``SYSTEM:EVENT`` (perf). ``ignore`` matches
+    lines that carry no event and are not a problem (comments, banners); ``lost`` matches
+    lost-event markers with the number lost in its first group.
+    """
+
+    name: str
+    stamp: str
+    tid: str
+    pid: str | None
+    system_prefix: bool
+    ignore: str
+    lost: str | None
+    clock: str
+    # Lines may have the fixed-width header of tracefs (:func:`split_fast` reads those).
+    tracefs_layout: bool = False
+
+
+CPU_FIELD = r"\[\d+\]"
+# A window long enough for most event names (a longer one goes the general way).
+NAME_WINDOW = 64
+EVENT_NAME = re.compile(r"\w+", re.ASCII)
+
+
+def split_fast(text: TextLines) -> tuple[pl.DataFrame | None, pl.DataFrame]:
+    """Event lines with the tracefs layout (:mod:`vtrace.ingest.tracefs_layout`).
+
+    Returns ``(events, rest)``: the columns of :func:`split_lines` (without ``line``) for
+    the lines of that layout, and ``lineno``/``line`` of every other line, for the general
+    path. The header comes from the bytes; the event name and the text from two slices of
+    each line. The checks are those of the general patterns (the first ``[`` starts the
+    CPU field, the timestamp ends at the first ``": "``, then a word, a colon and a blank
+    or the end of the line), so both paths give the same result for these lines.
+    """
+    lines = text.lines
+    if text.starts is None:
+        return None, lines
+    line = pl.col("line")
+    # Slices count characters, the header bytes: only ASCII lines here.
+    ascii_line = (
+        pl.lit(True) if text.data.isascii() else line.str.len_bytes() == line.str.len_chars()
+    )
+    pos = lines.select(
+        b=line.str.find("[", literal=True),
+        c1=line.str.find(": ", literal=True),
+        ascii=ascii_line,
+    )
+    bracket, colon = pos.get_column("b"), pos.get_column("c1")
+    usable = bracket.is_not_null() & colon.is_not_null() & pos.get_column("ascii")
+    head = tracefs_header(
+        text.data,
+        text.starts,
+        bracket.fill_null(0).to_numpy(),
+        colon.fill_null(0).to_numpy(),
+        usable.to_numpy(),
+    )
+    c1, name_text, name_end = pl.col("c1"), pl.col("name_text"), pl.col("name_end")
+    df = lines.with_columns(c1=colon, name_text=line.str.slice(colon + 2, NAME_WINDOW))
+    df = df.with_columns(name_end=name_text.str.find(":", literal=True))
+    df = df.with_columns(
+        event=name_text.str.slice(0, name_end).cast(pl.Categorical),
+        # A blank, or the end of the line (not just of the window), after the name's colon.
+        name_next=(name_text.str.slice(name_end + 1, 1) == " ")
+        | (c1 + 3 + name_end == line.str.len_bytes()),
+        payload=line.str.slice(c1 + 3 + name_end).str.strip_chars(),
+        ts_ns=pl.Series(head.ts_ns),
+        pid=pl.lit(None, pl.Int32),
+        tid=pl.Series(head.tid).cast(pl.Int32),
+        cpu=pl.Series(head.cpu).cast(pl.Int16),
+        ok=pl.Series(head.ok),
+    )
+    # Event names are few: check each once, not once per line.
+    names = df.get_column("event").unique().drop_nulls().cast(pl.String).to_list()
+    bad = [n for n in names if not EVENT_NAME.fullmatch(n)]
+    fast = pl.col("ok") & pl.col("name_next")
+    if bad:
+        fast &= ~pl.col("event").cast(pl.String).is_in(bad)
+    df = df.with_columns(fast=fast.fill_null(False))
+    events = df.filter("fast").select("lineno", "payload", "ts_ns", "pid", "tid", "cpu", "event")
+    rest = df.filter(~pl.col("fast")).select("lineno", "line")
+    return events, rest
+
+
+def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
+    """Add ``event``, ``ts_ns``, ``pid``, ``tid``, ``cpu`` and ``payload`` to every line.
+
+    Only searches, slices and short end-anchored extractions: each costs a fraction of a
+    capturing regular expression over the whole line. ``event`` is null for lines that are
+    not events.
+    """
+    line = pl.col("line")
+    at = line.str.find(fmt.stamp)
+    bracket = line.str.find(CPU_FIELD)
+    # One lazy query: polars runs independent expressions in parallel and computes shared
+    # ones once. Long strings are sliced as few times as possible; short fields are cut
+    # from short windows.
+    cut = lines.lazy().with_columns(
+        at=at,
+        pre=line.str.slice(0, bracket).str.strip_chars_end(),
+        cpu_text=line.str.slice(bracket + 1, 12),
+        window=line.str.slice(at, 40),
+    )
+    # The timestamp ends at the first colon after `at` (a timestamp is at most 30 chars).
+    colon = pl.col("at") + pl.col("window").str.find(":", literal=True)
+    cut = cut.with_columns(
+        stamp=line.str.slice(pl.col("at"), colon - pl.col("at")).str.strip_chars_start(),
+        after=line.str.slice(colon + 1).str.strip_chars_start(),
+    )
+    pre, stamp, after = pl.col("pre"), pl.col("stamp"), pl.col("after")
+    cpu_text = pl.col("cpu_text")
+    dot = stamp.str.find(".", literal=True)
+    # The event name ends at ": ", or at the end of a line with an empty payload.
+    name_end = pl.coalesce(after.str.find(": ", literal=True), after.str.len_chars() - 1)
+    cut = cut.with_columns(
+        token=after.str.slice(0, name_end),
+        payload=after.str.slice(name_end + 1).str.strip_chars(),
+        sec=pl.when(dot.is_null()).then(stamp).otherwise(stamp.str.slice(0, dot)),
+        frac=stamp.str.slice(dot + 1),
+    )
+    token = pl.col("token")
+    if fmt.system_prefix:
+        token = token.str.slice(token.str.find(":", literal=True) + 1)
+    frac = pl.col("frac")
+    sec = pl.col("sec").str.to_integer(dtype=pl.Int64, strict=False)
+    # Seconds that would overflow Int64 nanoseconds are not a timestamp (the line is unparsed).
+    sec = pl.when(sec < MAX_SECONDS).then(sec)
+    frac_ns = frac.str.pad_end(9, "0").str.slice(0, 9).str.to_integer(dtype=pl.Int64, strict=False)
+    tid = pre.str.extract(fmt.tid, 1).str.to_integer(dtype=pl.Int32, strict=False)
+    cpu = cpu_text.str.slice(0, cpu_text.str.find("]", literal=True))
+    cpu = cpu.str.to_integer(dtype=pl.Int16, strict=False)
+    pid = pre.str.extract(fmt.pid, 1) if fmt.pid else pl.lit(None, pl.String)
+    cut = cut.with_columns(
+        event=token,
+        # Seconds with up to 9 decimals -> ns exactly (no float on the way); an integer
+        # timestamp (counter clocks) is kept as it is.
+        ts_ns=pl.when(frac.is_null()).then(sec).otherwise(sec * NS_PER_S + frac_ns),
+        pid=pid.str.to_integer(dtype=pl.Int32, strict=False),
+        tid=tid,
+        cpu=cpu,
+    )
+    whole = pl.all_horizontal(pl.col("tid", "cpu", "ts_ns").is_not_null())
+    return cut.select(
+        "lineno",
+        "line",
+        "payload",
+        "ts_ns",
+        "pid",
+        "tid",
+        "cpu",
+        event=pl.when(whole).then("event"),
+    ).collect()
+
+
+# Columns that come from the line's header, not from the tracepoint's text.
+HEADER_COLUMNS = ("ts_ns", "event", "pid", "tid", "cpu")
+PAYLOAD_COLUMNS = tuple(c for c in s.COLUMNS if c not in (*HEADER_COLUMNS, "source", "raw"))
+
+
+def parse_event_lines(events: pl.DataFrame) -> pl.DataFrame:
+    """Event lines (``lineno``, ``payload`` and the header columns, in line order) -> rows.
+
+    The payload of each event name is parsed with that event's pattern, for all its lines at
+    once; the event names are independent queries that polars runs in parallel. Each yields
+    only its own numeric and name columns plus ``ok`` (the text matched) and ``keep`` (the
+    text goes to ``raw``); putting them back in line order moves those narrow columns, and
+    the wide ones (header, ``raw``) never leave their place. A payload that does not match
+    is kept whole in ``raw`` with ``ok`` false.
+    """
+    # One pass splits the lines by event name.
+    by_name = events.select("lineno", "event", "payload").partition_by(
+        "event", as_dict=True, include_key=False
+    )
+    parts: list[pl.LazyFrame] = []
+    other: list[pl.LazyFrame] = []
+    for (name,), lines in by_name.items():
+        spec = PAYLOADS.get(name)
+        if spec is None:
+            other.append(lines.lazy())
+            continue
+        by_pattern = pl.col("payload").str.extract_groups(f"^{spec.pattern}")
+        part = lines.lazy()
+        if spec.quick is None:
+            part = part.with_columns(f=by_pattern)
+        else:
+            part = part.with_columns(f=pl.col("payload").str.extract_groups(f"^{spec.quick}"))
+            quick = field(spec.required).is_not_null()
+            part = pl.concat([part.filter(quick), part.filter(~quick).with_columns(f=by_pattern)])
+        if spec.lookup is not None:
+            group, table = spec.lookup
+            part = part.join(table().lazy(), left_on=field(group), right_on="key", how="left")
+        ok = field(spec.required).is_not_null()
+        parts.append(
+            part.select(
+                "lineno",
+                ok.alias("ok"),
+                (pl.lit(spec.keep_raw) | ~ok).alias("keep"),
+                *[
+                    expr.cast(s.EVENTS_SCHEMA[c], strict=False).alias(c)
+                    for c, expr in spec.columns().items()
+                ],
+            )
+        )
+    # Events with no pattern: every column null, the text in raw.
+    parts += [lines.select("lineno", ok=pl.lit(True), keep=pl.lit(True)) for lines in other]
+    parsed = pl.concat(parts, how="diagonal").sort("lineno")
+    have = parsed.collect_schema().names()
+    parsed = parsed.select(
+        "ok",
+        "keep",
+        *[
+            pl.col(c) if c in have else pl.lit(None, s.EVENTS_SCHEMA[c]).alias(c)
+            for c in PAYLOAD_COLUMNS
+        ],
+    )
+    header = events.lazy().select("lineno", *HEADER_COLUMNS, "payload")
+    return (
+        pl.concat([header, parsed], how="horizontal")
+        .with_columns(raw=pl.when("keep").then("payload"))
+        .drop("payload", "keep")
+        .collect()
+    )
+
+
+def event_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(events, rest)``: the split event lines in line order, and the other lines."""
+    fast, rest = split_fast(text) if fmt.tracefs_layout else (None, text.lines)
+    if fast is not None and rest.height == 0:
+        return fast, rest
+    general = split_lines(rest, fmt)
+    is_event = pl.col("event").is_not_null()
+    events = (
+        general.filter(is_event).drop("line").with_columns(pl.col("event").cast(pl.Categorical))
+    )
+    rest = general.filter(~is_event).select("lineno", "line")
+    if fast is not None and events.height:
+        events = pl.concat([fast, events]).sort("lineno")
+    elif fast is not None:
+        events = fast
+    return events, rest
+
+
+def read_tracepoint_text(
+    fmt: LineFormat, path: str | Path, *, strict: bool = False
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Parse one text file of tracepoint lines into an events frame and its meta."""
+    p = Path(path)
+    text = read_text_lines(p)
+    lines, ends_in_newline = text.lines, text.ends_in_newline
+    total = lines.height
+    line = pl.col("line")
+    events, rest = event_lines(text, fmt)
+    parsed = parse_event_lines(events) if events.height else None
+
+    is_ignored = line.str.contains(fmt.ignore)
+    ignored = rest.filter(is_ignored).height
+    rest = rest.filter(~is_ignored)
+    lost_events = 0
+    if fmt.lost is not None:
+        lost_n = line.str.extract(fmt.lost, 1).cast(pl.Int64, strict=False)
+        lost_events = int(rest.select(lost_n.sum()).item() or 0)
+        rest = rest.filter(lost_n.is_null())
+
+    if parsed is None or parsed.height == 0:
+        first = first_line_numbers(rest, 1)
+        where = f"{p}:{first[0]}" if first else str(p)
+        raise VtraceError(f"{where}: no {fmt.name} events in this file (is it {fmt.name} output?)")
+    meta = check_unparsed(
+        p, rest, strict=strict, ends_in_newline=ends_in_newline, total_lines=total, what=fmt.name
+    )
+    malformed = parsed.filter(~pl.col("ok"))
+    check_truncated(p, malformed, ends_in_newline=ends_in_newline, total_lines=total, what=fmt.name)
+    if strict and malformed.height:
+        first = int(malformed.get_column("lineno")[0])
+        raise VtraceError(
+            f"{p}:{first}: {malformed.get_column('event')[0]} text does not match its format "
+            f"({malformed.height} such lines)"
+        )
+    # Decided once per event name, then looked up per line.
+    names = parsed.get_column("event").unique().cast(pl.String).to_list()
+    kvm = pl.col("event").is_in([n for n in names if n.startswith("kvm")])
+    frame = s.conform(
+        parsed.with_columns(
+            source=pl.when(kvm)
+            .then(pl.lit(s.SOURCE_KVM, pl.Categorical))
+            .otherwise(pl.lit("kernel", pl.Categorical))
+        ).drop("lineno", "ok")
+    )
+    s.validate(frame, where=str(p))
+    meta.update(
+        {
+            "importer": fmt.name,
+            "source_files": [str(p.resolve())],
+            "lines": total,
+            "events": frame.height,
+            "ignored_lines": ignored,
+            "lost_events": lost_events,
+            "malformed": malformed.height,
+            "malformed_first_lines": first_line_numbers(malformed),
+            "clock": fmt.clock,
+        }
+    )
+    return frame, meta

@@ -1,0 +1,162 @@
+"""The emulated device: a legacy-style register file the VMM emulates in user space.
+
+The guest programs a request through three PIO writes (buffer address, length, command)
+and reads a status register; each access is a ``KVM_EXIT_IO`` handled here, in the vCPU
+thread, as QEMU handles an emulated IDE or e1000 register. The command does the request's
+work synchronously: it writes ``length`` bytes into guest memory at the address (a device
+DMA-ing data in), so the status read that follows always finds the request done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import polars as pl
+
+from vtrace import schema
+from vtrace.errors import VtraceError
+from vtrace.lab import layout as L
+from vtrace.lab.result import (
+    DEVICE_NAMES,
+    LabResult,
+    events_frame,
+    latency_summary,
+    reason_names,
+)
+from vtrace.lab.vmm import Vm, guest_program
+
+# Register accesses per request: ADDR, LEN, CMD writes and the STATUS read.
+ACCESSES_PER_REQUEST = 4
+
+
+class RegisterFileDevice:
+    """The device model behind PORT_DEV_ADDR/LEN/CMD/STATUS, with its own event record.
+
+    Per request it keeps three CLOCK_MONOTONIC timestamps: the first register access
+    (``start_ns``), the command write (``pop_ns``, where the work starts) and the status
+    read (``complete_ns``).
+    """
+
+    def __init__(self, vm: Vm) -> None:
+        self.memory = np.frombuffer(vm.memory, dtype=np.uint8)
+        self.addr = 0
+        self.length = 0
+        self.status = 0
+        self.start_ns: list[int] = []
+        self.pop_ns: list[int] = []
+        self.pop_addr: list[int] = []
+        self.pop_bytes: list[int] = []
+        self.complete_ns: list[int] = []
+        vm.out_handlers[L.PORT_DEV_ADDR] = self.write_addr
+        vm.out_handlers[L.PORT_DEV_LEN] = self.write_len
+        vm.out_handlers[L.PORT_DEV_CMD] = self.write_cmd
+        vm.in_handlers[L.PORT_DEV_STATUS] = self.read_status
+
+    def write_addr(self, value: int) -> None:
+        self.start_ns.append(time.monotonic_ns())
+        self.addr = value
+        self.status = 0
+
+    def write_len(self, value: int) -> None:
+        self.length = value
+
+    def write_cmd(self, value: int) -> None:
+        self.pop_ns.append(time.monotonic_ns())
+        if value != L.DEV_CMD_READ or self.addr + self.length > self.memory.size:
+            self.status = 0  # a bad command or buffer: the guest sees a failed status
+            self.pop_addr.append(self.addr)
+            self.pop_bytes.append(0)
+            return
+        # The request's work: fill the buffer, tagged with the request's sequence number.
+        self.memory[self.addr : self.addr + self.length] = len(self.pop_ns) & 0xFF
+        self.pop_addr.append(self.addr)
+        self.pop_bytes.append(self.length)
+        self.status = L.DEV_STATUS_DONE
+
+    def read_status(self) -> int:
+        self.complete_ns.append(time.monotonic_ns())
+        return self.status
+
+    def release(self) -> None:
+        """Drop the view of guest memory so the VM can unmap it."""
+        del self.memory
+
+
+def run_emulated(requests: int, request_bytes: int, timeout_s: float) -> LabResult:
+    """Run the emulated-device guest: one buffer, one request at a time."""
+    pid = os.getpid()
+    data_addr = L.RING_BASE
+    with Vm(data_addr + request_bytes) as vm:
+        vm.load(guest_program("emulated"))
+        for offset, value in {
+            L.P_REQUESTS: requests,
+            L.P_REQUEST_BYTES: request_bytes,
+            L.P_DATA: data_addr,
+        }.items():
+            vm.write_u32(L.PARAM_BASE + offset, value)
+        device = RegisterFileDevice(vm)
+        done = vm.stop_on(L.PORT_DONE, L.PORT_STALL)
+        t0 = time.monotonic_ns()
+        try:
+            vm.run(timeout_s)
+        finally:
+            device.release()
+        t1 = time.monotonic_ns()
+        completed = vm.read_u32(L.PARAM_BASE + L.R_COMPLETED)
+        exits, reasons = vm.userspace_exits, dict(vm.exit_reasons)
+        tid = vm.vcpu_tid
+    if done != [0] or completed != requests:
+        raise VtraceError(
+            f"emulated guest stopped early: {completed} of {requests} requests completed"
+        )
+    start = np.asarray(device.start_ns, dtype=np.int64)
+    pop = np.asarray(device.pop_ns, dtype=np.int64)
+    complete = np.asarray(device.complete_ns, dtype=np.int64)
+    seq = np.arange(requests, dtype=np.uint64)
+    name = DEVICE_NAMES["emulated"]
+    events = pl.concat(
+        [
+            events_frame(
+                event=schema.LAB_POP,
+                ts_ns=pop,
+                pid=pid,
+                tid=tid,
+                device=name,
+                addr=np.asarray(device.pop_addr),
+                size=np.asarray(device.pop_bytes),
+                value=seq,
+            ),
+            events_frame(
+                event=schema.LAB_COMPLETE,
+                ts_ns=complete,
+                pid=pid,
+                tid=tid,
+                device=name,
+                count=np.ones(requests),
+                value=seq + 1,
+            ),
+        ]
+    ).sort("ts_ns", maintain_order=True)
+    duration_s = (t1 - t0) / 1e9
+    return LabResult(
+        pid=pid,
+        device="emulated",
+        requests=requests,
+        batch=1,
+        ring_size=1,
+        request_bytes=request_bytes,
+        wait="poll",
+        duration_s=duration_s,
+        requests_per_s=requests / duration_s,
+        userspace_exits=exits,
+        kicks=0,
+        guest_kicks=0,
+        kicks_suppressed=0,
+        interrupts=0,
+        completed=completed,
+        latency_ns=latency_summary(complete - start),
+        exit_reasons=reason_names(reasons),
+        events=events,
+    )

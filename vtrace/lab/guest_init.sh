@@ -1,0 +1,165 @@
+#!/bin/sh
+# /init of the vtrace QEMU guest (busybox sh as PID 1).
+#
+# Loads the device's driver modules in the order listed in /etc/vtrace/modules, runs one
+# workload between console markers and powers off. The host side (vtrace.lab.qemu) reads
+# the markers on the serial console: after "vtrace-guest: ready" it switches QEMU's trace
+# events on and answers with a line; the guest then prints "start", runs the workload,
+# prints "end status=N" and waits for a second line (events off) before powering off, so
+# the traced window holds the workload and nothing else.
+#
+# Parameters come from the kernel command line: vtrace_op=read|write|ping,
+# vtrace_requests=N, vtrace_bytes=N, vtrace_qd=N, vtrace_submit=batch|streams.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+say() { echo "vtrace-guest: $*"; }
+# The host's answers must not echo into the middle of a marker line.
+stty -echo 2>/dev/null
+die() {
+    say "error: $*"
+    poweroff -f
+}
+
+for m in $(cat /etc/vtrace/modules); do
+    insmod "/lib/modules/$m" || say "insmod $m failed"
+done
+
+op=read
+requests=32
+bytes=4096
+qd=1
+submit=streams
+for kv in $(cat /proc/cmdline); do
+    # Only digits and letters reach the variables: the values are used in arithmetic.
+    case "$kv" in
+        vtrace_op=read | vtrace_op=write | vtrace_op=ping) op=${kv#*=} ;;
+        vtrace_requests=[0-9]*) requests=${kv#*=} ;;
+        vtrace_bytes=[0-9]*) bytes=${kv#*=} ;;
+        vtrace_qd=[0-9]*) qd=${kv#*=} ;;
+        vtrace_submit=streams | vtrace_submit=batch) submit=${kv#*=} ;;
+    esac
+done
+
+# wait_for PATH...: wait up to 10 s until one of the paths exists; print it.
+wait_for() {
+    n=0
+    while [ $n -lt 200 ]; do
+        for p in "$@"; do
+            [ -e "$p" ] && echo "$p" && return 0
+        done
+        usleep 50000
+        n=$((n + 1))
+    done
+    return 1
+}
+
+# The guest's own interrupt count for the device under test, from /proc/interrupts
+# (IDE: ata_piix, virtio: the virtqueue vectors, e1000: eth0).
+device_interrupts() {
+    awk '/ata_piix|virtio[0-9]+-(req|input|output)|eth0/ {
+        for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i
+    }
+    END { print n + 0 }' /proc/interrupts
+}
+
+# The IOAPIC pins of the device's legacy interrupt lines (IDE, e1000), comma-separated:
+# /proc/interrupts shows them as "14-edge" / "10-fasteoi" on IO-APIC lines.
+ioapic_pins() {
+    awk '/IO-APIC/ && /ata_piix|eth0/ {
+        for (i = 2; i <= NF; i++)
+            if ($i ~ /^[0-9]+-(edge|fasteoi|level)$/) {
+                split($i, a, "-")
+                printf "%s%s", sep, a[1]
+                sep = ","
+            }
+    }
+    END { print "" }' /proc/interrupts
+}
+
+if [ "$op" = ping ]; then
+    wait_for /sys/class/net/eth0 >/dev/null || die "no eth0 (driver did not bind)"
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.0.2.15/24 dev eth0
+    # QEMU's user network answers echo requests to its gateway itself: the traffic stays
+    # inside QEMU. One warm-up exchange resolves ARP before the traced window.
+    # The link may still be negotiating: try for up to 30 s.
+    n=0
+    until ping -c 1 -W 3 10.0.2.2 >/dev/null 2>&1; do
+        n=$((n + 1))
+        [ $n -lt 10 ] || die "no echo reply from 10.0.2.2"
+    done
+else
+    disk=$(wait_for /dev/vda /dev/sda) || die "no disk (/dev/vda or /dev/sda) appeared"
+    blk=${disk#/dev/}
+    say "info disk=$disk"
+    if [ "$submit" = batch ]; then
+        # No scheduler: a plugged batch goes to the driver as one list (one kick).
+        echo none >/sys/block/$blk/queue/scheduler
+        if [ "$qd" -gt 1 ]; then
+            echo $((bytes / 1024)) >/sys/block/$blk/queue/max_sectors_kb ||
+                die "cannot limit requests to $bytes bytes (max_sectors_kb)"
+        fi
+    fi
+    say "info scheduler=$(cat /sys/block/$blk/queue/scheduler)"
+    # One warm-up request: the first access pays for one-time driver work.
+    dd if="$disk" of=/dev/null bs="$bytes" count=1 iflag=direct 2>/dev/null ||
+        die "warm-up read of $disk failed"
+fi
+
+say "info ioapic_pins=$(ioapic_pins)"
+say ready
+read -r _go
+irq_before=$(device_interrupts)
+say start
+status=0
+if [ "$op" = ping ]; then
+    # -A: send the next request as soon as the reply arrives (one packet in flight).
+    ping -q -A -c "$requests" -s "$bytes" 10.0.2.2 >/tmp/ping.out 2>&1 || status=1
+elif [ "$submit" = batch ]; then
+    # One O_DIRECT stream of qd*bytes transfers; the block layer splits each transfer into
+    # qd requests of $bytes (max_sectors_kb) and submits them together under one plug.
+    # skip/seek=1: the first transfer-sized block holds the warm-up read.
+    if [ "$op" = read ]; then
+        dd if="$disk" of=/dev/null bs=$((bytes * qd)) count=$((requests / qd)) iflag=direct \
+            skip=1 2>/dev/null || status=1
+    else
+        dd if=/dev/zero of="$disk" bs=$((bytes * qd)) count=$((requests / qd)) oflag=direct \
+            seek=1 conv=notrunc 2>/dev/null || status=1
+    fi
+else
+    # qd concurrent O_DIRECT streams over disjoint ranges; together they issue $requests.
+    per=$((requests / qd))
+    extra=$((requests % qd))
+    offset=1 # block 0 was read by the warm-up
+    pids=
+    i=0
+    while [ $i -lt "$qd" ]; do
+        count=$per
+        [ $i -lt $extra ] && count=$((count + 1))
+        if [ "$op" = read ]; then
+            dd if="$disk" of=/dev/null bs="$bytes" count=$count skip=$offset iflag=direct \
+                2>/dev/null &
+        else
+            dd if=/dev/zero of="$disk" bs="$bytes" count=$count seek=$offset oflag=direct \
+                conv=notrunc 2>/dev/null &
+        fi
+        pids="$pids $!"
+        offset=$((offset + count))
+        i=$((i + 1))
+    done
+    for p in $pids; do
+        wait "$p" || status=1
+    done
+fi
+irq_after=$(device_interrupts)
+say "info guest_interrupts=$((irq_after - irq_before))"
+[ "$op" = ping ] && say "info ping=$(grep -o '[0-9]* packets received' /tmp/ping.out)"
+say "end status=$status"
+read -r _done
+poweroff -f

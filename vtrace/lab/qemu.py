@@ -1,0 +1,753 @@
+"""Real Linux guests under QEMU: emulated vs virtio devices, traced with QEMU's own events.
+
+:func:`run_qemu_lab` boots the distribution's kernel with an initramfs built by
+:mod:`vtrace.lab.initramfs`, attaches one device (``ide``, ``virtio-blk``, ``e1000`` or
+``virtio-net``) and runs one workload in the guest: direct-I/O block reads or writes at a
+queue depth, or echo requests to the gateway of QEMU's user network. QEMU's ``log`` trace
+backend writes the events (``-D file``, ``-msg timestamp=on``); they are switched on over
+QMP only between the guest's ``start`` and ``end`` console markers, so every counted event
+belongs to the workload. The log is imported into a trace directory and summarised per
+request (:func:`summarize`).
+
+Under TCG every guest access to a device register reaches QEMU as a
+``memory_region_ops_read``/``write`` on that device's region: under KVM each of those is an
+exit. The summary reports them as *trapping accesses per request*: accesses that would
+exit under KVM, counted under TCG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from vtrace import schema as s
+from vtrace.errors import VtraceError
+from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
+from vtrace.store import Trace, write_trace
+
+QEMU_BINARY = "qemu-system-x86_64"
+DEVICES = tuple(DEVICE_MODULES)
+BLOCK_DEVICES = ("ide", "virtio-blk")
+NET_DEVICES = ("e1000", "virtio-net")
+
+# Region names QEMU gives each device's register banks (seen in memory_region_ops_* events).
+# The MSI-X table and PBA are shared names; they belong to the device under test because it
+# is the only MSI-X capable device in the guest.
+DEVICE_REGIONS: dict[str, tuple[str, ...]] = {
+    "ide": ("ide", "piix-bmdma", "bmdma"),
+    "virtio-blk": (
+        "virtio-pci-common-virtio-blk",
+        "virtio-pci-isr-virtio-blk",
+        "virtio-pci-device-virtio-blk",
+        "virtio-pci-notify-virtio-blk",
+        "virtio-pci-notify-pio-virtio-blk",
+        "msix-table",
+        "msix-pba",
+    ),
+    "e1000": ("e1000-mmio", "e1000-io"),
+    "virtio-net": (
+        "virtio-pci-common-virtio-net",
+        "virtio-pci-isr-virtio-net",
+        "virtio-pci-device-virtio-net",
+        "virtio-pci-notify-virtio-net",
+        "virtio-pci-notify-pio-virtio-net",
+        "msix-table",
+        "msix-pba",
+    ),
+}
+
+# Events switched on for the workload window. memory_region_ops_* cover every region of
+# the machine (timer, serial console, ...); the import keeps the device's regions only.
+COMMON_EVENTS = ("memory_region_ops_read", "memory_region_ops_write", "ioapic_set_irq")
+VIRTIO_EVENTS = (
+    "virtio_queue_notify",
+    "virtqueue_pop",
+    "virtqueue_fill",
+    "virtqueue_flush",
+    "virtio_notify",
+    "virtio_notify_irqfd",
+)
+DEVICE_EVENTS: dict[str, tuple[str, ...]] = {
+    "ide": ("ide_exec_cmd", "ide_dma_cb", "ide_sector_read", "ide_sector_write"),
+    "virtio-blk": (
+        *VIRTIO_EVENTS,
+        "virtio_blk_handle_read",
+        "virtio_blk_handle_write",
+        "virtio_blk_rw_complete",
+        "virtio_blk_req_complete",
+    ),
+    "e1000": (),
+    "virtio-net": VIRTIO_EVENTS,
+}
+
+_MARK = "vtrace-guest: "
+_CONSOLE_TAIL = 15
+
+
+@dataclass(frozen=True)
+class QemuLabConfig:
+    """One guest run: which device, which workload, how long it may take."""
+
+    device: str = "virtio-blk"
+    requests: int = 64
+    request_bytes: int = 4096
+    queue_depth: int = 1
+    write: bool = False
+    submit: str = "batch"  # batch: queue_depth requests per plug; streams: concurrent dd
+    accel: str = "auto"  # auto | kvm | tcg
+    kernel: str | None = None  # path to a vmlinuz; default: the newest in /boot
+    vhost: bool = False  # virtio-net with vhost-net (needs /dev/vhost-net and KVM)
+    memory_mib: int = 256
+    timeout_s: float = 180.0  # hard limit for the whole run, boot included
+    qemu: str = QEMU_BINARY
+
+    def check(self) -> None:
+        """Raise :class:`VtraceError` naming the first bad option."""
+        if self.device not in DEVICES:
+            raise VtraceError(f"--device {self.device!r}: one of {', '.join(DEVICES)}")
+        if self.requests < 1 or self.requests > 1_000_000:
+            raise VtraceError(f"--requests {self.requests}: between 1 and 1000000")
+        if self.device in BLOCK_DEVICES:
+            if self.request_bytes < 512 or self.request_bytes % 512:
+                raise VtraceError(
+                    f"--request-bytes {self.request_bytes}: a multiple of 512 (direct I/O)"
+                )
+            if self.request_bytes > 1 << 20:
+                raise VtraceError(f"--request-bytes {self.request_bytes}: at most 1048576")
+            if not 1 <= self.queue_depth <= 256:
+                raise VtraceError(f"--queue-depth {self.queue_depth}: between 1 and 256")
+            if self.queue_depth > self.requests:
+                raise VtraceError(
+                    f"--queue-depth {self.queue_depth}: more than --requests {self.requests}"
+                )
+            if self.submit not in ("batch", "streams"):
+                raise VtraceError(f"--submit {self.submit!r}: one of batch, streams")
+            if self.submit == "batch" and self.queue_depth > 1:
+                # The guest splits each transfer into requests of max_sectors_kb (>= 4 KiB).
+                if self.request_bytes % 4096:
+                    raise VtraceError(
+                        f"--request-bytes {self.request_bytes}: a multiple of 4096 with "
+                        "--submit batch and --queue-depth above 1"
+                    )
+                if self.requests % self.queue_depth:
+                    raise VtraceError(
+                        f"--requests {self.requests}: a multiple of --queue-depth "
+                        f"{self.queue_depth} with --submit batch"
+                    )
+        else:
+            if not 1 <= self.request_bytes <= 65000:
+                raise VtraceError(
+                    f"--request-bytes {self.request_bytes}: echo payload between 1 and 65000"
+                )
+            if self.queue_depth != 1:
+                raise VtraceError("--queue-depth applies to block devices only")
+            if self.write:
+                raise VtraceError("--write applies to block devices only")
+        if self.vhost and self.device != "virtio-net":
+            raise VtraceError("--vhost applies to --device virtio-net only")
+        if self.vhost:
+            if not os.path.exists("/dev/vhost-net"):
+                raise VtraceError("--vhost: no /dev/vhost-net on this host (modprobe vhost_net)")
+            # vhost-net serves only a tap back end, which needs a host interface.
+            raise VtraceError("--vhost: needs a tap back end, which this lab does not set up")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise VtraceError(f"--accel {self.accel!r}: one of auto, kvm, tcg")
+        if not 1 <= self.timeout_s <= 3600:
+            raise VtraceError(f"--timeout {self.timeout_s}: between 1 and 3600 seconds")
+
+
+@dataclass
+class GuestRun:
+    """What one QEMU run produced besides its trace log."""
+
+    accel: str
+    accel_reason: str
+    qemu_version: str
+    kernel: str
+    command: list[str]
+    guest_info: dict[str, str] = field(default_factory=dict)
+    window_wall_s: float = 0.0  # host time between switching events on and off
+    boot_s: float = 0.0  # QEMU start to the guest's ready marker
+    console_tail: list[str] = field(default_factory=list)
+    qemu_pid: int | None = None
+
+
+def choose_accel(requested: str = "auto") -> tuple[str, str]:
+    """``(accel, reason)``: KVM when it can run a Linux guest at speed, TCG otherwise.
+
+    KVM needs a read-write ``/dev/kvm`` and hardware virtualisation (``vmx`` or ``svm`` in
+    /proc/cpuinfo). A KVM without them (a software KVM that emulates every guest
+    instruction) works but is far too slow to boot Linux, so ``auto`` picks TCG there.
+    """
+    kvm_problem = None
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        kvm_problem = "no read-write /dev/kvm"
+    else:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        if not re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.M):
+            kvm_problem = "/dev/kvm without hardware virtualisation (no vmx/svm CPU flag)"
+    if requested == "tcg":
+        return "tcg", "requested"
+    if requested == "kvm":
+        if kvm_problem and "no read-write" in kvm_problem:
+            raise VtraceError(f"--accel kvm: {kvm_problem} (load kvm_intel/kvm_amd, run as root)")
+        return "kvm", "requested"
+    if kvm_problem:
+        return "tcg", kvm_problem
+    return "kvm", "/dev/kvm with hardware virtualisation"
+
+
+def find_qemu(binary: str = QEMU_BINARY) -> str:
+    """The QEMU binary's path, or a :class:`VtraceError` naming the package."""
+    path = shutil.which(binary)
+    if path is None:
+        raise VtraceError(f"{binary} not found on PATH (apt-get install qemu-system-x86)")
+    return path
+
+
+def qemu_version(qemu: str) -> str:
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30)
+    first = out.stdout.splitlines()[0] if out.stdout else ""
+    m = re.search(r"version (\S+)", first)
+    return m.group(1) if m else first.strip()
+
+
+def kernel_command_line(config: QemuLabConfig) -> str:
+    op = "ping" if config.device in NET_DEVICES else ("write" if config.write else "read")
+    return (
+        "console=ttyS0 panic=-1 quiet loglevel=3 "
+        f"vtrace_op={op} vtrace_requests={config.requests} "
+        f"vtrace_bytes={config.request_bytes} vtrace_qd={config.queue_depth} "
+        f"vtrace_submit={config.submit}"
+    )
+
+
+def disk_bytes(config: QemuLabConfig) -> int:
+    """A disk large enough for the workload's ranges (after the warm-up's first block)."""
+    need = (config.requests + config.queue_depth) * config.request_bytes
+    return max(64 << 20, -(-need // (1 << 20)) * (1 << 20))
+
+
+def qemu_command(
+    config: QemuLabConfig,
+    *,
+    qemu: str,
+    accel: str,
+    kernel: GuestKernel,
+    initrd: Path,
+    log_path: Path,
+    qmp_path: Path,
+    disk_path: Path | None,
+    timestamps: bool = True,
+) -> list[str]:
+    """The QEMU command line (no default devices; the one device under test)."""
+    cmd = [
+        qemu,
+        "-nodefaults",
+        "-no-user-config",
+        "-machine",
+        "pc",
+        "-accel",
+        accel,
+        "-cpu",
+        "host" if accel == "kvm" else "qemu64",
+        "-smp",
+        "1",
+        "-m",
+        str(config.memory_mib),
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-qmp",
+        f"unix:{qmp_path},server=on,wait=off",
+        "-no-reboot",
+        "-kernel",
+        str(kernel.image),
+        "-initrd",
+        str(initrd),
+        "-append",
+        kernel_command_line(config),
+        "-D",
+        str(log_path),
+        "-msg",
+        f"timestamp={'on' if timestamps else 'off'}",
+    ]
+    if config.device in BLOCK_DEVICES:
+        assert disk_path is not None
+        cmd += ["-drive", f"if=none,id=disk0,file={disk_path},format=raw,cache=writeback"]
+        if config.device == "ide":
+            cmd += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
+        else:
+            cmd += ["-device", "virtio-blk-pci,drive=disk0"]
+    else:
+        # restrict=on: the guest reaches nothing outside QEMU; echo requests to the gateway
+        # are answered by QEMU's user network itself.
+        netdev = "user,id=net0,restrict=on"
+        model = "e1000" if config.device == "e1000" else "virtio-net-pci"
+        cmd += ["-netdev", netdev, "-device", f"{model},netdev=net0"]
+    return cmd
+
+
+class _QemuExited(Exception):
+    """QEMU ended before its QMP socket was up (bad kernel, bad option)."""
+
+
+class _Qmp:
+    """A minimal QMP client over QEMU's unix socket (one command at a time)."""
+
+    def __init__(self, path: Path, deadline: float, alive: Callable[[], bool]) -> None:
+        while True:
+            try:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.settimeout(max(0.1, deadline - time.monotonic()))
+                self._sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self._sock.close()
+                if not alive():
+                    raise _QemuExited from None
+                if time.monotonic() > deadline:
+                    raise VtraceError(f"QEMU did not open its QMP socket {path}") from None
+                time.sleep(0.05)
+        self._file = self._sock.makefile("rwb")
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise VtraceError("QEMU closed its QMP socket")
+            msg = json.loads(line)
+            if "event" not in msg:  # asynchronous events are not answers
+                return msg
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        req: dict[str, Any] = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        self._file.write(json.dumps(req).encode() + b"\n")
+        self._file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise VtraceError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+            self._sock.close()
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for raw in iter(stream.readline, b""):
+        lines.put(raw.decode(errors="replace").rstrip("\r\n"))
+    lines.put(None)
+
+
+def run_guest(
+    config: QemuLabConfig,
+    log_path: Path,
+    *,
+    workdir: Path,
+    boot_timeout_s: float = 90.0,
+    timestamps: bool = True,
+) -> GuestRun:
+    """Boot the guest, trace its workload window into ``log_path``, wait for power-off."""
+    config.check()
+    qemu = find_qemu(config.qemu)
+    kernel = find_kernel(config.kernel)
+    accel, reason = choose_accel(config.accel)
+    initrd = build_initramfs(kernel, config.device)
+    disk = None
+    if config.device in BLOCK_DEVICES:
+        disk = workdir / "disk.raw"
+        with disk.open("wb") as f:
+            f.truncate(disk_bytes(config))  # sparse: reads return zeros, no host I/O
+    qmp_path = workdir / "qmp.sock"
+    cmd = qemu_command(
+        config,
+        qemu=qemu,
+        accel=accel,
+        kernel=kernel,
+        initrd=initrd,
+        log_path=log_path,
+        qmp_path=qmp_path,
+        disk_path=disk,
+        timestamps=timestamps,
+    )
+    run = GuestRun(accel, reason, qemu_version(qemu), kernel.version, cmd)
+    events = (*COMMON_EVENTS, *DEVICE_EVENTS[config.device])
+
+    start = time.monotonic()
+    deadline = start + config.timeout_s
+    tail: deque[str] = deque(maxlen=_CONSOLE_TAIL)
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    run.qemu_pid = proc.pid
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    qmp: _Qmp | None = None
+
+    def fail(what: str) -> VtraceError:
+        shown = " | ".join(line for line in tail if line.strip()) or "(no console output)"
+        return VtraceError(f"{what}; last console lines: {shown}")
+
+    def heard(line: str) -> None:
+        tail.append(line)
+        if line.startswith(_MARK + "info "):  # "vtrace-guest: info key=value"
+            key, _, value = line[len(_MARK + "info ") :].partition("=")
+            run.guest_info[key.strip()] = value.strip()
+
+    def wait_for(marker: str, until: float, what: str) -> str:
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise fail(f"{what}: no '{_MARK}{marker}' within {until - start:.0f} s")
+            try:
+                line = lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                raise fail(f"{what}: QEMU exited with status {proc.wait()}")
+            heard(line)
+            if line.startswith(_MARK + "error"):
+                raise fail(f"guest failed: {line[len(_MARK) :]}")
+            elif line.startswith(_MARK + marker):
+                return line
+
+    def send(text: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(text.encode())
+        proc.stdin.flush()
+
+    def set_events(enable: bool) -> None:
+        assert qmp is not None
+        for name in events:
+            qmp.execute("trace-event-set-state", name=name, enable=enable)
+
+    try:
+        try:
+            qmp = _Qmp(qmp_path, min(deadline, start + 30), lambda: proc.poll() is None)
+        except _QemuExited:
+            # Its last words (on stdout) explain why: collect them before failing.
+            wait_for("ready", time.monotonic() + 5, "guest did not come up")
+            raise fail(f"guest did not come up: QEMU exited with status {proc.wait()}") from None
+        wait_for("ready", min(deadline, start + boot_timeout_s), "guest did not come up")
+        run.boot_s = time.monotonic() - start
+        set_events(True)
+        on = time.monotonic()
+        send("go\n")
+        wait_for("start", deadline, "guest did not start its workload")
+        end = wait_for("end", deadline, "guest workload did not finish")
+        set_events(False)
+        run.window_wall_s = time.monotonic() - on
+        status = end.rsplit("status=", 1)[-1]
+        if status != "0":
+            raise fail(f"guest workload failed (status {status})")
+        send("done\n")  # the guest powers off
+        try:
+            proc.wait(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(VtraceError, OSError):
+                qmp.execute("quit")
+            proc.wait(timeout=10)
+        while True:
+            try:
+                line = lines.get(timeout=2)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            heard(line)
+    except (OSError, json.JSONDecodeError) as e:
+        # A broken pipe or a garbled QMP answer: QEMU went away under us.
+        raise fail(f"lost contact with QEMU: {e}") from None
+    finally:
+        if qmp is not None:
+            qmp.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        reader.join(timeout=5)
+        run.console_tail = list(tail)
+    return run
+
+
+def capture_log(config: QemuLabConfig, log_path: Path, *, timestamps: bool = True) -> GuestRun:
+    """Run the guest and leave QEMU's raw trace log at ``log_path`` (no import)."""
+    log_path = Path(log_path)
+    with tempfile.TemporaryDirectory(prefix="vtrace-qemu-") as tmp:
+        return run_guest(config, log_path, workdir=Path(tmp), timestamps=timestamps)
+
+
+def run_meta(config: QemuLabConfig, run: GuestRun) -> dict[str, Any]:
+    return {
+        "lab": "qemu",
+        "config": asdict(config),
+        "accel": run.accel,
+        "accel_reason": run.accel_reason,
+        "qemu_version": run.qemu_version,
+        "guest_kernel": run.kernel,
+        "qemu_command": run.command,
+        "guest_info": run.guest_info,
+        "window_wall_s": run.window_wall_s,
+        "boot_s": run.boot_s,
+        "qemu_pid": run.qemu_pid,
+        "device_regions": list(DEVICE_REGIONS[config.device]),
+    }
+
+
+# --- import and per-request figures ----------------------------------------------------------
+
+IOAPIC_SET_IRQ = "ioapic_set_irq"
+_ACCESS_EVENTS = (s.MEMORY_REGION_OPS_READ, s.MEMORY_REGION_OPS_WRITE)
+_VIRTIO_INTERRUPTS = (s.VIRTIO_NOTIFY, s.VIRTIO_NOTIFY_IRQFD)
+TRAPPING_NOTE = (
+    "device_accesses_per_request counts the guest driver's accesses to the device's "
+    "registers that reached QEMU's device model (memory_region_ops_*); measured under TCG, "
+    "each would be a VM exit to user space under KVM. Kicks go through an ioeventfd: an exit "
+    "handled inside KVM, not counted as an access."
+)
+
+
+def ioapic_pins(run_info: dict[str, str]) -> tuple[int, ...]:
+    """The device's IOAPIC pins as the guest reported them (``info ioapic_pins=14,15``)."""
+    text = run_info.get("ioapic_pins", "")
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def device_events(
+    events: pl.DataFrame, device: str, pins: tuple[int, ...]
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The device's own events, and how many of the others were left out (by event/region).
+
+    Keeps ``memory_region_ops_*`` on the device's regions, ``ioapic_set_irq`` on its pins
+    (pin in ``addr``, level in ``value``, like ``kvm_set_irq``) and every other event
+    (the virtio, block and IDE events name only this device: it is the only one).
+    Virtio events get ``device`` = the lab's device name.
+    """
+    ev = pl.col("event")
+    is_access = ev.is_in(_ACCESS_EVENTS)
+    is_ioapic = ev == IOAPIC_SET_IRQ
+    pin = pl.col("raw").str.extract(r"vector: (\d+)", 1).cast(pl.UInt64)
+    level = pl.col("raw").str.extract(r"level: (\d+)", 1).cast(pl.UInt64)
+    regions = list(DEVICE_REGIONS[device])
+    keep = (
+        (is_access & pl.col("device").cast(pl.String).is_in(regions))
+        | (is_ioapic & pin.is_in(list(pins)))
+        | ~(is_access | is_ioapic)
+    )
+    marked = events.with_columns(_keep=keep.fill_null(False))
+    dropped = (
+        marked.filter(~pl.col("_keep"))
+        .group_by(
+            label=pl.concat_str(
+                pl.col("event").cast(pl.String),
+                pl.col("device").cast(pl.String).fill_null(""),
+                separator=":",
+            ).str.strip_chars_end(":")
+        )
+        .len()
+        .sort("label")
+    )
+    virtio = ev.cast(pl.String).str.contains(r"^virt(io|queue)_")
+    kept = marked.filter(pl.col("_keep")).with_columns(
+        addr=pl.when(is_ioapic).then(pin).otherwise(pl.col("addr")),
+        value=pl.when(is_ioapic).then(level).otherwise(pl.col("value")),
+        device=pl.when(virtio | is_ioapic)
+        .then(pl.lit(device))
+        .otherwise(pl.col("device").cast(pl.String)),
+    )
+    if device == "virtio-net":
+        kept = _name_receive_queue(kept)
+    kept = s.conform(kept.drop("_keep"))
+    return kept, dict(zip(dropped["label"].to_list(), dropped["len"].to_list(), strict=True))
+
+
+def _name_receive_queue(events: pl.DataFrame) -> pl.DataFrame:
+    """virtio-net: give the receive queue (0) its index.
+
+    The importer names a queue by the ``virtio_queue_notify`` events that carry its
+    ``VirtQueue`` pointer, and the guest never kicks the receive queue while it has
+    buffers. QEMU keeps a device's VirtQueues in one array in index order, so a queue
+    whose pointer lies below that of the transmit queue (1) can only be queue 0.
+    """
+    vq = (
+        pl.col("raw")
+        .str.extract(r"\bvq 0x([0-9a-fA-F]+)", 1)
+        .str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    )
+    frame = events.with_columns(_vq=vq)
+    transmit = frame.filter(pl.col("queue") == 1)["_vq"].drop_nulls().unique()
+    if transmit.len() != 1:
+        return frame.drop("_vq")
+    below = pl.col("queue").is_null() & (pl.col("_vq") < transmit[0])
+    frame = frame.with_columns(
+        queue=pl.when(below).then(pl.lit(0, pl.Int32)).otherwise(pl.col("queue"))
+    ).drop("_vq")
+    # virtqueue_flush lines carry no pointer the import keeps; QEMU flushes right after
+    # filling the same queue in the same thread, so a flush takes that fill's queue.
+    ev = pl.col("event")
+    last_fill = (
+        pl.when(ev == s.VIRTQUEUE_FILL)
+        .then(pl.col("queue"))
+        .forward_fill()
+        .over(pl.col("tid"), order_by=pl.int_range(pl.len()))
+    )
+    return frame.with_columns(
+        queue=pl.when((ev == s.VIRTQUEUE_FLUSH) & pl.col("queue").is_null())
+        .then(last_fill)
+        .otherwise(pl.col("queue"))
+    )
+
+
+def summarize(
+    events: pl.DataFrame | pl.LazyFrame,
+    device: str,
+    requests: int,
+    *,
+    timed: bool = True,
+) -> dict[str, Any]:
+    """Per-request figures of one run from its device events (see :func:`device_events`).
+
+    ``requests`` is what the guest issued (block requests or echo round trips). Kicks are
+    ``virtio_queue_notify``; interrupts are ``virtio_notify``/``_irqfd`` for virtio devices
+    and rising edges of the device's IOAPIC pins for emulated ones.
+    """
+    frame = events.lazy().with_row_index("_order").collect()
+    ev = pl.col("event")
+    is_virtio = device not in ("ide", "e1000")
+    # An interrupt on a legacy line is a rising edge of its pin (level 0 -> 1).
+    level = pl.col("value")
+    rising = (level == 1) & (level.shift(1, fill_value=0).over("addr", order_by="_order") == 0)
+    irq_ioapic = frame.filter(ev == IOAPIC_SET_IRQ).select(rising.sum()).item()
+    counts = frame.select(
+        accesses=ev.is_in(_ACCESS_EVENTS).sum(),
+        kicks=(ev == s.VIRTIO_QUEUE_NOTIFY).sum(),
+        notifies=ev.is_in(_VIRTIO_INTERRUPTS).sum(),
+        pops=(ev == s.VIRTQUEUE_POP).sum(),
+        ide_commands=(ev == "ide_exec_cmd").sum(),
+        first_ns=pl.col("ts_ns").min(),
+        last_ns=pl.col("ts_ns").max(),
+    ).row(0, named=True)
+    accesses = int(counts["accesses"])
+    kicks = int(counts["kicks"]) if is_virtio else None
+    interrupts = int(counts["notifies"]) if is_virtio else int(irq_ioapic)
+
+    # Requests popped per kick: pops of a queue since that queue's latest kick, in log
+    # order (QEMU writes the log under one lock, so its order is the order of events).
+    per_kick = (
+        frame.filter(
+            ev.is_in([s.VIRTIO_QUEUE_NOTIFY, s.VIRTQUEUE_POP]) & pl.col("queue").is_not_null()
+        )
+        .sort("_order")
+        .with_columns(
+            kick_no=(ev == s.VIRTIO_QUEUE_NOTIFY).cum_sum().over("queue", order_by="_order")
+        )
+        .filter((ev == s.VIRTQUEUE_POP) & (pl.col("kick_no") > 0))
+        .group_by("queue", "kick_no")
+        .len()
+    )
+    max_per_kick = int(per_kick["len"].max()) if per_kick.height else None
+
+    def per_request(n: int | None) -> float | None:
+        return None if n is None else n / requests
+
+    span_ns = (counts["last_ns"] or 0) - (counts["first_ns"] or 0)
+    return {
+        "device": device,
+        "requests": requests,
+        "duration_s": span_ns / 1e9 if timed and counts["first_ns"] is not None else None,
+        "device_accesses_per_request": per_request(accesses),
+        "kicks_per_request": per_request(kicks),
+        "interrupts_per_request": per_request(interrupts),
+        "requests_per_kick": (requests / kicks) if kicks else None,
+        "would_exit_per_request": per_request(accesses + (kicks or 0)),
+        "max_requests_per_kick": max_per_kick,
+        "device_accesses": accesses,
+        "kicks": kicks,
+        "interrupts": interrupts,
+        "virtqueue_pops": int(counts["pops"]) if is_virtio else None,
+        "ide_commands": int(counts["ide_commands"]) if device == "ide" else None,
+        "note": TRAPPING_NOTE,
+    }
+
+
+def run_qemu_lab(
+    config: QemuLabConfig,
+    out: str | os.PathLike[str],
+    *,
+    raw_log: str | os.PathLike[str] | None = None,
+) -> tuple[Trace, dict[str, Any]]:
+    """Boot the guest, run the workload, import its device events into the trace ``out``.
+
+    Returns the trace and the per-request summary (also stored in the trace's meta under
+    ``qemu_lab``). ``raw_log`` keeps QEMU's raw log there. Nothing is left at ``out`` on
+    any error.
+    """
+    from vtrace.ingest import read_events
+
+    config.check()
+    out_path = Path(out)
+    if out_path.exists() or out_path.is_symlink():
+        raise VtraceError(f"{out_path}: output exists; choose a new directory")
+    with tempfile.TemporaryDirectory(prefix="vtrace-qemu-") as tmp:
+        log_path = Path(tmp) / "qemu-trace.log"
+        run = run_guest(config, log_path, workdir=Path(tmp))
+        if raw_log is not None:
+            shutil.copyfile(log_path, raw_log)
+        raw_events, import_meta = read_events("qemu", log_path)
+    pins = ioapic_pins(run.guest_info)
+    events, dropped = device_events(raw_events, config.device, pins)
+    # Every event comes from the one QEMU process: the VM (the log names threads only).
+    events = events.with_columns(pid=pl.lit(run.qemu_pid, pl.Int32))
+    summary = summarize(
+        events, config.device, config.requests, timed=import_meta.get("clock") == "realtime"
+    )
+    summary = {"accel": run.accel, **summary}
+    guest_irqs = run.guest_info.get("guest_interrupts")
+    summary["guest_interrupts_per_request"] = (
+        int(guest_irqs) / config.requests if guest_irqs and guest_irqs.isdigit() else None
+    )
+    meta = {
+        **import_meta,
+        # The raw log lived in a temporary directory unless it was kept.
+        "source_files": [str(raw_log)] if raw_log is not None else [],
+        **run_meta(config, run),
+        "ioapic_pins": list(pins),
+        "filtered_out": dropped,
+        "qemu_lab": summary,
+    }
+    meta["events"] = events.height
+    trace = write_trace(out_path, events, meta)
+    return trace, summary

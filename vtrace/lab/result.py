@@ -1,0 +1,97 @@
+"""What a lab run measured: :class:`LabResult`, and the lab's events as an events frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from vtrace import schema
+
+QUEUE_INDEX = 0
+DEVICE_NAMES = {"emulated": "lab-emulated", "virtio": "lab-virtio"}
+
+
+@dataclass
+class LabResult:
+    """What one lab run measured. ``to_json()`` is the `vtrace lab run --json` object."""
+
+    pid: int  # the VMM's process (filter recordings on it)
+    device: str  # emulated or virtio
+    requests: int
+    batch: int  # requests added per kick (1 for emulated)
+    ring_size: int  # virtqueue descriptors (1 for emulated)
+    request_bytes: int
+    wait: str  # how the virtio guest waits for completions: poll or irq
+    duration_s: float  # first KVM_RUN to the guest's final write, CLOCK_MONOTONIC
+    requests_per_s: float
+    userspace_exits: int  # KVM_RUN returns this VMM handled (counted by the VMM)
+    kicks: int  # eventfd counts the back end consumed (virtio)
+    guest_kicks: int  # notify writes the guest made (its own count, in its memory)
+    kicks_suppressed: int  # kicks the guest skipped: VRING_USED_F_NO_NOTIFY was set
+    interrupts: int  # interrupts the guest's handler took (wait=irq)
+    completed: int  # requests the guest saw completed (used elements / status reads)
+    latency_ns: dict[str, float]  # mean, p50, p99; see docs/lab.md for what is timed
+    exit_reasons: dict[str, int]  # userspace_exits by KVM_EXIT_* name
+    events: pl.DataFrame = field(repr=False)  # the lab's events (source=lab)
+    interrupts_sent: int = 0  # irqfd signals the back end sent
+    polls: int = 0  # guest reads of used.idx that found nothing new
+    used_idx: int = 0  # used.idx at the end (virtio; modulo 2^16)
+    trace: str | None = None  # the trace directory with --record
+    recording: dict[str, Any] | None = None  # the collector's summary with --record
+
+    def to_json(self) -> dict[str, Any]:
+        """The result without the events frame, as plain JSON types."""
+        out = {k: v for k, v in self.__dict__.items() if k != "events"}
+        out["events"] = self.events.height
+        return out
+
+
+def latency_summary(latency_ns: np.ndarray) -> dict[str, float]:
+    """Mean, median and 99th percentile in nanoseconds (NaN-free: zeros when empty)."""
+    if latency_ns.size == 0:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    p50, p99 = np.percentile(latency_ns, [50, 99])
+    return {"mean": float(latency_ns.mean()), "p50": float(p50), "p99": float(p99)}
+
+
+def events_frame(
+    *,
+    event: str,
+    ts_ns: np.ndarray,
+    pid: int,
+    tid: int,
+    device: str,
+    addr: np.ndarray | None = None,
+    size: np.ndarray | None = None,
+    count: np.ndarray | None = None,
+    value: np.ndarray | None = None,
+) -> pl.DataFrame:
+    """One lab event type as an events frame (source=lab, queue 0), columns from arrays."""
+    n = len(ts_ns)
+    cols: dict[str, Any] = {
+        "ts_ns": np.asarray(ts_ns, dtype=np.int64),
+        "source": [schema.SOURCE_LAB] * n,
+        "event": [event] * n,
+        "pid": np.full(n, pid, dtype=np.int32),
+        "tid": np.full(n, tid, dtype=np.int32),
+        "queue": np.full(n, QUEUE_INDEX, dtype=np.int32),
+        "device": [device] * n,
+    }
+    for name, arr, dtype in (
+        ("addr", addr, np.uint64),
+        ("size", size, np.int32),
+        ("count", count, np.int32),
+        ("value", value, np.uint64),
+    ):
+        if arr is not None:
+            cols[name] = np.asarray(arr, dtype=dtype)
+    return schema.conform(pl.DataFrame(cols))  # type: ignore[return-value]
+
+
+def reason_names(reasons: dict[int, int]) -> dict[str, int]:
+    """Exit counts keyed by KVM_EXIT_* name (the kernel's own table); -1 is EINTR."""
+    names = {**schema.load_reason_tables().userspace, -1: "EINTR"}
+    return {names.get(code, str(code)): n for code, n in sorted(reasons.items())}

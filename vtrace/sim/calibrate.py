@@ -1,0 +1,422 @@
+"""Calibration: fit the costs a trace can show and write them into a model config.
+
+What a trace shows, and the parameter each statistic sets (the written file names the
+trace and the statistic beside every fitted value):
+
+- exits per request, by register and handler: ``device.accesses`` (emulated), from the
+  PIO/MMIO accesses of :func:`vtrace.analyze.accesses`;
+- user-space exit round trip: the shortest typical interval from a user-space-handled PIO
+  write to the next access on a vCPU thread (median per register, smallest register);
+- the emulated device's work: the extra interval after the access that starts it (the
+  access just before each ``lab_pop``);
+- the guest's own time per request and per batch: the vCPU's run time per batch,
+  ``duration / batches = batch * request_prep_ns + batch_prep_ns + kicks per batch *
+  kernel_exit_ns``, solved by least squares over traces with different batch sizes;
+- the back end's wake-up (kick write to the first pop after the eventfd wake-up; rare
+  wake-ups over 10x the median are a preempted thread, ``backend.stall_*``), its time per
+  request (between two pops of one pass) and per pass (last pop to the used.idx
+  publish), from the lab back end's ``lab_kick``/``lab_pop``/``lab_complete`` events.
+
+The in-kernel kick round trip cannot be separated from the guest's own time in these
+traces (no ``kvm_entry`` without hardware virtualisation), so ``kvm.kernel_exit_ns`` stays
+as the base model has it (measured here with ``vtrace lab exit-cost``, HOST.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from vtrace.errors import VtraceError
+from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
+from vtrace.sim.config import KIND_TABLES, SCHEMA, Config, load_config, model_path
+
+STALL_FACTOR = 10  # a wake-up this many times the median is a preempted back end
+
+
+@dataclass
+class TraceFacts:
+    """What one trace says about the path it recorded."""
+
+    name: str
+    requests: int
+    batch: int
+    duration_ns: float
+    kicks: int
+    userspace_exits: int
+    # emulated: median interval after each register access, and accesses per request
+    access_gap_ns: dict[tuple[int, bool], float] = field(default_factory=dict)
+    access_count: dict[tuple[int, bool], int] = field(default_factory=dict)
+    start_port: tuple[int, bool] | None = None
+    # virtio back end (pooled samples, ns)
+    # QEMU guest traces: device register accesses per request, by region and direction
+    region_count: dict[tuple[str, bool], float] = field(default_factory=dict)
+    wake_ns: np.ndarray | None = None
+    pop_gap_ns: np.ndarray | None = None
+    publish_ns: np.ndarray | None = None
+
+
+@dataclass
+class Calibration:
+    """The fitted config and, per fitted key, its value and where it came from."""
+
+    config: Config
+    fitted: dict[str, tuple[float, str]]
+    facts: list[TraceFacts]
+
+
+def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
+    """PIO/MMIO accesses on the busiest vCPU thread, in time order, with the gap to the next."""
+    from vtrace.analyze import accesses
+
+    acc = accesses(events).filter(pl.col("event").cast(pl.String) != "kvm_fast_mmio")
+    if acc.height == 0:
+        return acc
+    tid = acc.group_by("tid").len().sort("len", descending=True)["tid"][0]
+    return (
+        acc.filter(pl.col("tid") == tid)
+        .sort("ts_ns")
+        .with_columns(gap_ns=pl.col("ts_ns").shift(-1) - pl.col("ts_ns"))
+    )
+
+
+def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
+    """Read one trace (through ``open_trace`` and ``vtrace.analyze``) into what calibration needs."""
+    from vtrace import open_trace
+
+    trace = open_trace(path)
+    events = trace.events
+    lab = trace.meta.get("lab", {})
+    pops = (
+        events.filter(pl.col("event").cast(pl.String) == LAB_POP)
+        .select("ts_ns", "tid")
+        .sort("ts_ns")
+        .collect()
+    )
+    if pops.height == 0:
+        qemu = trace.meta.get("qemu_lab") or {}
+        if qemu.get("requests"):
+            return _qemu_facts(path, events, int(qemu["requests"]))
+        raise VtraceError(
+            f"{path}: no {LAB_POP} events and no QEMU request count: record a lab run "
+            "(vtrace lab run --record) or a QEMU guest (vtrace qemu-lab run)"
+        )
+    acc = _vcpu_accesses(events)
+    if acc.height < 2:
+        raise VtraceError(f"{path}: no kvm_pio/kvm_mmio events on a vCPU thread: record kvm events")
+    requests = pops.height
+    duration = float(acc["ts_ns"][-1] - acc["ts_ns"][0])
+    user = acc.filter(pl.col("handled").cast(pl.String) == "user")
+    kick_rows = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    kicks = kick_rows.height
+    batch = int(lab.get("batch") or 1)
+    facts = TraceFacts(
+        name=Path(path).name,
+        requests=requests,
+        batch=batch,
+        duration_ns=duration,
+        kicks=kicks,
+        userspace_exits=user.height,
+    )
+    if user.height >= requests:  # an emulated device: per-register gaps and counts
+        per_port = (
+            user.drop_nulls("gap_ns")
+            .group_by("addr", "write")
+            .agg(pl.col("gap_ns").median().alias("gap"), pl.len().alias("n"))
+            .filter(pl.col("n") >= requests // 2)  # leave out one-off accesses (the final exit)
+        )
+        for addr, write, gap, n in per_port.iter_rows():  # a handful of registers, not events
+            facts.access_gap_ns[(int(addr), bool(write))] = float(gap)
+            facts.access_count[(int(addr), bool(write))] = round(n / requests)
+        starts = pops.join_asof(
+            user.select("ts_ns", "addr", "write"), on="ts_ns", strategy="backward"
+        ).group_by("addr", "write").len().sort("len", descending=True)  # fmt: skip
+        if starts.height:
+            facts.start_port = (int(starts["addr"][0]), bool(starts["write"][0]))
+        return facts
+    # a virtio device: the back end's own events
+    backend_tid = pops["tid"][0]
+    lab_ev = (
+        events.filter(
+            pl.col("event").cast(pl.String).is_in([LAB_KICK, LAB_POP, LAB_COMPLETE])
+            & (pl.col("tid") == backend_tid)
+        )
+        .select("ts_ns", pl.col("event").cast(pl.String))
+        .sort("ts_ns")
+        .collect()
+        .with_columns(
+            pass_id=(pl.col("event") != LAB_POP).cum_sum(),
+            next_ts=pl.col("ts_ns").shift(-1),
+            next_event=pl.col("event").shift(-1),
+        )
+    )
+    pop_rows = lab_ev.filter(pl.col("event") == LAB_POP)
+    facts.pop_gap_ns = (
+        pop_rows.filter(pl.col("next_event") == LAB_POP)
+        .select(pl.col("next_ts") - pl.col("ts_ns"))
+        .to_series()
+        .to_numpy()
+    )
+    facts.publish_ns = (
+        pop_rows.filter(pl.col("next_event") == LAB_COMPLETE)
+        .select(pl.col("next_ts") - pl.col("ts_ns"))
+        .to_series()
+        .to_numpy()
+    )
+    kick_writes = acc.filter(pl.col("handled").cast(pl.String) == "kernel").select(
+        pl.col("ts_ns").alias("kick_ts"), pl.col("ts_ns")
+    )
+    wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
+    wakes = wakes.join_asof(kick_writes, on="ts_ns", strategy="backward")
+    facts.wake_ns = (
+        wakes.drop_nulls("kick_ts")
+        .select(pl.col("next_ts") - pl.col("kick_ts"))
+        .to_series()
+        .to_numpy()
+    )
+    return facts
+
+
+def _qemu_facts(path: str | os.PathLike[str], events: pl.LazyFrame, requests: int) -> TraceFacts:
+    """A QEMU guest trace: which device registers the guest touched, per request.
+
+    Under TCG every access reaches QEMU's device model; under KVM each would be an exit to
+    user space. Timings under TCG are not KVM's, so only counts are taken from such a trace.
+    """
+    from vtrace.analyze import accesses
+
+    acc = accesses(events).filter(pl.col("source").cast(pl.String) == "qemu")
+    if acc.height == 0:
+        raise VtraceError(f"{path}: no QEMU device register accesses (memory_region_ops_*)")
+    facts = TraceFacts(
+        name=Path(path).name, requests=requests, batch=1, duration_ns=0.0, kicks=0,
+        userspace_exits=acc.height,
+    )  # fmt: skip
+    per_region = acc.group_by(pl.col("device").cast(pl.String), "write").len()
+    for device, write, n in per_region.iter_rows():  # a handful of regions, not events
+        facts.region_count[(str(device), bool(write))] = n / requests
+    return facts
+
+
+def _trimmed_mean(samples: list[np.ndarray]) -> float:
+    """Mean below the 99th percentile: throughput follows mean costs, but a rare preemption
+    of milliseconds (a shared host) would swamp a few hundred samples."""
+    joined = np.concatenate([s for s in samples if s is not None and s.size])
+    if not joined.size:
+        return math.nan
+    return float(joined[joined <= np.percentile(joined, 99)].mean())
+
+
+def _exit_round_trip(f: TraceFacts) -> float:
+    writes = [g for (_, w), g in f.access_gap_ns.items() if w and (_, w) != f.start_port]
+    return min(writes or f.access_gap_ns.values())
+
+
+def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[float, str]]]:
+    """Fitted values (with their sources) applied to ``cfg``."""
+    names = ", ".join(f.name for f in facts)
+    fitted: dict[str, tuple[float, str]] = {}
+    values: dict[str, Any] = {}
+    kernel_exit = cfg["kvm.kernel_exit_ns"]
+    if cfg.kind == "emulated" and facts[0].region_count:
+        f = facts[0]
+        accesses = [
+            {
+                "register": f"{device} {'write' if write else 'read'}",
+                "handler": "user",
+                "count": round(per_request),
+                "emulation_ns": 0.0,
+            }
+            for (device, write), per_request in sorted(f.region_count.items())
+            if round(per_request) > 0
+        ]
+        values["device.accesses"] = accesses
+        values["interrupt.accesses"] = []
+        total = sum(f.region_count.values())
+        fitted["device.accesses"] = (
+            float(sum(a["count"] for a in accesses)),
+            f"{f.name}: QEMU memory_region_ops per request by region ({total:.2f} in all; "
+            "the interrupt's register accesses included), each an exit to user space under KVM",
+        )
+        fitted["interrupt.accesses"] = (0.0, "counted in device.accesses (see there)")
+    elif cfg.kind == "emulated":
+        f = facts[0]  # registers and their order come from the first trace
+        if not f.access_gap_ns:
+            raise VtraceError(f"{f.name}: no user-space register accesses: not an emulated device")
+        # A PIO read is traced when user space has supplied its value, after the round trip,
+        # so only the interval after a write spans one whole exit round trip.
+        exit_ns = float(np.median([_exit_round_trip(x) for x in facts]))
+        fitted["kvm.userspace_exit_ns"] = (
+            exit_ns,
+            f"{names}: smallest per-register median interval from a user-space PIO write to "
+            "the next access (median over traces)",
+        )
+        accesses = []
+        work = 0.0
+        for (addr, write), count in sorted(f.access_count.items()):
+            emulation = 0.0
+            if (addr, write) == f.start_port:
+                gaps = [x.access_gap_ns.get((addr, write), math.nan) for x in facts]
+                emulation = max(0.0, float(np.nanmedian(gaps)) - exit_ns)
+                work = emulation
+            accesses.append(
+                {
+                    "register": f"port {addr:#x} {'write' if write else 'read'}",
+                    "handler": "user",
+                    "count": count,
+                    "emulation_ns": round(emulation, 1),
+                }
+            )
+        values["device.accesses"] = accesses
+        per_request = sum(x.duration_ns for x in facts) / sum(x.requests for x in facts)
+        exits = sum(a["count"] for a in accesses)
+        fitted["device.accesses"] = (
+            float(exits),
+            f"{f.name}: user-space kvm_pio per request by port; the device's work is the extra "
+            "interval after the access just before each lab_pop",
+        )
+        prep = max(0.0, per_request - exits * exit_ns - work)
+        fitted["vcpu.request_prep_ns"] = (
+            prep,
+            f"{names}: vCPU time per request ({per_request:.0f} ns, all traces) minus its exits "
+            "and the device work",
+        )
+    else:
+        # The guest's own time per batch, host preemption of the vCPU thread included (a
+        # mean: throughput follows it; a split into a typical time plus rare stalls,
+        # vcpu.stall_per_s, fits the lab's runs less well).
+        b, y = [], []
+        for f in facts:
+            if not f.kicks:
+                raise VtraceError(f"{f.name}: no kicks handled in the kernel: not a virtio trace")
+            batches = math.ceil(f.requests / f.batch)
+            b.append(f.batch)
+            y.append(f.duration_ns / batches - f.kicks / batches * kernel_exit)
+        b_arr, y_arr = np.array(b, dtype=float), np.array(y)
+        if len(set(b)) >= 2:
+            (prep, batch_prep), *_ = np.linalg.lstsq(
+                np.column_stack([b_arr, np.ones_like(b_arr)]), y_arr, rcond=None
+            )
+            source = (
+                f"{names}: least squares on batch size of the vCPU's run time per batch "
+                "(duration / batches), less the kicks' kernel_exit_ns"
+            )
+            fitted["vcpu.batch_prep_ns"] = (max(0.0, float(batch_prep)), source)
+        else:
+            batch_prep = cfg["vcpu.batch_prep_ns"]
+            prep = float(np.mean((y_arr - batch_prep) / b_arr))
+            source = f"{names}: vCPU run time per batch / batch size, one batch size only"
+        fitted["vcpu.request_prep_ns"] = (max(0.0, float(prep)), source)
+        pop_gap = _trimmed_mean([f.pop_gap_ns for f in facts])
+        publish = _trimmed_mean([f.publish_ns for f in facts])
+        if not math.isnan(pop_gap):
+            fitted["backend.per_request_ns"] = (
+                pop_gap,
+                f"{names}: mean (below p99) interval between two lab_pop of one pass (pop, the device's "
+                "buffer fill, push: the lab's device work is inside the back end's loop)",
+            )
+            fitted["device.service_ns"] = (0.0, "counted in backend.per_request_ns (see there)")
+        wakes = [f.wake_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
+        if wakes:
+            w = np.concatenate(wakes)
+            # Wake-ups are bimodal on a shared host: microseconds, or a preempted thread that
+            # runs milliseconds later. Both matter to a guest waiting on a small ring.
+            stalled = w > STALL_FACTOR * np.median(w)
+            fitted["backend.wakeup_ns"] = (
+                float(w[~stalled].mean()),
+                f"{names}: mean from a kick's kvm_pio to the first lab_pop after the eventfd "
+                f"wake-up, leaving out stalls (over {STALL_FACTOR}x the median)",
+            )
+            fitted["backend.stall_probability"] = (
+                float(stalled.mean()),
+                f"{names}: share of those wake-ups over {STALL_FACTOR}x the median ({w.size} in all)",
+            )
+            fitted["backend.stall_ns"] = (
+                float((w[stalled] - np.median(w)).mean()) if stalled.any() else 0.0,
+                f"{names}: mean extra delay of those stalled wake-ups",
+            )
+        if not math.isnan(publish) and not math.isnan(pop_gap):
+            fitted["backend.per_pass_ns"] = (
+                max(0.0, publish - pop_gap),
+                f"{names}: mean (below p99) last lab_pop to lab_complete, minus one request's work",
+            )
+        values["backend.publish"] = "per_pass"
+    for key, (value, _) in fitted.items():
+        if key not in ("device.accesses", "interrupt.accesses"):
+            values[key] = round(value, 6) if key.endswith("probability") else round(value, 1)
+    return cfg.with_overrides(values, where="calibrate"), fitted
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        if not v:
+            return "[]"
+        items = ",\n".join(
+            "  { " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in a.items()) + " }" for a in v
+        )
+        return "[\n" + items + ",\n]"
+    return str(v)
+
+
+def render(cfg: Config, fitted: dict[str, tuple[float, str]], base: str, traces: list[str]) -> str:
+    """The config as TOML, each value commented with its origin (a trace, or the base model)."""
+    lines = [
+        f"# Calibrated from {', '.join(traces)} by `vtrace calibrate`, starting from {base}.",
+        "# Fitted values say which trace and statistic they came from; the others are the base",
+        "# model's (see its comments for their sources).",
+    ]
+    for table in KIND_TABLES[cfg.kind]:
+        lines.append(f"\n[{table}]")
+        for key in SCHEMA[table]:
+            dotted = f"{table}.{key}"
+            value = cfg.values[table][key]
+            note = f"fitted: {fitted[dotted][1]}" if dotted in fitted else f"from {base}"
+            if key == "description" and table == "model":
+                value = f"{value} (calibrated)"
+            text = _toml_value(value)
+            if "\n" in text:
+                lines.append(f"# {key}: {note}")
+                lines.append(f"{key} = {text}")
+            else:
+                lines.append(f"{key} = {text}  # {note}")
+    return "\n".join(lines) + "\n"
+
+
+def calibrate(
+    traces: list[str | os.PathLike[str]],
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+) -> Calibration:
+    """Fit ``model``'s costs to ``traces``; write the config to ``output`` (atomically)."""
+    if not traces:
+        raise VtraceError("calibrate: give at least one trace")
+    cfg = load_config(model)
+    if cfg.kind == "queue":
+        raise VtraceError(f"{model}: a reference queue has no costs to calibrate")
+    facts = [trace_facts(t) for t in traces]
+    cfg, fitted = fit(cfg, facts)
+    if output is not None:
+        out = Path(output)
+        text = render(cfg, fitted, model_path(model).name, [str(t) for t in traces])
+        load_check = out.with_name(f".{out.name}.tmp")
+        try:
+            load_check.write_text(text)
+            load_config(load_check)  # what we write must load
+            os.replace(load_check, out)
+        except OSError as e:
+            load_check.unlink(missing_ok=True)
+            raise VtraceError(f"{out}: cannot write: {e.strerror}") from None
+        cfg = load_config(out)
+    return Calibration(cfg, fitted, facts)

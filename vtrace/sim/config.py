@@ -1,0 +1,377 @@
+"""Model configs: TOML files under ``models/``, validated on load, overridable with ``--set``.
+
+A config is a set of tables (``[workload]``, ``[kvm]``, ``[virtqueue]`` ...). Every parameter
+carries its unit in its name (``_ns``, ``_bytes``, ``_per_s``); the shipped files say in a
+comment what each value is and where it comes from. Anything wrong in a file (unknown key,
+wrong type, negative cost, a ring size that is not a power of two) is one
+:class:`~vtrace.errors.VtraceError` line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtrace.errors import VtraceError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent.parent / "models"
+
+KINDS = ("virtio", "emulated", "queue")
+ARRIVALS = ("poisson", "deterministic", "closed", "backlog", "trace")
+COMPLETIONS = ("interrupt", "poll")
+BATCH_POLICIES = ("count", "drain", "timer")
+HANDLERS = ("kernel", "user")
+DISTRIBUTIONS = ("exponential", "deterministic")
+BACKEND_THREADS = ("iothread", "vhost_worker", "vmm")
+PUBLISH = ("per_request", "per_pass")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its type, default, allowed values and what it means."""
+
+    kind: type
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    power_of_two: bool = False
+    minimum: float | None = None
+
+
+# Register accesses (an emulated device's per-request list, or the guest's per-interrupt list):
+# each is an exit; `handler` says whether KVM handles it in the kernel or returns to the VMM.
+ACCESS_KEYS: dict[str, Param] = {
+    "register": Param(str, "", "name of the register (documentation only)"),
+    "handler": Param(str, "user", "where the exit is handled: kernel or user (the VMM)", HANDLERS),
+    "count": Param(int, 1, "how many times the access repeats", minimum=0),
+    "emulation_ns": Param(float, 0.0, "handler work on top of the bare exit round trip"),
+}
+
+SCHEMA: dict[str, dict[str, Param]] = {
+    "model": {
+        "kind": Param(
+            str, "virtio", "virtio ring, emulated registers, or a reference queue", KINDS
+        ),
+        "description": Param(str, "", "what this model stands for"),
+    },
+    "workload": {
+        "arrivals": Param(
+            str, "poisson", "how requests arrive (backlog: all ready at the start)", ARRIVALS
+        ),
+        "arrival_rate_per_s": Param(float, 10_000.0, "open loop: mean request rate"),
+        "queue_depth": Param(
+            int, 1, "closed loop: requests kept in flight (fio iodepth)", minimum=1
+        ),
+        "think_ns": Param(
+            float, 0.0, "closed loop: guest time from a completion to the next request"
+        ),
+        "requests": Param(int, 20_000, "requests to simulate", minimum=1),
+        "request_bytes": Param(int, 4096, "payload per request"),
+        "seed": Param(int, 1, "random seed: the same seed gives the same result"),
+        "warmup_requests": Param(int, 0, "requests left out of the summary (start-up transient)"),
+    },
+    "vcpu": {
+        "request_prep_ns": Param(float, 0.0, "guest driver work to build one request"),
+        "batch_prep_ns": Param(float, 0.0, "guest work per batch: publish avail.idx, test flags"),
+        "poll_ns": Param(float, 0.0, "polling guest: one look at used.idx that finds nothing"),
+        "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
+        "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
+    },
+    "kvm": {
+        "kernel_exit_ns": Param(
+            float, 0.0, "exit handled inside KVM (ioeventfd kick) and re-entry"
+        ),
+        "userspace_exit_ns": Param(
+            float, 0.0, "exit that returns to the VMM in user space and back"
+        ),
+    },
+    "virtqueue": {
+        "ring_size": Param(int, 256, "descriptors in the split ring", power_of_two=True, minimum=1),
+        "descs_per_request": Param(int, 1, "descriptors one request takes", minimum=1),
+        "event_idx": Param(
+            bool, True, "VIRTIO_RING_F_EVENT_IDX: avail_event/used_event suppression"
+        ),
+        "batch": Param(int, 1, "requests added to the avail ring per kick", minimum=1),
+        "batch_policy": Param(str, "count", "when the guest kicks", BATCH_POLICIES),
+        "batch_timer_ns": Param(float, 0.0, "timer policy: kick this long after the first add"),
+        "kick_handler": Param(
+            str, "kernel", "kernel (ioeventfd) or user (VMM) handles the kick", HANDLERS
+        ),
+        "kick_emulation_ns": Param(
+            float, 0.0, "work on top of the exit to decode the notify write"
+        ),
+        "whole_batches": Param(bool, False, "the guest waits for room for a whole batch"),
+    },
+    "backend": {
+        "thread": Param(str, "iothread", "the thread that serves the queue", BACKEND_THREADS),
+        "wakeup_ns": Param(float, 0.0, "from the kick's eventfd signal to the back end running"),
+        "stall_probability": Param(
+            float, 0.0, "share of wake-ups that find the thread preempted", minimum=0.0
+        ),
+        "stall_ns": Param(float, 0.0, "mean extra delay of a preempted wake-up (exponential)"),
+        "per_request_ns": Param(float, 0.0, "back-end work per request: pop, parse, push used"),
+        "per_pass_ns": Param(float, 0.0, "back-end work per pass: publish used.idx, decide irq"),
+        "publish": Param(
+            str,
+            "per_request",
+            "when used.idx is published: after each request or per pass",
+            PUBLISH,
+        ),
+    },
+    "device": {
+        "service_ns": Param(float, 0.0, "device service per request (mean when exponential)"),
+        "per_byte_ns": Param(float, 0.0, "device service per payload byte (copies, DMA)"),
+        "service_distribution": Param(str, "deterministic", "service time law", DISTRIBUTIONS),
+        "max_outstanding": Param(
+            int, 1, "emulated: requests the device accepts at once", minimum=1
+        ),
+        "accesses": Param(list, [], "emulated: register accesses per request, each an exit"),
+    },
+    "interrupt": {
+        "completion": Param(
+            str,
+            "interrupt",
+            "how the guest learns of completions (poll: no interrupts)",
+            COMPLETIONS,
+        ),
+        "injection_ns": Param(float, 0.0, "back-end work to inject one interrupt (irqfd write)"),
+        "delivery_ns": Param(float, 0.0, "from injection to the guest handler starting"),
+        "guest_handler_ns": Param(float, 0.0, "guest handler work per interrupt, without exits"),
+        "coalesce_requests": Param(
+            int, 1, "completions gathered per interrupt while busy", minimum=1
+        ),
+        "coalesce_ns": Param(float, 0.0, "hold an interrupt this long to gather completions"),
+        "accesses": Param(list, [], "register accesses per interrupt (ack, EOI), each an exit"),
+    },
+    "queue": {
+        "arrival_rate_per_s": Param(float, 1.0, "Poisson arrival rate"),
+        "service_mean_ns": Param(float, 0.0, "exponential service, mean (M/M/1, M/M/1/K)"),
+        "service_ns": Param(float, 0.0, "deterministic service (M/D/1)"),
+        "capacity": Param(int, 0, "requests in the system at most, 0 for unbounded (M/M/1/K)"),
+    },
+}
+
+# Tables each kind reads; the loader rejects tables a kind does not use, so a typo in a table
+# name cannot be silently ignored.
+KIND_TABLES: dict[str, tuple[str, ...]] = {
+    "virtio": ("model", "workload", "vcpu", "kvm", "virtqueue", "backend", "device", "interrupt"),
+    "emulated": ("model", "workload", "vcpu", "kvm", "backend", "device", "interrupt"),
+    "queue": ("model", "workload", "queue"),
+}
+
+
+def _type_name(t: type) -> str:
+    return {float: "number", int: "integer", bool: "boolean", str: "string", list: "list"}[t]
+
+
+def _check_value(where: str, key: str, p: Param, value: Any) -> Any:
+    """The value converted to the parameter's type, or a one-line error naming the key."""
+    if p.kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif p.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, p.kind)
+    if not ok:
+        raise VtraceError(
+            f"{where}: {key}: expected {_type_name(p.kind)}, got {type(value).__name__} {value!r}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise VtraceError(f"{where}: {key}: must be a finite number, got {value!r}")
+    unit = key.rsplit(".", 1)[-1]
+    if p.kind in (int, float):
+        if unit.endswith(("_ns", "_bytes", "_per_s")) and value < 0:
+            raise VtraceError(f"{where}: {key}: must not be negative, got {value!r}")
+        if p.minimum is not None and value < p.minimum:
+            raise VtraceError(f"{where}: {key}: must be at least {p.minimum:g}, got {value!r}")
+        if p.power_of_two and (value < 1 or value & (value - 1)):
+            raise VtraceError(f"{where}: {key}: must be a power of two, got {value!r}")
+    if p.choices and value not in p.choices:
+        raise VtraceError(f"{where}: {key}: must be one of {', '.join(p.choices)}, got {value!r}")
+    if p.kind is list:
+        value = [_check_access(where, f"{key}[{i}]", a) for i, a in enumerate(value)]
+    return value
+
+
+def _check_access(where: str, key: str, access: Any) -> dict[str, Any]:
+    if not isinstance(access, dict):
+        raise VtraceError(f"{where}: {key}: expected a table with {', '.join(ACCESS_KEYS)}")
+    out = {}
+    for k, v in access.items():
+        if k not in ACCESS_KEYS:
+            raise VtraceError(f"{where}: {key}.{k}: unknown key (known: {', '.join(ACCESS_KEYS)})")
+        out[k] = _check_value(where, f"{key}.{k}", ACCESS_KEYS[k], v)
+    return {k: out.get(k, p.default) for k, p in ACCESS_KEYS.items()}
+
+
+@dataclass
+class Config:
+    """A validated model: ``values[table][key]``, where it was loaded from, and its overrides."""
+
+    name: str
+    path: str
+    values: dict[str, dict[str, Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.values["model"]["kind"]
+
+    def __getitem__(self, dotted: str) -> Any:
+        table, key = dotted.split(".", 1)
+        return self.values[table][key]
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str], where: str = "--set") -> Config:
+        """A copy with ``table.key`` values replaced (strings ``k=v`` as on the command line)."""
+        pairs = parse_assignments(overrides, where) if isinstance(overrides, list) else overrides
+        values = copy.deepcopy(self.values)
+        applied = dict(self.overrides)
+        for key, raw in pairs.items():
+            dotted = resolve_key(key, self.kind, where)
+            table, name = dotted.split(".", 1)
+            values[table][name] = _check_value(where, dotted, SCHEMA[table][name], raw)
+            applied[dotted] = values[table][name]
+        cfg = Config(self.name, self.path, values, applied)
+        _check_consistency(cfg, where)
+        return cfg
+
+
+def resolve_key(key: str, kind: str, where: str = "--set") -> str:
+    """``table.key`` for a dotted key or for a bare key that names one parameter of this kind."""
+    tables = KIND_TABLES[kind]
+    if "." in key:
+        table, name = key.split(".", 1)
+        if table not in tables or name not in SCHEMA[table]:
+            raise VtraceError(f"{where}: {key}: unknown key for a {kind} model")
+        return key
+    hits = [t for t in tables if key in SCHEMA[t]]
+    if kind == "queue" and "queue" in hits:  # a reference queue's rate lives in [queue]
+        hits = ["queue"]
+    if len(hits) == 1:
+        return f"{hits[0]}.{key}"
+    if not hits:
+        raise VtraceError(f"{where}: {key}: unknown key for a {kind} model")
+    raise VtraceError(f"{where}: {key}: ambiguous, say which table ({', '.join(hits)})")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as TOML (numbers, booleans, quoted strings), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(items: list[str], where: str = "--set") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise VtraceError(f"{where}: {item!r}: expected key=value")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def _check_consistency(cfg: Config, where: str) -> None:
+    """Rules that span several keys."""
+    v = cfg.values
+    if cfg.kind == "virtio":
+        q = v["virtqueue"]
+        if q["descs_per_request"] > q["ring_size"]:
+            raise VtraceError(
+                f"{where}: virtqueue.descs_per_request: {q['descs_per_request']} does not fit "
+                f"in virtqueue.ring_size {q['ring_size']}"
+            )
+        if q["whole_batches"] and q["batch"] * q["descs_per_request"] > q["ring_size"]:
+            raise VtraceError(
+                f"{where}: virtqueue.batch: a whole batch of {q['batch']} x "
+                f"{q['descs_per_request']} descriptors does not fit in ring_size {q['ring_size']}"
+            )
+        if q["batch_policy"] == "timer" and q["batch_timer_ns"] <= 0:
+            raise VtraceError(
+                f"{where}: virtqueue.batch_timer_ns: the timer policy needs a value > 0"
+            )
+    if cfg.kind == "queue":
+        qq = v["queue"]
+        if (qq["service_mean_ns"] > 0) == (qq["service_ns"] > 0):
+            raise VtraceError(
+                f"{where}: queue.service_mean_ns: set exactly one of service_mean_ns "
+                "(exponential) and service_ns (deterministic)"
+            )
+        if qq["arrival_rate_per_s"] <= 0:
+            raise VtraceError(f"{where}: queue.arrival_rate_per_s: must be > 0")
+    if "backend" in v and v["backend"]["stall_probability"] > 1:
+        raise VtraceError(f"{where}: backend.stall_probability: must be at most 1")
+    w = v["workload"]
+    if w["arrivals"] in ("poisson", "deterministic") and w["arrival_rate_per_s"] <= 0:
+        raise VtraceError(f"{where}: workload.arrival_rate_per_s: must be > 0")
+    if w["warmup_requests"] >= w["requests"]:
+        raise VtraceError(f"{where}: workload.warmup_requests: must be below workload.requests")
+
+
+def from_dict(raw: dict[str, Any], where: str, name: str = "") -> Config:
+    """Validate a parsed TOML document (``where`` names it in errors)."""
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise VtraceError(f"{where}: model: expected a table")
+    kind = _check_value(where, "model.kind", SCHEMA["model"]["kind"], model.get("kind", "virtio"))
+    allowed = KIND_TABLES[kind]
+    values: dict[str, dict[str, Any]] = {}
+    for table in allowed:
+        values[table] = {k: copy.deepcopy(p.default) for k, p in SCHEMA[table].items()}
+    for table, body in raw.items():
+        if table not in allowed:
+            known = ", ".join(allowed)
+            raise VtraceError(
+                f"{where}: {table}: unknown table for a {kind} model (known: {known})"
+            )
+        if not isinstance(body, dict):
+            raise VtraceError(f"{where}: {table}: expected a table, got {type(body).__name__}")
+        for key, value in body.items():
+            if key not in SCHEMA[table]:
+                raise VtraceError(f"{where}: {table}.{key}: unknown key")
+            values[table][key] = _check_value(where, f"{table}.{key}", SCHEMA[table][key], value)
+    cfg = Config(name or Path(where).stem, where, values)
+    _check_consistency(cfg, where)
+    return cfg
+
+
+def model_path(name_or_path: str | Path) -> Path:
+    """A model file: an existing path, or a name under ``models/`` (``mm1`` finds reference/)."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise VtraceError(f"{p}: no such model file")
+        return p
+    for candidate in (MODELS_DIR / f"{p}.toml", MODELS_DIR / "reference" / f"{p}.toml"):
+        if candidate.is_file():
+            return candidate
+    raise VtraceError(f"{name_or_path}: no such model (known: {', '.join(model_names())})")
+
+
+def model_names() -> list[str]:
+    """Names of the shipped models."""
+    names = [p.stem for p in MODELS_DIR.glob("*.toml")]
+    names += [p.stem for p in (MODELS_DIR / "reference").glob("*.toml")]
+    return sorted(names)
+
+
+def load_config(
+    name_or_path: str | Path, overrides: dict[str, Any] | list[str] | None = None
+) -> Config:
+    """Load and validate a model by name or path, then apply ``overrides`` (``--set``)."""
+    path = model_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise VtraceError(f"{path}: {e}") from None
+    except OSError as e:
+        raise VtraceError(f"{path}: cannot read: {e.strerror}") from None
+    cfg = from_dict(raw, str(path), path.stem)
+    return cfg.with_overrides(overrides) if overrides else cfg
