@@ -305,3 +305,26 @@ def test_fresh_capture_from_dev_kvm(tmp_path: Path) -> None:
     }  # fmt: skip
     assert {k: by_event.get(k) for k in expected} == expected
     assert meta["unparsed"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["ftrace", "perf"])
+def test_non_ascii_task_names_keep_their_fields(tmp_path: Path, fmt: str) -> None:
+    """str.find counts bytes, slices count characters: a non-ASCII task name must not
+    shift the fields after it."""
+    lines = {
+        "ftrace": [
+            "      CPU 0/KVMé-4774    [000] .....   411.064950: kvm_pio: pio_write at 0x500 size 1 count 1 val 0x41 ",
+            "         python3-4775    [001] .....   411.065001: kvm_pio: pio_read at 0x504 size 2 count 1 val 0x7 ",
+        ],
+        "perf": [
+            "   CPU 0/KVMé  4774 [000]   411.064950: kvm:kvm_pio: pio_write at 0x500 size 1 count 1 val 0x41 ",
+            "      python3  4775 [001]   411.065001: kvm:kvm_pio: pio_read at 0x504 size 2 count 1 val 0x7 ",
+        ],
+    }[fmt]
+    df, meta = parse_lines(tmp_path, lines, fmt)
+    assert meta["unparsed"] == 0
+    assert df["ts_ns"].to_list() == [411_064_950_000, 411_065_001_000]
+    assert df["tid"].to_list() == [4774, 4775]
+    assert df["cpu"].to_list() == [0, 1]
+    assert df["addr"].to_list() == [0x500, 0x504]
+    assert df["write"].to_list() == [True, False]

@@ -252,7 +252,11 @@ def test_e1000_accesses_vs_virtio_net_kicks_per_packet(tmp_path: Path) -> None:
         assert key in e1000
     assert e1000["device_accesses_per_request"] >= 5  # Linux e1000: TDT + 5 per interrupt
     assert e1000["kicks_per_request"] is None
-    assert e1000["interrupts_per_request"] == e1000["guest_interrupts_per_request"] >= 1
+    # e1000's INTx line is level-triggered: the device may raise it again before the guest's
+    # handler has read ICR, so the trace can hold a raise or two more than the guest took
+    # (seen: 33 raises for 32 handled). MSI (virtio-net below) is one message, one interrupt.
+    guest, traced = e1000["guest_interrupts_per_request"], e1000["interrupts_per_request"]
+    assert 1 <= guest <= traced <= guest * 1.1
     assert vnet["device_accesses_per_request"] == 0
     assert 0.95 <= vnet["kicks_per_request"] <= 1.05
     assert vnet["interrupts"] == int(meta["guest_info"]["guest_interrupts"])

@@ -129,6 +129,7 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, list]:
 @pytest.mark.root
 @pytest.mark.bcc
 @pytest.mark.slow
+@pytest.mark.timeout(240)  # a stuck recording must fail the run, not hang it
 def test_predicted_kicks_and_exits_per_request_match_real_runs(real_runs: dict) -> None:
     for key, t in real_runs.items():
         if t["real_kicks"] > 0:
@@ -140,6 +141,7 @@ def test_predicted_kicks_and_exits_per_request_match_real_runs(real_runs: dict) 
 @pytest.mark.root
 @pytest.mark.bcc
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_predicted_throughput_matches_real_runs(real_runs: dict) -> None:
     noisy = {k: t["agreement"] for k, t in real_runs.items() if t["agreement"] > 0.10}
     if noisy:

@@ -68,9 +68,6 @@ class PayloadFormat:
     keep_raw: bool
     # (group, table): a left join of the group's text with the table's ``key`` column first.
     lookup: tuple[str, Callable[[], pl.DataFrame]] | None = None
-    # A stricter pattern, cheaper to run (no lazy repetition): where it matches, its groups
-    # are exactly those of ``pattern``; ``pattern`` runs on the rest.
-    quick: str | None = None
 
 
 def _pio() -> dict[str, pl.Expr]:
@@ -227,9 +224,6 @@ PAYLOADS: dict[str, PayloadFormat] = {
         _exit,
         True,
         lookup=("name", exit_reason_lookup),
-        # A name without blanks (no flag names after it): the lazy NAME cannot end earlier,
-        # because " rip 0x" starts with a blank.
-        quick=rf"(?:vcpu (?P<vcpu>\d+) )?reason (?P<name>[^ ]+) rip 0x(?P<rip>{HEX})",
     ),
     s.KVM_ENTRY: PayloadFormat(rf"vcpu (?P<vcpu>\d+), rip 0x(?P<rip>{HEX})", "rip", _entry, True),
     s.KVM_PIO: PayloadFormat(

@@ -133,8 +133,14 @@ def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
     not events.
     """
     line = pl.col("line")
-    at = line.str.find(fmt.stamp)
-    bracket = line.str.find(CPU_FIELD)
+    # str.find counts bytes but str.slice counts characters. Offsets are found on a copy
+    # where each non-ASCII character (in a task name, say) is one byte, so they are
+    # character offsets into the line too.
+    probe = line
+    if lines.select(line.str.len_bytes().sum() != line.str.len_chars().sum()).item():
+        probe = line.str.replace_all(r"[^\x00-\x7F]", "?")
+    at = probe.str.find(fmt.stamp)
+    bracket = probe.str.find(CPU_FIELD)
     # One lazy query: polars runs independent expressions in parallel and computes shared
     # ones once. Long strings are sliced as few times as possible; short fields are cut
     # from short windows.
@@ -142,7 +148,7 @@ def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
         at=at,
         pre=line.str.slice(0, bracket).str.strip_chars_end(),
         cpu_text=line.str.slice(bracket + 1, 12),
-        window=line.str.slice(at, 40),
+        window=probe.str.slice(at, 40),
     )
     # The timestamp ends at the first colon after `at` (a timestamp is at most 30 chars).
     colon = pl.col("at") + pl.col("window").str.find(":", literal=True)
@@ -221,14 +227,7 @@ def parse_event_lines(events: pl.DataFrame) -> pl.DataFrame:
         if spec is None:
             other.append(lines.lazy())
             continue
-        by_pattern = pl.col("payload").str.extract_groups(f"^{spec.pattern}")
-        part = lines.lazy()
-        if spec.quick is None:
-            part = part.with_columns(f=by_pattern)
-        else:
-            part = part.with_columns(f=pl.col("payload").str.extract_groups(f"^{spec.quick}"))
-            quick = field(spec.required).is_not_null()
-            part = pl.concat([part.filter(quick), part.filter(~quick).with_columns(f=by_pattern)])
+        part = lines.lazy().with_columns(f=pl.col("payload").str.extract_groups(f"^{spec.pattern}"))
         if spec.lookup is not None:
             group, table = spec.lookup
             part = part.join(table().lazy(), left_on=field(group), right_on="key", how="left")
