@@ -15,7 +15,8 @@ starts while requests are in flight shifts the matching for that queue, so trace
 start before the workload.
 
 Each request also gets the kick that announced it: the latest kick of the same queue
-(`lab_kick`, `virtio_queue_notify`) at or before its pop.
+(`lab_kick`, `virtio_queue_notify`) at or before its pop, unless the queue completed
+requests in between (then the back end found it on its own and it has no kick).
 """
 
 from __future__ import annotations
@@ -137,6 +138,25 @@ def requests_plan(events: pl.LazyFrame) -> pl.LazyFrame:
         strategy="backward",
         check_sortedness=False,
     )
+    # A kick announces only the requests of the pass it started: a pop after a completion
+    # that came after the kick was found by the back end on its own (the guest's kick was
+    # suppressed), so it has no kick rather than an old one.
+    previous_done = done.select(*keys, pl.col("complete_ts_ns").alias("_prev_done_ts"))
+    with_kick = with_kick.join_asof(
+        previous_done,
+        left_on="ts_ns",
+        right_on="_prev_done_ts",
+        by=keys,
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,
+    ).with_columns(
+        pl.when(
+            pl.col("_prev_done_ts").is_null() | (pl.col("kick_ts_ns") > pl.col("_prev_done_ts"))
+        )
+        .then(pl.col("kick_ts_ns"))
+        .alias("kick_ts_ns")
+    )
     with_irq = (
         with_kick.with_columns(pl.col("complete_ts_ns").fill_null(-1).alias("_done_ts"))
         .sort([*keys, "_done_ts"])
@@ -184,7 +204,8 @@ def requests(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     Columns: `source`, `pid`, `device`, `queue`, `seq` (1-based order of the pop in its
     queue), `tid` (the thread that popped it), `pop_ts_ns`, `complete_ts_ns` and
     `latency_ns` (null when no completion covers it), `kick_ts_ns` (the latest kick of the
-    queue at or before the pop, null when none), `kick_to_pop_ns`, `irq_ts_ns` (the first
+    queue at or before the pop and after the queue's previous completion: null when the back
+    end found the request without a kick), `kick_to_pop_ns`, `irq_ts_ns` (the first
     interrupt of the queue at or after the completion and before the queue's next
     completion: null when the completion was not notified) and `complete_to_irq_ns`.
     Sorted by queue, then `seq`.
