@@ -49,7 +49,7 @@ def test_per_request_frame_columns_and_counts() -> None:
 
 
 @pytest.mark.parametrize(("model", "per_request", "per_irq"), [
-    ("lab-emulated", 4, 0), ("ide-emulated", 24, 3), ("e1000-emulated", 1, 5),
+    ("lab-emulated", 4, 0), ("ide-emulated", 18, 8), ("e1000-emulated", 1, 5),
 ])  # fmt: skip
 def test_emulated_path_costs_several_exits_per_request(
     model: str, per_request: int, per_irq: int
@@ -61,8 +61,9 @@ def test_emulated_path_costs_several_exits_per_request(
     assert s["exits_per_request"] >= 4
 
 
-def test_ide_makes_27_exits_per_request_as_measured() -> None:
-    assert run("ide-emulated", **{"workload.requests": 1000})["exits_per_request"] == 27
+def test_ide_makes_26_exits_per_request_as_measured() -> None:
+    # traces/qemu-ide: 26.0 trapping register accesses per 4 KiB read
+    assert run("ide-emulated", **{"workload.requests": 1000})["exits_per_request"] == 26
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])

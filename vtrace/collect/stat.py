@@ -229,6 +229,7 @@ def table_view(
         ("per s", "right"), ("total", "right"), ("p50≤µs", "right"), ("p99≤µs", "right"),
     ):  # fmt: skip
         t.add_column(col, justify=justify, no_wrap=True, min_width=8 if col == "VM" else None)  # type: ignore[arg-type]
+    # Rows are rendered one by one: at most 40 table rows and 3 histograms, display only.
     for r in counts.filter(pl.col("total") > 0).head(40).iter_rows(named=True):
         t.add_row(
             r["vm"][:16], str(r["pid"]), r["event_name"].removeprefix("kvm_"),

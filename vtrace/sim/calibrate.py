@@ -17,6 +17,9 @@ trace and the statistic beside every fitted value):
   request (between two pops of one pass) and per pass (last pop to the used.idx
   publish), from the lab back end's ``lab_kick``/``lab_pop``/``lab_complete`` events.
 
+A QEMU guest trace (``vtrace qemu-lab run``, TCG) sets the path's structure instead of its
+costs: see :mod:`vtrace.sim.qemu_guest`.
+
 The in-kernel kick round trip cannot be separated from the guest's own time in these
 traces (no ``kvm_entry`` without hardware virtualisation), so ``kvm.kernel_exit_ns`` stays
 as the base model has it (measured here with ``vtrace lab exit-cost``, HOST.md).
@@ -36,6 +39,7 @@ import polars as pl
 from vtrace.errors import VtraceError
 from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
 from vtrace.sim.config import KIND_TABLES, SCHEMA, Config, load_config, model_path
+from vtrace.sim.qemu_guest import QemuFacts, fit_qemu, qemu_facts
 
 STALL_FACTOR = 10  # a wake-up this many times the median is a preempted back end
 
@@ -55,8 +59,6 @@ class TraceFacts:
     access_count: dict[tuple[int, bool], int] = field(default_factory=dict)
     start_port: tuple[int, bool] | None = None
     # virtio back end (pooled samples, ns)
-    # QEMU guest traces: device register accesses per request, by region and direction
-    region_count: dict[tuple[str, bool], float] = field(default_factory=dict)
     wake_ns: np.ndarray | None = None
     pop_gap_ns: np.ndarray | None = None
     publish_ns: np.ndarray | None = None
@@ -64,11 +66,16 @@ class TraceFacts:
 
 @dataclass
 class Calibration:
-    """The fitted config and, per fitted key, its value and where it came from."""
+    """The fitted config and, per fitted key, its value and where it came from.
+
+    ``fitted`` holds the numbers (a list of accesses as its total count); ``notes`` the
+    source of every key the calibration set, settings such as ``backend.publish`` included.
+    """
 
     config: Config
     fitted: dict[str, tuple[float, str]]
-    facts: list[TraceFacts]
+    facts: list[TraceFacts] | list[QemuFacts]
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
@@ -100,9 +107,6 @@ def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
         .collect()
     )
     if pops.height == 0:
-        qemu = trace.meta.get("qemu_lab") or {}
-        if qemu.get("requests"):
-            return _qemu_facts(path, events, int(qemu["requests"]))
         raise VtraceError(
             f"{path}: no {LAB_POP} events and no QEMU request count: record a lab run "
             "(vtrace lab run --record) or a QEMU guest (vtrace qemu-lab run)"
@@ -183,27 +187,6 @@ def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
     return facts
 
 
-def _qemu_facts(path: str | os.PathLike[str], events: pl.LazyFrame, requests: int) -> TraceFacts:
-    """A QEMU guest trace: which device registers the guest touched, per request.
-
-    Under TCG every access reaches QEMU's device model; under KVM each would be an exit to
-    user space. Timings under TCG are not KVM's, so only counts are taken from such a trace.
-    """
-    from vtrace.analyze import accesses
-
-    acc = accesses(events).filter(pl.col("source").cast(pl.String) == "qemu")
-    if acc.height == 0:
-        raise VtraceError(f"{path}: no QEMU device register accesses (memory_region_ops_*)")
-    facts = TraceFacts(
-        name=Path(path).name, requests=requests, batch=1, duration_ns=0.0, kicks=0,
-        userspace_exits=acc.height,
-    )  # fmt: skip
-    per_region = acc.group_by(pl.col("device").cast(pl.String), "write").len()
-    for device, write, n in per_region.iter_rows():  # a handful of regions, not events
-        facts.region_count[(str(device), bool(write))] = n / requests
-    return facts
-
-
 def _trimmed_mean(samples: list[np.ndarray]) -> float:
     """Mean below the 99th percentile: throughput follows mean costs, but a rare preemption
     of milliseconds (a shared host) would swamp a few hundred samples."""
@@ -224,28 +207,7 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
     fitted: dict[str, tuple[float, str]] = {}
     values: dict[str, Any] = {}
     kernel_exit = cfg["kvm.kernel_exit_ns"]
-    if cfg.kind == "emulated" and facts[0].region_count:
-        f = facts[0]
-        accesses = [
-            {
-                "register": f"{device} {'write' if write else 'read'}",
-                "handler": "user",
-                "count": round(per_request),
-                "emulation_ns": 0.0,
-            }
-            for (device, write), per_request in sorted(f.region_count.items())
-            if round(per_request) > 0
-        ]
-        values["device.accesses"] = accesses
-        values["interrupt.accesses"] = []
-        total = sum(f.region_count.values())
-        fitted["device.accesses"] = (
-            float(sum(a["count"] for a in accesses)),
-            f"{f.name}: QEMU memory_region_ops per request by region ({total:.2f} in all; "
-            "the interrupt's register accesses included), each an exit to user space under KVM",
-        )
-        fitted["interrupt.accesses"] = (0.0, "counted in device.accesses (see there)")
-    elif cfg.kind == "emulated":
+    if cfg.kind == "emulated":
         f = facts[0]  # registers and their order come from the first trace
         if not f.access_gap_ns:
             raise VtraceError(f"{f.name}: no user-space register accesses: not an emulated device")
@@ -370,7 +332,7 @@ def _toml_value(v: Any) -> str:
     return str(v)
 
 
-def render(cfg: Config, fitted: dict[str, tuple[float, str]], base: str, traces: list[str]) -> str:
+def render(cfg: Config, notes: dict[str, str], base: str, traces: list[str]) -> str:
     """The config as TOML, each value commented with its origin (a trace, or the base model)."""
     lines = [
         f"# Calibrated from {', '.join(traces)} by `vtrace calibrate`, starting from {base}.",
@@ -382,7 +344,7 @@ def render(cfg: Config, fitted: dict[str, tuple[float, str]], base: str, traces:
         for key in SCHEMA[table]:
             dotted = f"{table}.{key}"
             value = cfg.values[table][key]
-            note = f"fitted: {fitted[dotted][1]}" if dotted in fitted else f"from {base}"
+            note = f"fitted: {notes[dotted]}" if dotted in notes else f"from {base}"
             if key == "description" and table == "model":
                 value = f"{value} (calibrated)"
             text = _toml_value(value)
@@ -405,11 +367,36 @@ def calibrate(
     cfg = load_config(model)
     if cfg.kind == "queue":
         raise VtraceError(f"{model}: a reference queue has no costs to calibrate")
-    facts = [trace_facts(t) for t in traces]
-    cfg, fitted = fit(cfg, facts)
+    from vtrace import open_trace
+
+    opened = [open_trace(t) for t in traces]
+    guests = [t for t, o in zip(traces, opened, strict=True) if o.meta.get("qemu_lab")]
+    if guests:
+        # a QEMU guest under TCG shows structure, not KVM's timings: one trace, one shape
+        if len(traces) > 1:
+            raise VtraceError(
+                f"{guests[0]}: a QEMU guest trace calibrates alone (its structure), give only it"
+            )
+        f = qemu_facts(traces[0], opened[0].events, opened[0].meta)
+        values, found = fit_qemu(cfg, f)
+        cfg = cfg.with_overrides(values, where="calibrate")
+        facts: list[TraceFacts] | list[QemuFacts] = [f]
+        notes = {k: src for k, (_, src) in found.items()}
+        fitted = {
+            k: (float(sum(a["count"] for a in v)) if isinstance(v, list) else float(v), src)
+            for k, (v, src) in found.items()
+            if isinstance(v, list | int | float) and not isinstance(v, bool)
+        }
+    else:
+        facts = [trace_facts(t) for t in traces]
+        cfg, fitted = fit(cfg, facts)
+        notes = {k: src for k, (_, src) in fitted.items()}
+        notes["backend.publish"] = "the lab back end publishes used.idx once per pass"
+        if cfg.kind != "virtio":
+            notes.pop("backend.publish")
     if output is not None:
         out = Path(output)
-        text = render(cfg, fitted, model_path(model).name, [str(t) for t in traces])
+        text = render(cfg, notes, model_path(model).name, [str(t) for t in traces])
         load_check = out.with_name(f".{out.name}.tmp")
         try:
             load_check.write_text(text)
@@ -419,4 +406,4 @@ def calibrate(
             load_check.unlink(missing_ok=True)
             raise VtraceError(f"{out}: cannot write: {e.strerror}") from None
         cfg = load_config(out)
-    return Calibration(cfg, fitted, facts)
+    return Calibration(cfg, fitted, facts, notes)
