@@ -29,9 +29,9 @@ from vtrace.collect.formats import read_format
 from vtrace.collect.host import host_facts, vm_name
 from vtrace.collect.recording import preflight
 from vtrace.errors import VtraceError
+from vtrace.lab.kvm import KVM_RUN
 
 SOURCE = Path(__file__).with_name("stat.c")
-KVM_RUN = 0xAE80
 KIND_EXIT, KIND_USERSPACE = 0, 1
 KIND_NAMES = {KIND_EXIT: "exit->entry", KIND_USERSPACE: "user space"}
 STAT_EVENTS = (

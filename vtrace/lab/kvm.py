@@ -132,6 +132,19 @@ class IrqLevel(ctypes.Structure):
     _fields_ = (("irq", ctypes.c_uint32), ("level", ctypes.c_uint32))
 
 
+class Msi(ctypes.Structure):
+    """struct kvm_msi (KVM_SIGNAL_MSI)."""
+
+    _fields_ = (
+        ("address_lo", ctypes.c_uint32),
+        ("address_hi", ctypes.c_uint32),
+        ("data", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("devid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 12),
+    )
+
+
 class RunIo(ctypes.Structure):
     """The `io` member of kvm_run's exit union (KVM_EXIT_IO)."""
 
@@ -208,6 +221,7 @@ KVM_GET_REGS = _ior(0x81, ctypes.sizeof(Regs))
 KVM_SET_REGS = _iow(0x82, ctypes.sizeof(Regs))
 KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(Sregs))
 KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(Sregs))
+KVM_SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(Msi))
 
 KVM_CAP_IRQCHIP = 0
 KVM_CAP_IOEVENTFD = 36
@@ -215,6 +229,7 @@ KVM_CAP_IRQFD = 32
 
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 
 # kvm_run.exit_reason values (KVM_EXIT_*).
 KVM_EXIT_UNKNOWN = 0

@@ -1,8 +1,10 @@
-"""A minimal VMM on /dev/kvm: one VM, one memory slot, one vCPU in flat 32-bit mode.
+"""A minimal VMM on /dev/kvm: one VM, one memory slot, one vCPU in flat 32-bit mode (or in
+16-bit real mode, for tiny guests that need no set-up at all).
 
 The vCPU runs in the thread that calls :meth:`Vm.run`; every return from ``KVM_RUN`` is a
-user-space exit this VMM handles and counts. Port I/O is dispatched to handlers the device
-models register; ports registered with ``KVM_IOEVENTFD`` never reach user space.
+user-space exit this VMM handles and counts. Port I/O and MMIO are dispatched to handlers
+the device models register; ports and addresses registered with ``KVM_IOEVENTFD`` never
+reach user space.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vtrace.errors import VtraceError
@@ -28,6 +30,7 @@ InHandler = Callable[[], int]
 _EXIT_IO = struct.Struct("<I20xBBHIQ")
 _EXIT_IO_OFFSET = 8
 _MEMORY_ALIGN_BYTES = 2 << 20
+_REAL_MODE_SEGMENT_BYTES = 0x10000
 
 
 class GuestStopped(Exception):
@@ -44,19 +47,29 @@ def _flat_segment(selector: int, type_: int) -> kvm.Segment:
 class Vm:
     """One lab VM: guest memory, an optional in-kernel irqchip, one vCPU."""
 
-    def __init__(self, memory_bytes: int, *, irqchip: bool = False) -> None:
+    def __init__(
+        self,
+        memory_bytes: int,
+        *,
+        irqchip: bool = False,
+        memory_align_bytes: int = _MEMORY_ALIGN_BYTES,
+    ) -> None:
+        """Guest memory is ``memory_bytes`` rounded up to ``memory_align_bytes`` (a multiple
+        of the page size), at guest-physical 0; every address above it is MMIO."""
+        if memory_align_bytes <= 0 or memory_align_bytes % mmap.PAGESIZE:
+            raise ValueError(f"memory_align_bytes {memory_align_bytes} is not a page multiple")
         self._fds: list[int] = []
         try:
-            self._create(memory_bytes, irqchip)
+            self._create(memory_bytes, irqchip, memory_align_bytes)
         except BaseException:
             for fd in reversed(self._fds):
                 os.close(fd)
             raise
 
-    def _create(self, memory_bytes: int, irqchip: bool) -> None:
+    def _create(self, memory_bytes: int, irqchip: bool, align_bytes: int) -> None:
         self.kvm_fd = self._keep(kvm.open_kvm())
         self.vm_fd = self._keep(kvm.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, 0))
-        size = -(-memory_bytes // _MEMORY_ALIGN_BYTES) * _MEMORY_ALIGN_BYTES
+        size = -(-memory_bytes // align_bytes) * align_bytes
         # Anonymous and lazily backed: only pages the guest and back end touch cost RAM.
         self.memory = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._memory_anchor = ctypes.c_char.from_buffer(self.memory)
@@ -79,6 +92,10 @@ class Vm:
         self._run_area, self._run = kvm.map_run(self.vcpu_fd, run_size)
         self.out_handlers: dict[int, OutHandler] = {}
         self.in_handlers: dict[int, InHandler] = {}
+        # MMIO by guest-physical address; a write handler gets the value (little-endian).
+        self.mmio_write_handlers: dict[int, OutHandler] = {}
+        self.mmio_read_handlers: dict[int, InHandler] = {}
+        self.stop_on_hlt = False  # a KVM_EXIT_HLT ends run() (no irqchip: nothing wakes it)
         self.userspace_exits = 0
         self.exit_reasons: dict[int, int] = {}
         self.hung = False
@@ -108,21 +125,47 @@ class Vm:
         regs = kvm.Regs(rip=entry, rsp=L.STACK_TOP, rflags=0x2)
         kvm.ioctl(self.vcpu_fd, kvm.KVM_SET_REGS, regs)
 
+    def load_real_mode(
+        self, program: bytes, *, entry: int, segments: Mapping[str, int] | None = None
+    ) -> None:
+        """Copy a 16-bit program to ``entry`` and start the vCPU there in real mode.
+
+        cs is 0 (so ``entry`` is below 64 KiB); ``segments`` gives the selectors of ds, es,
+        fs, gs and ss (default 0), each a 64 KiB segment at selector x 16, as after a far
+        jump or a segment load in real mode. All general-purpose registers start at 0.
+        """
+        if not 0 <= entry <= _REAL_MODE_SEGMENT_BYTES - len(program):
+            raise ValueError(f"real-mode program of {len(program)} bytes at {entry:#x}")
+        selectors = dict(segments or {})
+        unknown = set(selectors) - {"ds", "es", "fs", "gs", "ss"}
+        if unknown:
+            raise ValueError(f"not a data segment register: {', '.join(sorted(unknown))}")
+        self.memory[entry : entry + len(program)] = program
+        sregs = kvm.Sregs()
+        kvm.ioctl(self.vcpu_fd, kvm.KVM_GET_SREGS, sregs)  # reset state: real mode
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            segment, selector = getattr(sregs, name), selectors.get(name, 0)
+            segment.selector, segment.base = selector, selector << 4
+            segment.limit = _REAL_MODE_SEGMENT_BYTES - 1
+        kvm.ioctl(self.vcpu_fd, kvm.KVM_SET_SREGS, sregs)
+        kvm.ioctl(self.vcpu_fd, kvm.KVM_SET_REGS, kvm.Regs(rip=entry, rflags=0x2))
+
     def write_u32(self, addr: int, value: int) -> None:
         struct.pack_into("<I", self.memory, addr, value)
 
     def read_u32(self, addr: int) -> int:
         return struct.unpack_from("<I", self.memory, addr)[0]
 
-    def add_ioeventfd(self, port: int, length: int, fd: int) -> None:
-        """Let KVM signal ``fd`` for guest writes of ``length`` bytes to ``port``, in kernel."""
-        req = kvm.IoEventFd(
-            datamatch=0, addr=port, len=length, fd=fd, flags=kvm.KVM_IOEVENTFD_FLAG_PIO
-        )
+    def add_ioeventfd(self, port: int, length: int, fd: int, *, mmio: bool = False) -> None:
+        """Let KVM signal ``fd`` for guest writes of ``length`` bytes to ``port``, in kernel
+        (with ``mmio``, ``port`` is a guest-physical address)."""
+        flags = 0 if mmio else kvm.KVM_IOEVENTFD_FLAG_PIO
+        req = kvm.IoEventFd(datamatch=0, addr=port, len=length, fd=fd, flags=flags)
         try:
             kvm.ioctl(self.vm_fd, kvm.KVM_IOEVENTFD, req)
         except OSError as e:
-            raise VtraceError(f"KVM_IOEVENTFD on port {port:#x} failed: {e.strerror}") from None
+            where = f"MMIO address {port:#x}" if mmio else f"port {port:#x}"
+            raise VtraceError(f"KVM_IOEVENTFD on {where} failed: {e.strerror}") from None
 
     def add_irqfd(self, fd: int, gsi: int) -> None:
         """Let a write to eventfd ``fd`` raise interrupt line ``gsi`` (needs the irqchip)."""
@@ -130,6 +173,20 @@ class Vm:
             kvm.ioctl(self.vm_fd, kvm.KVM_IRQFD, kvm.IrqFd(fd=fd, gsi=gsi))
         except OSError as e:
             raise VtraceError(f"KVM_IRQFD on GSI {gsi} failed: {e.strerror}") from None
+
+    def remove_irqfd(self, fd: int, gsi: int) -> None:
+        """Unbind ``fd`` from ``gsi``; KVM finishes the injections already signalled first."""
+        flags = kvm.KVM_IRQFD_FLAG_DEASSIGN
+        kvm.ioctl(self.vm_fd, kvm.KVM_IRQFD, kvm.IrqFd(fd=fd, gsi=gsi, flags=flags))
+
+    def set_irq_line(self, gsi: int, level: int) -> None:
+        """Drive interrupt line ``gsi`` to ``level`` (KVM_IRQ_LINE; needs the irqchip)."""
+        kvm.ioctl(self.vm_fd, kvm.KVM_IRQ_LINE, kvm.IrqLevel(irq=gsi, level=level))
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """Inject one message-signalled interrupt (KVM_SIGNAL_MSI; needs the irqchip)."""
+        msi = kvm.Msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
+        kvm.ioctl(self.vm_fd, kvm.KVM_SIGNAL_MSI, msi)
 
     def stop_on(self, done_port: int, stall_port: int) -> list[int]:
         """End :meth:`run` on a write to either port; the returned list gets what was written
@@ -206,7 +263,8 @@ class Vm:
                 reason, direction, size, port, count, offset = unpack(area, _EXIT_IO_OFFSET)
                 reasons[reason] = reasons.get(reason, 0) + 1
                 if reason != kvm.KVM_EXIT_IO or count != 1:
-                    self._unexpected_exit(reason, count)
+                    self._other_exit(reason, count)
+                    continue
                 if direction == kvm.KVM_EXIT_IO_OUT:
                     handler = outs.get(port)
                     if handler is None:
@@ -219,6 +277,26 @@ class Vm:
                     area[offset : offset + size] = read().to_bytes(size, "little")
         except GuestStopped:
             return
+
+    def _other_exit(self, reason: int, count: int) -> None:
+        """An exit other than single port I/O: MMIO, a halt, or the end of the run."""
+        if reason == kvm.KVM_EXIT_MMIO:
+            mmio = self._run.exit.mmio
+            addr, size = mmio.phys_addr, mmio.len
+            if mmio.is_write:
+                handler = self.mmio_write_handlers.get(addr)
+                if handler is None:
+                    raise VtraceError(f"guest wrote to unhandled MMIO address {addr:#x}")
+                handler(int.from_bytes(bytes(mmio.data)[:size], "little"))
+            else:
+                read = self.mmio_read_handlers.get(addr)
+                if read is None:
+                    raise VtraceError(f"guest read from unhandled MMIO address {addr:#x}")
+                ctypes.memmove(mmio.data, read().to_bytes(size, "little"), size)
+            return
+        if reason == kvm.KVM_EXIT_HLT and self.stop_on_hlt:
+            raise GuestStopped
+        self._unexpected_exit(reason, count)
 
     def _unexpected_exit(self, reason: int, count: int) -> None:
         regs = kvm.Regs()
