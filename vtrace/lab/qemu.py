@@ -308,7 +308,9 @@ def qemu_command(
         # are answered by QEMU's user network itself.
         netdev = "user,id=net0,restrict=on"
         model = "e1000" if config.device == "e1000" else "virtio-net-pci"
-        cmd += ["-netdev", netdev, "-device", f"{model},netdev=net0"]
+        # romfile=: the guest boots from -kernel, so the NIC needs no PXE option ROM (and
+        # QEMU does not need Debian's ipxe-qemu to start).
+        cmd += ["-netdev", netdev, "-device", f"{model},netdev=net0,romfile="]
     return cmd
 
 
