@@ -82,7 +82,9 @@ def real_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, list]:
                 run_lab("virtio", requests=N, batch=b, ring_size=ring, record=rec)
             )
         for n in (EMULATED_CAL, *EMULATED_PREDICT):
-            rec = out / f"e-{n}-{i}" if n == EMULATED_CAL else None
+            # Recorded too: the calibration's user-space exit round trip includes the
+            # collector's cost per exit (about 9 % here), so the runs it predicts must pay it.
+            rec = out / f"e-{n}-{i}"
             runs.setdefault(("emulated", n), []).append(run_lab("emulated", requests=n, record=rec))
     best = {k: max(v, key=lambda r: r.requests_per_s) for k, v in runs.items()}
     calibrate([best["virtio", b, r].trace for b, r in VIRTIO_CAL], "lab-virtio", out / "v.toml")
@@ -151,12 +153,8 @@ def test_predicted_throughput_matches_real_runs(real_runs: dict) -> None:
             f"to {worst:.0%} in {len(noisy)} configurations; run on a quiet host"
         )
     for key, t in real_runs.items():
-        if key[0] == "virtio" and key[2] < 32:
-            # Known gap: on a ring this small the polling guest waits on the back end more
-            # than the model predicts (host scheduling of the back-end thread); the model is
-            # optimistic there, by 5-30 % in runs here.
-            assert 0.95 * t["real_rps"] < t["model_rps"] < 1.5 * t["real_rps"], key
-            continue
+        # small rings too (16 16, 2 4): the model's guest, like the lab's, checks for room
+        # before it builds a batch and pays a reap each time it takes used buffers back
         assert t["model_rps"] == pytest.approx(t["real_rps"], rel=THROUGHPUT_GOAL), key
     assert not any(math.isnan(t["model_rps"]) for t in real_runs.values())
 

@@ -12,6 +12,9 @@ trace and the statistic beside every fitted value):
 - the guest's own time per request and per batch: the vCPU's run time per batch,
   ``duration / batches = batch * request_prep_ns + batch_prep_ns + kicks per batch *
   kernel_exit_ns``, solved by least squares over traces with different batch sizes;
+- a polling guest's look at used.idx (``poll_ns``) and its reap of used buffers
+  (``reap_ns``): the base model's values scaled by fitted / base ``request_prep_ns``, since
+  they are the same emulated guest instructions (a large ring reaps too rarely to show them);
 - the back end's wake-up (kick write to the first pop after the eventfd wake-up; rare
   wake-ups over 10x the median are a preempted thread, ``backend.stall_*``), its time per
   request (between two pops of one pass) and per pass (last pop to the used.idx
@@ -275,6 +278,19 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
             prep = float(np.mean((y_arr - batch_prep) / b_arr))
             source = f"{names}: vCPU run time per batch / batch size, one batch size only"
         fitted["vcpu.request_prep_ns"] = (max(0.0, float(prep)), source)
+        # A polling guest's looks at used.idx and its reaps run the same emulated guest
+        # instructions as its requests, so they scale with the fitted per-request time (the
+        # base model counts them in instructions: see lab-virtio.toml).
+        base_prep = cfg["vcpu.request_prep_ns"]
+        if base_prep > 0 and prep > 0:
+            scale = float(prep) / base_prep
+            for key in ("vcpu.poll_ns", "vcpu.reap_ns"):
+                if cfg[key] > 0:
+                    fitted[key] = (
+                        cfg[key] * scale,
+                        f"{names}: the base model's {cfg[key]:.0f} ns x fitted / base "
+                        f"request_prep_ns ({scale:.3f}): the same guest instructions",
+                    )
         pop_gap = _trimmed_mean([f.pop_gap_ns for f in facts])
         publish = _trimmed_mean([f.publish_ns for f in facts])
         if not math.isnan(pop_gap):

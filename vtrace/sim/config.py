@@ -78,6 +78,9 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "request_prep_ns": Param(float, 0.0, "guest driver work to build one request"),
         "batch_prep_ns": Param(float, 0.0, "guest work per batch: publish avail.idx, test flags"),
         "poll_ns": Param(float, 0.0, "polling guest: one look at used.idx that finds nothing"),
+        "reap_ns": Param(
+            float, 0.0, "polling guest: fixed work of a look that takes used buffers back"
+        ),
         "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
         "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
     },

@@ -98,7 +98,7 @@ class Machine:
 
         # costs
         if kind == "queue":
-            self.prep_ns = self.batch_prep_ns = self.poll_ns = 0.0
+            self.prep_ns = self.batch_prep_ns = self.poll_ns = self.reap_ns = 0.0
             self.request_exits = NO_EXITS
             self.irq_exits = NO_EXITS
             self.backend_wakeup_ns = self.backend_per_request_ns = self.backend_per_pass_ns = 0.0
@@ -113,6 +113,7 @@ class Machine:
             self.prep_ns = v["vcpu"]["request_prep_ns"]
             self.batch_prep_ns = v["vcpu"]["batch_prep_ns"] if kind == "virtio" else 0.0
             self.poll_ns = v["vcpu"]["poll_ns"]
+            self.reap_ns = v["vcpu"]["reap_ns"]
             self.request_exits = (
                 access_exits(v["kvm"], v["device"]["accesses"]) if kind == "emulated" else NO_EXITS
             )
