@@ -27,7 +27,13 @@ import polars as pl
 from vtrace import __version__
 from vtrace import schema as s
 from vtrace.collect import bccload, doctor, program
-from vtrace.collect.decode import EVENT_IDS, RECORD_DTYPE, decode_records, signed_fields
+from vtrace.collect.decode import (
+    EVENT_IDS,
+    RECORD_DTYPE,
+    RECORD_WORDS,
+    decode_words,
+    signed_fields,
+)
 from vtrace.collect.host import host_facts
 from vtrace.collect.ringbuf import RingReader
 from vtrace.errors import VtraceError
@@ -71,6 +77,8 @@ def reason_tables_meta(tables: s.ReasonTables) -> dict[str, Any]:
     }
 
 
+# Parquet compression of the collector's parts (see TraceWriter in _start).
+PART_COMPRESSION = "lz4"
 # Drained records waiting for the writer, in ring buffers' worth (see Recording.__init__).
 MAX_PENDING_BUFFERS = 4
 
@@ -104,12 +112,18 @@ class Recording:
         self._bpf: Any = None
         self._writer: TraceWriter | None = None
         self._reader: RingReader | None = None
-        self._batches: queue.SimpleQueue[np.ndarray | pl.DataFrame] = queue.SimpleQueue()
-        # Bytes of drained records the writer has not taken yet. Memory stays bounded: above
-        # MAX_PENDING_BUFFERS ring buffers' worth the drain pauses, the ring buffer fills and
-        # the kernel counts what it cannot reserve as lost, so nothing is dropped silently.
-        self._pending_bytes = 0
-        self._pending_lock = threading.Lock()
+        self._frames: queue.SimpleQueue[pl.DataFrame] = queue.SimpleQueue()
+        # Drained records wait for the writer as word rows (decode.record_words layout) in
+        # ``_stage``, the first ``_staged`` columns. The writer swaps in ``_spare`` and hands
+        # the buffer back once its part is written: after the first second no new memory is
+        # touched (fresh pages cost the consumer more than copying into warm ones).
+        # Memory stays bounded: above MAX_PENDING_BUFFERS ring buffers' worth the drain
+        # pauses, the ring buffer fills and the kernel counts what it cannot reserve as lost,
+        # so nothing is dropped silently.
+        self._stage = np.empty((RECORD_WORDS, 0), np.uint64)
+        self._spare = self._stage
+        self._staged = 0
+        self._stage_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
@@ -186,7 +200,20 @@ class Recording:
             "start": {"unix": time.time(), "monotonic_ns": self._started_ns},
             **self.meta_extra,
         }
-        self._writer = TraceWriter(self.out_dir, meta, keep_on_error=True)
+        # Both stage buffers, written once now: a page touched for the first time costs a
+        # fault and zeroing while recording, on the cores the VMs need.
+        ring_records = self._reader.data_bytes // RECORD_DTYPE.itemsize
+        self._stage = np.ones((RECORD_WORDS, ring_records), np.uint64)
+        self._spare = np.ones((RECORD_WORDS, ring_records), np.uint64)
+        # Dictionary and delta encodings with lz4: as small as zstd over them, for less CPU
+        # per event than either zstd or plain pages.
+        self._writer = TraceWriter(
+            self.out_dir,
+            meta,
+            keep_on_error=True,
+            compression=PART_COMPRESSION,
+            column_encodings=True,
+        )
         self._threads = [
             threading.Thread(target=self._drain_loop, name="vtrace-drain", daemon=True),
             threading.Thread(target=self._write_loop, name="vtrace-write", daemon=True),
@@ -198,15 +225,31 @@ class Recording:
     # -- consumer ------------------------------------------------------------------------------
     def _drain_once(self) -> int:
         assert self._reader is not None
-        if self._pending_bytes > MAX_PENDING_BUFFERS * self._reader.data_bytes:
-            return 0  # the writer is behind: leave records in the ring (lost are counted there)
-        recs = self._reader.drain()
-        if len(recs):
-            self._counts += np.bincount(recs["event"], minlength=256)
-            with self._pending_lock:
-                self._pending_bytes += recs.nbytes
-            self._batches.put(recs)
-        return len(recs)
+        limit = MAX_PENDING_BUFFERS * self._reader.data_bytes // RECORD_DTYPE.itemsize
+        drained = 0
+        with self._stage_lock:
+            while self._staged < limit:  # else the writer is behind: records wait in the ring
+                if self._staged == self._stage.shape[1]:
+                    self._grow_stage(limit)
+                at = self._staged
+                n = self._reader.drain_words(self._stage, at)
+                if n:
+                    # The event id is byte 2 of the third word (decode.RECORD_WORDS).
+                    ev = self._stage[2, at : at + n].view(np.uint8)[2::8]
+                    self._counts += np.bincount(ev, minlength=256)
+                self._staged += n
+                drained += n
+                if self._staged < self._stage.shape[1]:
+                    break  # the ring is empty (else the stage was full: grow it and go on)
+        return drained
+
+    def _grow_stage(self, limit: int) -> None:
+        assert self._reader is not None
+        ring_records = self._reader.data_bytes // RECORD_DTYPE.itemsize
+        size = min(max(2 * self._stage.shape[1], ring_records), limit)
+        grown = np.empty((RECORD_WORDS, size), np.uint64)
+        grown[:, : self._staged] = self._stage[:, : self._staged]
+        self._stage = grown
 
     def _drain_loop(self) -> None:
         assert self._reader is not None
@@ -223,29 +266,31 @@ class Recording:
             self._errors.append(e)
 
     def _write_pending(self) -> None:
-        records: list[np.ndarray] = []
         frames: list[pl.DataFrame] = []
         while True:
             try:
-                item = self._batches.get_nowait()
+                frames.append(self._frames.get_nowait())
             except queue.Empty:
                 break
-            (records if isinstance(item, np.ndarray) else frames).append(item)
-        taken = sum(r.nbytes for r in records)
-        with self._pending_lock:
-            self._pending_bytes -= taken
+        with self._stage_lock:
+            words, n = self._stage, self._staged
+            spare = self._spare
+            if spare.shape[1] < words.shape[1]:
+                spare = np.empty_like(words)
+            self._stage, self._staged = spare, 0
         assert self._writer is not None
         with self._write_lock:
-            if records:
-                self._writer.append(
-                    decode_records(np.concatenate(records), self._tables, self._signed)
-                )
+            if n:
+                self._writer.append(decode_words(words[:, :n], self._tables, self._signed))
             for f in frames:
                 self._writer.append(f)
-            if records or frames:
+            if n or frames:
                 self._writer.flush()
                 self._writer.meta["lost_per_cpu"] = self.lost_per_cpu()
                 self._writer.write_meta()
+        # The written part no longer refers to the words (flush dropped the tables that
+        # shared its memory): the buffer can take the next records.
+        self._spare = words
 
     def _write_loop(self) -> None:
         try:
@@ -258,7 +303,7 @@ class Recording:
     # -- while running -------------------------------------------------------------------------
     def add_events(self, frame: pl.DataFrame) -> None:
         """Store extra events (e.g. the lab's own, ``source=lab``) in the same trace."""
-        self._batches.put(s.conform(frame))  # type: ignore[arg-type]
+        self._frames.put(s.conform(frame))  # type: ignore[arg-type]
 
     def lost_per_cpu(self) -> list[int]:
         """Records the kernel could not reserve in the ring buffer, per CPU, so far."""

@@ -6,7 +6,8 @@ with half a million events per second. A BPF ring buffer map can be mapped into 
 position, then a read-only page holding the producer position followed by the data area,
 mapped twice in a row so that a record that wraps around the end is still contiguous.
 Because every record here has the same size, the bytes between the two positions are an
-array of records that numpy can view and copy in one step.
+array of records that numpy can view and copy in one step (transposed: one row per 64-bit
+word of the record, the layout the decoder reads).
 """
 
 from __future__ import annotations
@@ -55,34 +56,37 @@ class RingReader:
         cons, prod = self._positions()
         return prod - cons
 
-    def drain(self, max_records: int = 1 << 20) -> np.ndarray:
-        """Copy out every committed record (up to ``max_records``) and release their space."""
+    def drain_words(self, out: np.ndarray, at: int) -> int:
+        """Copy committed records, as words in rows (``out`` is 8 x capacity uint64; records
+        land in columns ``at`` onwards, as many as fit), release their space and return how
+        many were stored. Transposing while copying hands the decoder contiguous columns and
+        reads each record once, while it is still in cache from the BUSY check."""
         cons, prod = self._positions()
         self.peak_pending_bytes = max(self.peak_pending_bytes, prod - cons)
-        avail = min(prod - cons, max_records * self._size)
-        n = avail // self._size
-        if n == 0:
-            return np.empty(0, RECORD_DTYPE)
+        n = min((prod - cons) // self._size, out.shape[1] - at)
+        if n <= 0:
+            return 0
         start = cons & self._mask
-        view = self._data[start : start + n * self._size].view(RECORD_DTYPE)
+        view = self._data[start : start + n * self._size].view(np.uint64).reshape(n, -1)
+        header = view[:, 0].astype(np.uint32)  # the length word, with BUSY and DISCARD bits
         # A record still being written (BUSY) ends the batch; everything after it waits.
-        busy = np.flatnonzero(view["hdr_len"] & RINGBUF_BUSY_BIT)
+        busy = np.flatnonzero(header & RINGBUF_BUSY_BIT)
         if len(busy):
             n = int(busy[0])
-            view = view[:n]
-        out = view.copy()
-        if n:
-            lengths = out["hdr_len"] & ~np.uint32(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)
-            if np.any(lengths != PAYLOAD_BYTES):
-                raise VtraceError(
-                    "ring buffer holds a record of unexpected size: probes.c and decode.py disagree"
-                )
-            # Release the space only after the copy: the kernel may reuse it at once.
-            self._cons_pos[0] = cons + n * self._size
-            discarded = (out["hdr_len"] & RINGBUF_DISCARD_BIT) != 0
-            if discarded.any():
-                out = out[~discarded]
-        return out
+            view, header = view[:n], header[:n]
+        if n == 0:
+            return 0
+        if np.any((header & ~np.uint32(RINGBUF_DISCARD_BIT)) != PAYLOAD_BYTES):
+            raise VtraceError(
+                "ring buffer holds a record of unexpected size: probes.c and decode.py disagree"
+            )
+        out[:, at : at + n] = view[:, 1:].T
+        # Release the space only after the copy: the kernel may reuse it at once.
+        self._cons_pos[0] = cons + n * self._size
+        kept = np.flatnonzero((header & RINGBUF_DISCARD_BIT) == 0)
+        if len(kept) < n:
+            out[:, at : at + len(kept)] = out[:, at + kept]
+        return len(kept)
 
     def close(self) -> None:
         del self._data, self._cons_pos, self._prod_pos
