@@ -166,17 +166,23 @@ def defines(plan: ProbePlan, pages: int, filter_pids: bool) -> dict[str, int]:
     return out
 
 
+SHARED_HEADER = "tracepoint_fields.h"
+
+
 def cflags(values: dict[str, int]) -> list[str]:
     for k, v in values.items():
         if not (isinstance(v, int) and k.replace("_", "").isalnum()):
             raise VtraceError(f"bad BPF define {k}={v!r}")
-    return [f"-D{k}={v}" for k, v in values.items()]
+    # bcc compiles the source from memory: the shared header is found through -I.
+    return [f"-I{SOURCE.parent}", *(f"-D{k}={v}" for k, v in values.items())]
 
 
 def program_text(values: dict[str, int]) -> str:
     """The C as the compiler sees it: the defines, then probes.c (``--print-c``)."""
     head = "".join(f"#define {k} {v}\n" for k, v in values.items())
-    return f"// cflags: {' '.join(cflags(values))}\n{head}\n{SOURCE.read_text()}"
+    header = SOURCE.with_name(SHARED_HEADER)
+    body = SOURCE.read_text().replace(f'#include "{SHARED_HEADER}"', header.read_text())
+    return f"// cflags: {' '.join(cflags(values))}\n{head}\n{body}"
 
 
 def attach(bpf: Any, plan: ProbePlan) -> dict[str, str]:

@@ -31,28 +31,7 @@ BPF_PERCPU_HASH(hist, struct hkey, u64, 16384);
 BPF_HASH(start, u32, struct pending, 65536);
 BPF_HASH(pids, u32, u8, 1024);
 
-static __always_inline u64 field(void *ctx, int off, int size) {
-    if (off < 0)
-        return 0;
-    switch (size) {
-    case 1:
-        return *(u8 *)((u8 *)ctx + off);
-    case 2:
-        return *(u16 *)((u8 *)ctx + off);
-    case 4:
-        return *(u32 *)((u8 *)ctx + off);
-    default:
-        return *(u64 *)((u8 *)ctx + off);
-    }
-}
-
-// Kernel worker threads: where KVM injects an interrupt signalled through an irqfd.
-static __always_inline int is_kworker(void) {
-    char comm[16];
-    bpf_get_current_comm(&comm, sizeof(comm));
-    return comm[0] == 'k' && comm[1] == 'w' && comm[2] == 'o' && comm[3] == 'r' &&
-           comm[4] == 'k' && comm[5] == 'e' && comm[6] == 'r';
-}
+#include "tracepoint_fields.h"
 
 // irq_rule: the interrupt events are also counted from kworkers when filtering by pid.
 static __always_inline int count(u32 event, u32 reason, int irq_rule) {
