@@ -9,9 +9,10 @@ Workloads (tests/kvm_guest.py, a real KVM guest looping on `out dx, al`):
 
 Conditions, each run on the same workload in turn within a round:
 - untraced;
-- `vtrace record` (all processes, default buffers);
+- `vtrace record` (all processes, default buffers; raw tracepoints where the kernel's BTF
+  allows), and `record classic`: the same with --classic-tracepoints (formatted records);
 - `perf record -e kvm:kvm_pio -e kvm:kvm_userspace_exit -a` (the anchor: HOST.md);
-- `vtrace stat` (in-kernel aggregation);
+- `vtrace stat` (in-kernel aggregation), and `stat classic` with --classic-tracepoints;
 - bcc-callback (kick only): the same BPF program read through bcc's ring_buffer_poll with
   a Python callback per event, to show why the collector drains the ring itself.
 
@@ -62,9 +63,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def under_vtrace_record(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+def under_vtrace_record(
+    exits: int, ioeventfd: bool, tmp: Path, extra: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
     out = tmp / f"rec-{time.monotonic_ns()}"
-    proc = subprocess.Popen([*VTRACE, "record", "-o", str(out)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([*VTRACE, "record", "-o", str(out), *extra], stdout=subprocess.DEVNULL)
     wait_for(lambda: (out / "meta.json").exists(), proc)
     ready_cpu_s = _cpu_s(proc.pid)  # compiling and attaching is not part of the per-event cost
     res = run_guest(exits, ioeventfd)
@@ -114,9 +117,11 @@ def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
     return res, {"perf_data_bytes": size}
 
 
-def under_vtrace_stat(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+def under_vtrace_stat(
+    exits: int, ioeventfd: bool, tmp: Path, extra: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
     proc = subprocess.Popen(
-        [*VTRACE, "stat", "--csv", "--interval", "60"],
+        [*VTRACE, "stat", "--csv", "--interval", "60", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -168,11 +173,14 @@ def untraced(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
     return run_guest(exits, ioeventfd), {}
 
 
+CLASSIC = ("--classic-tracepoints",)
 CONDITIONS = {
     "untraced": untraced,
     "vtrace record": under_vtrace_record,
+    "record classic": lambda n, iofd, tmp: under_vtrace_record(n, iofd, tmp, CLASSIC),
     "perf record": under_perf,
     "vtrace stat": under_vtrace_stat,
+    "stat classic": lambda n, iofd, tmp: under_vtrace_stat(n, iofd, tmp, CLASSIC),
     "bcc callback": under_bcc_callback,
 }
 
@@ -185,16 +193,38 @@ def main() -> None:
     ap.add_argument("--pio-exits", type=int, default=50_000)
     ap.add_argument("--kicks", type=int, default=500_000)
     ap.add_argument("--skip-perf", action="store_true")
+    ap.add_argument("--workloads", default="pio,kick", help="comma separated: pio, kick")
+    ap.add_argument(
+        "--conditions",
+        default=None,
+        help=f"comma separated subset of: {', '.join(c for c in CONDITIONS if c != 'untraced')}",
+    )
+    ap.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="set kernel.bpf_stats_enabled=1 to report BPF ns per event; the kernel's own "
+        "timing then adds to every BPF run, so overheads are measured without it by default",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (BPF, perf -a)")
-    workloads = {"pio": (args.pio_exits, False), "kick": (args.kicks, True)}
+    all_workloads = {"pio": (args.pio_exits, False), "kick": (args.kicks, True)}
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not names or any(w not in all_workloads for w in names):
+        sys.exit(f"--workloads: choose from {', '.join(all_workloads)}")
+    workloads = {w: all_workloads[w] for w in names}
     conds = [c for c in CONDITIONS if c != "untraced"]
-    if args.skip_perf or shutil.which("perf") is None:
+    if args.conditions:
+        wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
+        if any(c not in conds for c in wanted):
+            sys.exit(f"--conditions: choose from {', '.join(conds)}")
+        conds = [c for c in conds if c in wanted]
+    if (args.skip_perf or shutil.which("perf") is None) and "perf record" in conds:
         conds.remove("perf record")
     stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
     stats_before = stats_path.read_text().strip()
-    stats_path.write_text("1")  # BPF run time per event, measured by the kernel
+    if args.bpf_stats:
+        stats_path.write_text("1")  # BPF run time per event, measured by the kernel
     # A kill must still restore the sysctl (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Each traced run is paired with an untraced run just before it: the host is shared, and

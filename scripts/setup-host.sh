@@ -7,7 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 0
 fi
 pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 linux-perf trace-cmd nasm
-      qemu-system-x86 busybox-static linux-image-amd64 chromium)
+      qemu-system-x86 busybox-static linux-image-amd64 chromium systemtap-sdt-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

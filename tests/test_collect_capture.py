@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -127,8 +128,61 @@ def test_event_subset_and_lab_events_in_the_same_trace(tmp_path):
     counts = dict(df.group_by("event").len().with_columns(pl.col("event").cast(pl.String)).rows())
     assert counts == {"kvm_userspace_exit": 1001, "lab_pop": 1}
     assert rec.summary["probes"]["attached"] == {
-        "kvm_userspace_exit": "tracepoint:kvm:kvm_userspace_exit"
+        "kvm_userspace_exit": "raw_tracepoint:kvm_userspace_exit"
     }
+
+
+def _io_mix(out: Path, loops: int, classic: bool) -> tuple[dict, pl.DataFrame, dict]:
+    """The io-mix guest (tests/data/make_kvm_capture.py) in this process, recorded."""
+    spec = importlib.util.spec_from_file_location(
+        "make_kvm_capture", Path(__file__).parent / "data" / "make_kvm_capture.py"
+    )
+    mix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mix)
+    with Recording(out, pids=[os.getpid()], classic=classic) as rec:
+        seen = mix.run_guest(loops)
+    assert rec.summary["lost"] == 0
+    trace = open_trace(out)
+    return seen, trace.events.collect(), trace.meta
+
+
+def test_raw_and_classic_tracepoints_record_the_same_events(tmp_path):
+    # Every field the collector keeps, of every kind of access the io-mix guest makes (pio
+    # out/in/rep outsb, mmio write/read, ioeventfd pio and mmio, KVM_IRQ_LINE, MSI), read
+    # once from the tracepoints' C arguments (raw) and once from the formatted records.
+    loops = 50
+    seen, raw, raw_meta = _io_mix(tmp_path / "raw", loops, classic=False)
+    _, classic, classic_meta = _io_mix(tmp_path / "classic", loops, classic=True)
+    attached = raw_meta["probes"]["attached"]
+    assert attached["kvm_pio"] == "raw_tracepoint:kvm_pio"
+    assert attached["kvm_mmio"] == "raw_tracepoint:kvm_mmio"
+    assert attached["kvm_exit"] == "tracepoint:kvm:kvm_exit"  # computed in the kernel
+    assert "kvm_exit" in raw_meta["probes"]["classic"]
+    assert set(classic_meta["probes"]["classic"]) >= {"kvm_pio", "kvm_mmio", "kvm_set_irq"}
+    assert all(v.startswith("tracepoint:") for v in classic_meta["probes"]["attached"].values())
+
+    keep = [c for c in s.EVENTS_SCHEMA if c not in ("ts_ns", "tid", "cpu")]
+    assert raw.select(keep).equals(classic.select(keep))
+    counts = dict(raw.group_by("event").len().with_columns(pl.col("event").cast(pl.String)).rows())
+    # Per loop: out, kick, in, 4 bytes of rep outsb (pio); mmio write, kick write, read.
+    assert counts["kvm_pio"] == 7 * loops + 1  # and the write that starts loop N + 1 (stop)
+    # mmio: the write, the kick (an ioeventfd write), and the read twice: unsatisfied (value
+    # 0, before the VMM answered) and completed with the VMM's byte.
+    mmio = raw.filter(pl.col("event") == "kvm_mmio")
+    groups = mmio.group_by("addr", "write", "size", "value").len().sort("addr", "value").rows()
+    assert groups == [
+        (0x10000, True, 1, 0x5A, loops),
+        (0x10004, False, 1, 0, loops),
+        (0x10004, False, 1, 0x5A, loops),
+        (0x10008, True, 1, 0x5A, loops),
+    ]
+    assert counts["kvm_set_irq"] == 2 * loops and counts["kvm_msi_set_irq"] == loops
+    pio = raw.filter(pl.col("event") == "kvm_pio")
+    assert sorted(pio.filter(~pl.col("write"))["value"].unique().to_list()) == [0x5A]
+    assert pio["count"].unique().to_list() == [1]  # rep outsb: one exit per byte here
+    writes = set(pio.filter(pl.col("addr") == 0x500, pl.col("write"))["value"])
+    assert writes == {0x41, *b"vtr", 10}  # LOOP_FIRST, then rep outsb's message
+    assert seen["loops"] == loops
 
 
 def test_other_pids_are_filtered_out(tmp_path):

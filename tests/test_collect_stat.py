@@ -15,10 +15,13 @@ from vtrace.collect.stat import KIND_USERSPACE, Stat, interval_view
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bcc]
 
 
-def test_counts_and_histograms_are_exact():
+@pytest.mark.parametrize("classic", [False, True], ids=["raw", "classic"])
+def test_counts_and_histograms_are_exact(classic):
     exits = 5000
     guest = GuestProcess(exits)
-    with Stat([guest.pid]) as st:
+    with Stat([guest.pid], classic=classic) as st:
+        assert ("raw:kvm_pio" in st.attached) != classic
+        assert ("raw:kvm_userspace_exit" in st.attached) != classic
         before = st.snapshot()
         guest.go()
         after = st.snapshot()

@@ -34,6 +34,16 @@ def test_doctor_here_can_record():
         assert virt.status == WARN and "kvm_exit and kvm_entry will not fire" in virt.verdict
     kprobes = checks["kprobes"]
     assert (kprobes.status == OK) == Path("/sys/kernel/tracing/kprobe_events").exists()
+    if Path("/sys/kernel/btf/vmlinux").exists():
+        assert checks["raw tracepoints"].status == OK
+        assert checks["raw tracepoints"].verdict.startswith("all 7 kvm I/O")
+
+
+@pytest.mark.root
+def test_doctor_without_btf_reads_classic(tmp_path):
+    check = doctor.check_raw_tracepoints(btf_dir=tmp_path)
+    assert check.status == WARN and check.verdict.startswith("0 of 7 read raw")
+    assert "kvm_pio: no " in check.verdict and "CONFIG_DEBUG_INFO_BTF" in check.verdict
 
 
 @pytest.mark.root
@@ -43,7 +53,8 @@ def test_doctor_cli_json():
     assert r.returncode == 0, r.stderr
     checks = json.loads(r.stdout)
     assert [c["name"] for c in checks] == [
-        "privileges", "tracefs", "bcc", "headers", "kvm tracepoints", "virtualisation", "kprobes", "qemu usdt",
+        "privileges", "tracefs", "bcc", "headers", "kvm tracepoints", "raw tracepoints",
+        "virtualisation", "kprobes", "qemu usdt",
     ]  # fmt: skip
     assert all(c["status"] in ("ok", "warn", "fail") and c["verdict"] for c in checks)
 

@@ -164,16 +164,27 @@ def record(
     buffer_mb: int = typer.Option(
         None, "--buffer-mb", help="Ring buffer size in MiB (default 32)."
     ),
+    classic: bool = typer.Option(
+        False,
+        "--classic-tracepoints",
+        help="Read every tracepoint from its formatted record (format-file layout) instead of "
+        "as a raw tracepoint where the kernel's BTF allows: slower, for comparison.",
+    ),
     print_c: bool = typer.Option(False, "--print-c", hidden=True, help="Print the BPF C and exit."),
 ) -> None:
-    """Record KVM events with bcc into a trace directory (needs root)."""
+    """Record KVM events with bcc into a trace directory (needs root).
+
+    Tracepoints whose kernel prototype (BTF) is the one vtrace knows are read raw, before the
+    kernel formats a record, which costs the guest less per event; the others, and all with
+    --classic-tracepoints, are read from the formatted record at the format file's offsets.
+    meta.json says which way each was read."""
     from pathlib import Path
 
     from vtrace.collect import live, program
 
     event_list = program.parse_events(events)
     if print_c:
-        typer.echo(program.print_c(event_list, pid or [], buffer_mb))
+        typer.echo(program.print_c(event_list, pid or [], buffer_mb, classic))
         return
     if output is None:
         raise VtraceError("record: -o DIR is required")
@@ -184,6 +195,7 @@ def record(
         duration_s=duration,
         events=event_list,
         buffer_mb=buffer_mb,
+        classic=classic,
     )
     console.print(live.summary_view(summary))
 
@@ -227,11 +239,16 @@ def stat(
     pid: list[int] = typer.Option(  # noqa: B008 (typer's repeatable option)
         None, "--pid", help="VM process to show; repeatable."
     ),
+    classic: bool = typer.Option(
+        False,
+        "--classic-tracepoints",
+        help="Count from formatted tracepoint records instead of raw tracepoints (slower).",
+    ),
 ) -> None:
     """Live exit counts and handling-time histograms per VM and reason (in-kernel aggregation)."""
     from vtrace.collect import stat as stat_mod
 
-    stat_mod.run(console, interval_s=interval, csv=csv, once=once, pids=pid or [])
+    stat_mod.run(console, interval_s=interval, csv=csv, once=once, pids=pid or [], classic=classic)
 
 
 # --- lab: the /dev/kvm lab VMM --------------------------------------------------------------------

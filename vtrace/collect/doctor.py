@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vtrace import schema as s
-from vtrace.collect import bccload
+from vtrace.collect import bccload, btf
+from vtrace.collect.formats import read_format
 from vtrace.collect.host import cpuinfo, virtualisation_isa
+from vtrace.collect.raw_tracepoints import PROTOTYPES, raw_problem
 
 TRACEFS = bccload.TRACEFS
 MODULES = Path("/lib/modules")
@@ -150,6 +152,35 @@ def check_tracepoints(tracefs: Path = TRACEFS) -> Check:
             required=True,
         )
     return Check("kvm tracepoints", OK, f"all {len(have)} present in {events}", required=True)
+
+
+def check_raw_tracepoints(tracefs: Path = TRACEFS, btf_dir: Path | None = None) -> Check:
+    """Which kvm tracepoints the collector can read raw (cheaper per event) on this kernel."""
+    where = btf.BTF_DIR if btf_dir is None else btf_dir
+    why: dict[str, str] = {}
+    for ev in PROTOTYPES:
+        fields = read_format(tracefs / "events", "kvm", ev)
+        if fields is None:
+            why[ev] = "no format file"
+            continue
+        problem = raw_problem(ev, fields, where)
+        if problem is not None:
+            why[ev] = problem
+    raw = len(PROTOTYPES) - len(why)
+    if not why:
+        return Check(
+            "raw tracepoints",
+            OK,
+            f"all {raw} kvm I/O and interrupt tracepoints read raw (prototypes from {where})",
+        )
+    reasons = "; ".join(f"{ev}: {w}" for ev, w in why.items())
+    return Check(
+        "raw tracepoints",
+        WARN,
+        f"{raw} of {len(PROTOTYPES)} read raw; the others are read from formatted records, "
+        f"which costs more per event ({reasons})",
+        "a kernel with CONFIG_DEBUG_INFO_BTF=y (recording works either way)",
+    )
 
 
 def check_virtualisation(
@@ -321,6 +352,8 @@ def run_checks(
         h.fixed = did
     checks.append(h)
     checks.append(check_tracepoints(tracefs))
+    if _readable(tracefs):
+        checks.append(check_raw_tracepoints(tracefs))
     checks.append(check_virtualisation(cpuinfo_path))
     checks.append(check_kprobes(tracefs))
     checks.append(check_qemu_usdt(qemu_binaries))

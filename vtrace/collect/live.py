@@ -46,6 +46,7 @@ def record(
     duration_s: float | None = None,
     events: list[str] | None = None,
     buffer_mb: int | None = None,
+    classic: bool = False,
 ) -> dict[str, Any]:
     """Record until Ctrl-C, SIGTERM or ``duration_s``; returns the recording's summary."""
     stop = threading.Event()
@@ -55,7 +56,7 @@ def record(
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
-    rec = Recording(out, pids=pids, events=events, buffer_mb=buffer_mb)
+    rec = Recording(out, pids=pids, events=events, buffer_mb=buffer_mb, classic=classic)
     try:
         rec.start()
     except BaseException:

@@ -1,7 +1,8 @@
 // vtrace collector: one fixed-size record per KVM event into a BPF ring buffer.
 //
 // Compiled by bcc at run time. Everything variable arrives as -D integers validated in
-// Python (program.py): EV_* event ids, EVENT_MASK (which handlers exist), RINGBUF_PAGES,
+// Python (program.py): EV_* event ids, EVENT_MASK (which classic handlers exist), RAW_MASK
+// (which raw tracepoint handlers exist), RINGBUF_PAGES,
 // FILTER_PIDS, and for each tracepoint <EVENT>_A<i>_OFF / _SIZE, the offset and size of the
 // field that goes into record slot a<i>, read from the running kernel's format file
 // (formats.py); offset -1 means the kernel lacks the field and the slot stays 0.
@@ -40,11 +41,10 @@ static __always_inline int wanted(u32 tgid, int irq_rule) {
 #endif
 }
 
-// Not a macro: bcc rewrites map calls only outside macros. Always inlined, so every offset
-// and size below is a constant again in each handler.
-static __always_inline int emit(void *ctx, u8 ev, int irq_rule, int vcpu_off, int vcpu_size,
-                                int o0, int s0, int o1, int s1, int o2, int s2, int o3, int s3,
-                                int o4, int s4) {
+// The record for one event, its header filled, or NULL when the event is filtered out or the
+// ring is full (then counted in `lost`). Not a macro: bcc rewrites map calls only outside
+// macros. Always inlined, so the callers' offsets and sizes stay constants.
+static __always_inline struct rec *start(u8 ev, int irq_rule) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
     if (!wanted(tgid, irq_rule))
@@ -66,14 +66,30 @@ static __always_inline int emit(void *ctx, u8 ev, int irq_rule, int vcpu_off, in
     r->cpu = bpf_get_smp_processor_id();
     r->event = ev;
     r->pad = 0;
-    r->vcpu = vcpu_off < 0 ? -1 : (s32)field(ctx, vcpu_off, vcpu_size);
+    r->vcpu = -1;
+    return r;
+}
+
+static __always_inline void commit(struct rec *r) {
+    // The consumer polls; skipping the wake-up keeps the hot path short.
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+// Classic tracepoint: fields read from the formatted record at the format file's offsets.
+static __always_inline int emit(void *ctx, u8 ev, int irq_rule, int vcpu_off, int vcpu_size,
+                                int o0, int s0, int o1, int s1, int o2, int s2, int o3, int s3,
+                                int o4, int s4) {
+    struct rec *r = start(ev, irq_rule);
+    if (!r)
+        return 0;
+    if (vcpu_off >= 0)
+        r->vcpu = (s32)field(ctx, vcpu_off, vcpu_size);
     r->a[0] = field(ctx, o0, s0);
     r->a[1] = field(ctx, o1, s1);
     r->a[2] = field(ctx, o2, s2);
     r->a[3] = field(ctx, o3, s3);
     r->a[4] = field(ctx, o4, s4);
-    // The consumer polls; skipping the wake-up keeps the hot path short.
-    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    commit(r);
     return 0;
 }
 
@@ -83,6 +99,45 @@ static __always_inline int emit(void *ctx, u8 ev, int irq_rule, int vcpu_off, in
                     NAME##_A0_OFF, NAME##_A0_SIZE, NAME##_A1_OFF, NAME##_A1_SIZE,    \
                     NAME##_A2_OFF, NAME##_A2_SIZE, NAME##_A3_OFF, NAME##_A3_SIZE,    \
                     NAME##_A4_OFF, NAME##_A4_SIZE);                                  \
+    }
+
+// Raw tracepoints: the kernel calls the program with the tracepoint's C arguments (TP_PROTO)
+// before any record is formatted, which saves that formatting on every event. Each handler
+// below is written against one prototype; program.py attaches it only where the running
+// kernel's BTF shows exactly that prototype, else the classic handler. A slot holds what
+// the formatted record would: the argument cut to the format file's field size (0 where the
+// format file lacks the field), so the decoder cannot tell the two paths apart.
+static __always_inline u64 fit(u64 v, int off, int size) {
+    if (off < 0)
+        return 0;
+    switch (size) {
+    case 1:
+        return (u8)v;
+    case 2:
+        return (u16)v;
+    case 4:
+        return (u32)v;
+    default:
+        return v;
+    }
+}
+
+#define ARG(NAME, I, V) fit((V), NAME##_A##I##_OFF, NAME##_A##I##_SIZE)
+
+// Arguments that are plain integers, in slot order (kvm_userspace_exit, kvm_fast_mmio,
+// kvm_set_irq, kvm_msi_set_irq, kvm_inj_virq).
+#define RAW_HANDLER(EV, NAME, IRQ_RULE, NARGS)                                       \
+    int raw_on_##NAME(struct bpf_raw_tracepoint_args *ctx) {                         \
+        struct rec *r = start(EV, IRQ_RULE);                                         \
+        if (!r)                                                                      \
+            return 0;                                                                \
+        r->a[0] = NARGS > 0 ? ARG(NAME, 0, ctx->args[0]) : 0;                        \
+        r->a[1] = NARGS > 1 ? ARG(NAME, 1, ctx->args[1]) : 0;                        \
+        r->a[2] = NARGS > 2 ? ARG(NAME, 2, ctx->args[2]) : 0;                        \
+        r->a[3] = 0;                                                                 \
+        r->a[4] = 0;                                                                 \
+        commit(r);                                                                   \
+        return 0;                                                                    \
     }
 
 // Fields of a kprobe or USDT event: none beyond who and when.
@@ -105,14 +160,63 @@ HANDLER(EV_KVM_ENTRY, KVM_ENTRY, 0)
 #if EVENT_MASK & (1 << EV_KVM_PIO)
 HANDLER(EV_KVM_PIO, KVM_PIO, 0)
 #endif
+#if RAW_MASK & (1 << EV_KVM_PIO)
+// TP_PROTO(unsigned int rw, unsigned int port, unsigned int size, unsigned int count,
+//          const void *data); the record's val is the first 1, 2 or 4 bytes of data, by size.
+int raw_on_KVM_PIO(struct bpf_raw_tracepoint_args *ctx) {
+    struct rec *r = start(EV_KVM_PIO, 0);
+    if (!r)
+        return 0;
+    u32 size = ctx->args[2];
+    u32 val = 0;
+    bpf_probe_read_kernel(&val, sizeof(val), (void *)ctx->args[4]);
+    r->a[0] = ARG(KVM_PIO, 0, ctx->args[0]);
+    r->a[1] = ARG(KVM_PIO, 1, ctx->args[1]);
+    r->a[2] = ARG(KVM_PIO, 2, size);
+    r->a[3] = ARG(KVM_PIO, 3, ctx->args[3]);
+    r->a[4] = ARG(KVM_PIO, 4, size == 1 ? (val & 0xff) : size == 2 ? (val & 0xffff) : val);
+    commit(r);
+    return 0;
+}
+#endif
 #if EVENT_MASK & (1 << EV_KVM_MMIO)
 HANDLER(EV_KVM_MMIO, KVM_MMIO, 0)
+#endif
+#if RAW_MASK & (1 << EV_KVM_MMIO)
+// TP_PROTO(int type, int len, u64 gpa, void *val); the record's val is the first
+// min(len, 8) bytes at val, 0 when val is NULL.
+int raw_on_KVM_MMIO(struct bpf_raw_tracepoint_args *ctx) {
+    struct rec *r = start(EV_KVM_MMIO, 0);
+    if (!r)
+        return 0;
+    u32 len = ctx->args[1];
+    u64 val = 0;
+    void *src = (void *)ctx->args[3];
+    if (src) {
+        bpf_probe_read_kernel(&val, sizeof(val), src);
+        if (len < 8)
+            val &= (1ULL << (8 * len)) - 1;
+    }
+    r->a[0] = ARG(KVM_MMIO, 0, ctx->args[0]);
+    r->a[1] = ARG(KVM_MMIO, 1, len);
+    r->a[2] = ARG(KVM_MMIO, 2, ctx->args[2]);
+    r->a[3] = ARG(KVM_MMIO, 3, val);
+    r->a[4] = 0;
+    commit(r);
+    return 0;
+}
 #endif
 #if EVENT_MASK & (1 << EV_KVM_FAST_MMIO)
 HANDLER(EV_KVM_FAST_MMIO, KVM_FAST_MMIO, 0)
 #endif
+#if RAW_MASK & (1 << EV_KVM_FAST_MMIO)
+RAW_HANDLER(EV_KVM_FAST_MMIO, KVM_FAST_MMIO, 0, 1)
+#endif
 #if EVENT_MASK & (1 << EV_KVM_USERSPACE_EXIT)
 HANDLER(EV_KVM_USERSPACE_EXIT, KVM_USERSPACE_EXIT, 0)
+#endif
+#if RAW_MASK & (1 << EV_KVM_USERSPACE_EXIT)
+RAW_HANDLER(EV_KVM_USERSPACE_EXIT, KVM_USERSPACE_EXIT, 0, 2)
 #endif
 // Interrupt injection through an irqfd (a level-triggered GSI, or any interrupt KVM cannot
 // inject atomically) runs in a kworker, not in the VM's process, and these tracepoints carry
@@ -120,11 +224,20 @@ HANDLER(EV_KVM_USERSPACE_EXIT, KVM_USERSPACE_EXIT, 0)
 #if EVENT_MASK & (1 << EV_KVM_SET_IRQ)
 HANDLER(EV_KVM_SET_IRQ, KVM_SET_IRQ, 1)
 #endif
+#if RAW_MASK & (1 << EV_KVM_SET_IRQ)
+RAW_HANDLER(EV_KVM_SET_IRQ, KVM_SET_IRQ, 1, 3)
+#endif
 #if EVENT_MASK & (1 << EV_KVM_MSI_SET_IRQ)
 HANDLER(EV_KVM_MSI_SET_IRQ, KVM_MSI_SET_IRQ, 1)
 #endif
+#if RAW_MASK & (1 << EV_KVM_MSI_SET_IRQ)
+RAW_HANDLER(EV_KVM_MSI_SET_IRQ, KVM_MSI_SET_IRQ, 1, 2)
+#endif
 #if EVENT_MASK & (1 << EV_KVM_INJ_VIRQ)
 HANDLER(EV_KVM_INJ_VIRQ, KVM_INJ_VIRQ, 1)
+#endif
+#if RAW_MASK & (1 << EV_KVM_INJ_VIRQ)
+RAW_HANDLER(EV_KVM_INJ_VIRQ, KVM_INJ_VIRQ, 1, 3)
 #endif
 // Kick and interrupt paths in the kernel (kprobes) and QEMU's virtio USDT probes: who and
 // when only. Attached only where the host has them (program.py says which and why not).

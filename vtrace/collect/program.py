@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from vtrace import schema as s
-from vtrace.collect import doctor
+from vtrace.collect import btf, doctor
 from vtrace.collect.decode import C_NAMES, EVENT_IDS
 from vtrace.collect.formats import TRACEPOINT_SLOTS, Field, parse_format, read_format, slot_defines
+from vtrace.collect.raw_tracepoints import raw_problem
 from vtrace.errors import VtraceError
 
 SOURCE = Path(__file__).with_name("probes.c")
@@ -76,6 +77,8 @@ class ProbePlan:
     """What will be attached and what cannot be, with why."""
 
     tracepoints: dict[str, dict[str, Field]] = field(default_factory=dict)
+    raw: set[str] = field(default_factory=set)  # tracepoints read raw (raw_tracepoints.py)
+    classic_why: dict[str, str] = field(default_factory=dict)  # the others: why not raw
     kprobes: dict[str, str] = field(default_factory=dict)  # event -> kernel function
     usdt: dict[str, str] = field(default_factory=dict)  # event -> binary
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -90,8 +93,11 @@ def plan_probes(
     tracefs: Path = doctor.TRACEFS,
     kallsyms: Path = Path("/proc/kallsyms"),
     qemu_binaries: list[Path] | None = None,
+    raw: bool = True,
+    btf_dir: Path = btf.BTF_DIR,
 ) -> ProbePlan:
-    """Decide per wanted event whether this host can record it (and if not, why)."""
+    """Decide per wanted event whether this host can record it (and if not, why), and for
+    each tracepoint whether it is read raw (``raw=False``: all classic)."""
     wanted = set(events or ALL_EVENTS)
     plan = ProbePlan()
     for ev in TRACEPOINT_SLOTS:
@@ -102,6 +108,11 @@ def plan_probes(
             plan.unavailable[ev] = f"no kvm:{ev} in {tracefs}/events (kernel without it?)"
         else:
             plan.tracepoints[ev] = fields
+            why = raw_problem(ev, fields, btf_dir) if raw else "classic tracepoints asked for"
+            if why is None:
+                plan.raw.add(ev)
+            else:
+                plan.classic_why[ev] = why
     kprobe_events = [e for e in KPROBES if e in wanted]
     if kprobe_events:
         why = doctor.kprobes_problem(tracefs)
@@ -152,13 +163,16 @@ def _kernel_symbols(kallsyms: Path, names: set[str]) -> set[str]:
 
 def defines(plan: ProbePlan, pages: int, filter_pids: bool) -> dict[str, int]:
     """Every ``-D`` define of probes.c, all integers."""
-    mask = 0
+    mask = raw_mask = 0
     for ev in plan.events:
         mask |= 1 << EVENT_IDS[ev]
+    for ev in plan.raw:
+        raw_mask |= 1 << EVENT_IDS[ev]
     out: dict[str, int] = {
         "RINGBUF_PAGES": pages,
         "FILTER_PIDS": int(filter_pids),
-        "EVENT_MASK": mask,
+        "EVENT_MASK": mask,  # classic handlers, also the fallback of a raw one
+        "RAW_MASK": raw_mask,
     }
     out.update({f"EV_{C_NAMES[ev]}": i for ev, i in EVENT_IDS.items()})
     for ev, fields in plan.tracepoints.items():
@@ -189,7 +203,16 @@ def attach(bpf: Any, plan: ProbePlan) -> dict[str, str]:
     """Attach every planned probe; returns event -> what it attached to. Failures go to
     ``plan.unavailable`` with the kernel's reason instead of aborting the recording."""
     attached: dict[str, str] = {}
+    for ev in sorted(plan.raw):
+        try:
+            bpf.attach_raw_tracepoint(tp=ev.encode(), fn_name=f"raw_on_{C_NAMES[ev]}".encode())
+            attached[ev] = f"raw_tracepoint:{ev}"
+        except Exception as e:  # the classic handler below records it instead
+            plan.raw.discard(ev)
+            plan.classic_why[ev] = f"raw attach failed: {e}"
     for ev in list(plan.tracepoints):
+        if ev in attached:
+            continue
         try:
             bpf.attach_tracepoint(tp=f"kvm:{ev}".encode(), fn_name=f"on_{C_NAMES[ev]}".encode())
             attached[ev] = f"tracepoint:kvm:{ev}"
@@ -206,28 +229,90 @@ def attach(bpf: Any, plan: ProbePlan) -> dict[str, str]:
     return attached
 
 
+def detach(bpf: Any, attached: dict[str, str]) -> None:
+    """Detach what ``attach`` attached (USDT probes go with the program's cleanup)."""
+    for where in attached.values():
+        kind, _, name = where.partition(":")
+        if kind == "raw_tracepoint":
+            bpf.detach_raw_tracepoint(tp=name.encode())
+        elif kind == "tracepoint":
+            bpf.detach_tracepoint(tp=name.encode())
+        elif kind == "kprobe":
+            bpf.detach_kprobe(event=name.encode())
+
+
 def usdt_contexts(plan: ProbePlan, pids: list[int], bcc: Any) -> list[Any]:
-    """USDT contexts for QEMU's virtio probes (bcc wants them before compiling)."""
-    contexts = []
-    for ev, binary in list(plan.usdt.items()):
-        try:
-            ctx = bcc.USDT(path=binary, pid=pids[0]) if pids else bcc.USDT(path=binary)
-            ctx.enable_probe(probe=ev, fn_name=f"on_{C_NAMES[ev]}")
-            contexts.append(ctx)
-        except Exception as e:
-            plan.unavailable[ev] = f"USDT enable failed: {e}"
-            del plan.usdt[ev]
+    """bcc USDT contexts for QEMU's virtio probes, one per binary and recorded process (bcc
+    wants them before compiling); probes that cannot be enabled move to ``unavailable``.
+
+    QEMU's dtrace backend guards each probe with an is-enabled semaphore: the probe fires
+    only while its semaphore is raised in that process's memory. bcc raises it only in a
+    process given by pid, so without ``--pid`` such probes are reported unavailable with
+    that reason rather than attached and silent. The contexts lower the semaphores when
+    freed: keep them until the probes are detached.
+    """
+    contexts: list[Any] = []
+    by_binary: dict[str, list[str]] = {}
+    for ev, binary in plan.usdt.items():
+        by_binary.setdefault(binary, []).append(ev)
+    for binary, evs in by_binary.items():
+        enabled: set[str] = set()
+        why: dict[str, str] = {}
+        for pid in pids or [None]:
+            # bcc's messages are generic: say which process and file.
+            where = f"in {binary}" if pid is None else f"in pid {pid} (running {binary}?)"
+            try:
+                ctx = bcc.USDT(path=binary) if pid is None else bcc.USDT(path=binary, pid=pid)
+                guarded = _semaphore_probes(ctx) if pid is None else set()
+            except Exception as e:  # bcc's USDTException
+                for ev in evs:
+                    why.setdefault(ev, f"USDT enable failed {where}: {_first_line(e)}")
+                continue
+            here: set[str] = set()
+            for ev in evs:
+                if ev in guarded:
+                    why[ev] = (
+                        f"USDT probes in {binary} have is-enabled semaphores, which bcc can "
+                        "only set in a given process: pass --pid of the QEMU process"
+                    )
+                    continue
+                try:
+                    ctx.enable_probe(probe=ev, fn_name=f"on_{C_NAMES[ev]}")
+                    here.add(ev)
+                except Exception as e:
+                    why.setdefault(ev, f"USDT enable failed {where}: {_first_line(e)}")
+            if here:
+                contexts.append(ctx)
+                enabled |= here
+        for ev in evs:
+            if ev not in enabled:
+                plan.unavailable[ev] = why.get(ev, "USDT enable failed")
+                del plan.usdt[ev]
     return contexts
 
 
-def print_c(events: list[str] | None, pids: list[int] | None, buffer_mb: int | None) -> str:
+def _semaphore_probes(ctx: Any) -> set[str]:
+    """Names of a bcc USDT context's probes that have an is-enabled semaphore."""
+    return {p.name.decode() for p in ctx.enumerate_probes() if p.semaphore}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")
+
+
+def print_c(
+    events: list[str] | None,
+    pids: list[int] | None,
+    buffer_mb: int | None,
+    classic: bool = False,
+) -> str:
     """The program with its defines as ``vtrace record`` would load it; needs no root.
 
     Field offsets come from the host's format files when readable, else from the copies
     shipped in vtrace/formats/kvm (said in the first line).
     """
     readable = os.access(doctor.TRACEFS / "events" / "kvm", os.R_OK)
-    plan = plan_probes(events) if readable else ProbePlan()
+    plan = plan_probes(events, raw=not classic) if readable else ProbePlan()
     origin = f"{doctor.TRACEFS}/events/kvm"
     if not readable:
         origin = str(s.FORMATS_DIR)
@@ -236,5 +321,7 @@ def print_c(events: list[str] | None, pids: list[int] | None, buffer_mb: int | N
                 continue
             path = s.FORMATS_DIR / f"{ev}.format"
             plan.tracepoints[ev] = parse_format(path.read_text(), str(path))
+            if not classic and raw_problem(ev, plan.tracepoints[ev]) is None:
+                plan.raw.add(ev)
     values = defines(plan, buffer_pages(buffer_mb), bool(validate_pids(pids)))
     return f"// field offsets from {origin}\n" + program_text(values)

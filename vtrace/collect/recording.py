@@ -94,6 +94,7 @@ class Recording:
         buffer_mb: int | None = None,
         meta_extra: dict[str, Any] | None = None,
         *,
+        classic: bool = False,
         flush_interval_s: float = 1.0,
         poll_interval_s: float = 0.02,
     ) -> None:
@@ -103,6 +104,7 @@ class Recording:
         self.pids = program.validate_pids(pids)
         self.events = program.parse_events(",".join(events)) if events else None
         self.pages = program.buffer_pages(buffer_mb)
+        self.classic = classic  # read every tracepoint classic (formatted records)
         # Kept by reference: values the caller adds or changes while recording (counters
         # known only at the end) are written when the recording stops.
         self.meta_extra = meta_extra if meta_extra is not None else {}
@@ -132,6 +134,9 @@ class Recording:
         self._started_ns = 0
         self._plan: program.ProbePlan | None = None
         self._attached: dict[str, str] = {}
+        # bcc's USDT contexts: each holds its probes' semaphores raised in the traced process
+        # and lowers them when freed, so they must live as long as the probes stay attached.
+        self._usdt: list[Any] = []
 
     # -- set up --------------------------------------------------------------------------------
     def start(self) -> Recording:
@@ -142,22 +147,24 @@ class Recording:
             if self._bpf is not None:
                 self._bpf.cleanup()
                 self._bpf = None
+            self._usdt = []
             raise
 
     def _start(self) -> Recording:
         preflight()
         bcc = bccload.load_bcc()
-        plan = program.plan_probes(self.events)
+        plan = program.plan_probes(self.events, raw=not self.classic)
         if not plan.events:
             why = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
             raise VtraceError(f"none of the requested events can be recorded here ({why})")
-        usdt = program.usdt_contexts(plan, self.pids, bcc)  # may move probes to unavailable
+        # May move probes to unavailable.
+        self._usdt = program.usdt_contexts(plan, self.pids, bcc)
         values = program.defines(plan, self.pages, bool(self.pids))
         try:
             self._bpf = bcc.BPF(
                 src_file=str(program.SOURCE).encode(),
                 cflags=program.cflags(values),
-                usdt_contexts=usdt,
+                usdt_contexts=self._usdt,
             )
         except Exception as e:  # bcc raises Exception with the compiler's message on stderr
             raise VtraceError(
@@ -178,7 +185,9 @@ class Recording:
         for ev in plan.usdt:
             self._attached[ev] = f"usdt:{plan.usdt[ev]}:{ev}"
         if not self._attached:
-            raise VtraceError("no probe could be attached: " + "; ".join(plan.unavailable.values()))
+            # One clause per distinct reason: one cause (no --pid, no kprobes) covers several.
+            why = "; ".join(dict.fromkeys(plan.unavailable.values()))
+            raise VtraceError(f"no probe could be attached: {why}")
         meta = {
             **host_facts(),
             "source": "vtrace record",
@@ -191,7 +200,12 @@ class Recording:
             },
             "clock": CLOCK,
             "reason_tables": reason_tables_meta(self._tables),
-            "probes": {"attached": self._attached, "unavailable": dict(plan.unavailable)},
+            "probes": {
+                "attached": self._attached,
+                "unavailable": dict(plan.unavailable),
+                # Tracepoints read from the formatted record rather than raw, and why.
+                "classic": {ev: plan.classic_why[ev] for ev in sorted(plan.classic_why)},
+            },
             "filters": {
                 "pids": self.pids,
                 "events": self.events or "all",
@@ -349,11 +363,7 @@ class Recording:
         """Detach, drain the rest, write the last part, finalise meta; returns the summary."""
         if self._bpf is None or self._writer is None:
             return self.summary
-        for ev in list(self._attached):
-            if ev in (self._plan.tracepoints if self._plan else {}):
-                self._bpf.detach_tracepoint(tp=f"kvm:{ev}".encode())
-            elif self._plan and ev in self._plan.kprobes:
-                self._bpf.detach_kprobe(event=self._plan.kprobes[ev].encode())
+        program.detach(self._bpf, self._attached)
         end_ns = monotonic_ns()
         self._stop.set()
         for t in self._threads:
@@ -371,6 +381,7 @@ class Recording:
                 self._reader.close()
             self._bpf.cleanup()
             self._bpf = None
+            self._usdt = []  # after the uprobes are gone: lowers the semaphores
         assert self._writer is not None
         duration_s = (end_ns - self._started_ns) / 1e9
         delivered = self.delivered

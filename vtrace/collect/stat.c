@@ -6,8 +6,11 @@
 // the same thread (the whole exit, where the CPU has vmx/svm) and kind 1 is
 // kvm_userspace_exit -> the same thread's next ioctl(KVM_RUN) (time the VMM spent in user
 // space handling the exit; seen on every host).
-// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL and <NAME>_OFF/_SIZE
-// offsets from the running kernel's format files.
+// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL, <NAME>_OFF/_SIZE
+// offsets from the running kernel's format files, and RAW_MASK: the events read as raw
+// tracepoints (their C arguments, before the kernel formats a record: cheaper per event),
+// each where the kernel's BTF shows the prototype its handler below is written against
+// (raw_tracepoints.py). The classic handlers serve the other events and the fallback.
 
 struct ckey {
     u32 pid;
@@ -149,3 +152,59 @@ int on_kvm_inj_virq(void *ctx) {
     count(EV_KVM_INJ_VIRQ, 0, 1);
     return 0;
 }
+
+// Raw tracepoint handlers: the same counts from the tracepoints' C arguments.
+#define RAW(EV) (RAW_MASK & (1 << EV))
+
+#if RAW(EV_KVM_USERSPACE_EXIT)
+// TP_PROTO(__u32 reason, int errno)
+int raw_on_kvm_userspace_exit(struct bpf_raw_tracepoint_args *ctx) {
+    u32 reason = ctx->args[0];
+    if (count(EV_KVM_USERSPACE_EXIT, reason, 0))
+        begin(reason, 1);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_PIO)
+// TP_PROTO(unsigned int rw, unsigned int port, unsigned int size, unsigned int count, ...)
+int raw_on_kvm_pio(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_PIO, (u32)ctx->args[1], 0);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_MMIO)
+int raw_on_kvm_mmio(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_MMIO, 0, 0);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_FAST_MMIO)
+int raw_on_kvm_fast_mmio(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_FAST_MMIO, 0, 0);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_SET_IRQ)
+int raw_on_kvm_set_irq(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_SET_IRQ, 0, 1);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_MSI_SET_IRQ)
+int raw_on_kvm_msi_set_irq(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_MSI_SET_IRQ, 0, 1);
+    return 0;
+}
+#endif
+
+#if RAW(EV_KVM_INJ_VIRQ)
+int raw_on_kvm_inj_virq(struct bpf_raw_tracepoint_args *ctx) {
+    count(EV_KVM_INJ_VIRQ, 0, 1);
+    return 0;
+}
+#endif

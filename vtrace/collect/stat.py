@@ -27,6 +27,7 @@ from vtrace.collect import bccload, doctor, program
 from vtrace.collect.decode import EVENT_IDS
 from vtrace.collect.formats import read_format
 from vtrace.collect.host import host_facts, vm_name
+from vtrace.collect.raw_tracepoints import raw_problem
 from vtrace.collect.recording import preflight
 from vtrace.errors import VtraceError
 from vtrace.lab.kvm import KVM_RUN
@@ -60,11 +61,16 @@ HIST_KEYS = ["pid", "kind", "reason"]
 class Stat:
     """The aggregating BPF program: attach, read cumulative counts and histograms, detach."""
 
-    def __init__(self, pids: list[int] | None = None, tracefs: Path = doctor.TRACEFS) -> None:
+    def __init__(
+        self, pids: list[int] | None = None, tracefs: Path = doctor.TRACEFS, classic: bool = False
+    ) -> None:
         self.pids = program.validate_pids(pids)
         self.tracefs = tracefs
         self.attached: list[str] = []
         self.unavailable: dict[str, str] = {}
+        self.classic = classic  # read every tracepoint classic (formatted records)
+        self.raw: set[str] = set()  # the events read as raw tracepoints
+        self.classic_why: dict[str, str] = {}
         self._bpf: Any = None
 
     def defines(self) -> dict[str, int]:
@@ -83,6 +89,17 @@ class Stat:
             f = fields.get(name)
             values[f"{prefix}_OFF"] = f.offset if f else -1
             values[f"{prefix}_SIZE"] = f.size if f else 0
+        self.raw, self.classic_why = set(), {}
+        for ev in STAT_EVENTS:
+            fields = read_format(events, "kvm", ev)
+            if fields is None:
+                continue
+            why = "classic tracepoints asked for" if self.classic else raw_problem(ev, fields)
+            if why is None:
+                self.raw.add(ev)
+            else:
+                self.classic_why[ev] = why
+        values["RAW_MASK"] = sum(1 << EVENT_IDS[ev] for ev in self.raw)
         return values
 
     def start(self) -> Stat:
@@ -108,6 +125,14 @@ class Stat:
                 continue
             if ev == s.KVM_ENTRY and not values["HAVE_EXIT"]:
                 continue
+            if ev in self.raw:
+                try:
+                    self._bpf.attach_raw_tracepoint(tp=ev.encode(), fn_name=f"raw_on_{ev}".encode())
+                    self.attached.append(f"raw:{ev}")
+                    continue
+                except Exception as e:  # the classic handler below counts it instead
+                    self.raw.discard(ev)
+                    self.classic_why[ev] = f"raw attach failed: {e}"
             try:
                 self._bpf.attach_tracepoint(
                     tp=f"{system}:{ev}".encode(), fn_name=f"on_{ev}".encode()
@@ -282,6 +307,7 @@ def run(
     csv: bool = False,
     once: bool = False,
     pids: list[int] | None = None,
+    classic: bool = False,
 ) -> None:
     """The live loop: refresh every ``interval_s`` until Ctrl-C / SIGTERM (or once)."""
     stop = threading.Event()
@@ -291,11 +317,12 @@ def run(
     started = time.monotonic()
     header_done = False
     try:
-        with Stat(pids) as st:
+        with Stat(pids, classic=classic) as st:
             prev = st.snapshot()
             # On stderr, so CSV on stdout stays clean; scripts can wait for this line.
             print(
-                f"vtrace stat: attached {len(st.attached)} tracepoints; first refresh in {interval_s:g} s",
+                f"vtrace stat: attached {len(st.attached)} tracepoints ({len(st.raw)} raw); "
+                f"first refresh in {interval_s:g} s",
                 file=sys.stderr,
                 flush=True,
             )
