@@ -14,7 +14,11 @@ Conditions, each run on the same workload in turn within a round:
 - `perf record -e kvm:kvm_pio -e kvm:kvm_userspace_exit -a` (the anchor: HOST.md);
 - `vtrace stat` (in-kernel aggregation), and `stat classic` with --classic-tracepoints;
 - bcc-callback (kick only): the same BPF program read through bcc's ring_buffer_poll with
-  a Python callback per event, to show why the collector drains the ring itself.
+  a Python callback per event, to show why the collector drains the ring itself;
+- placebo: a process that compiles and loads `vtrace stat`'s program but attaches nothing,
+  a control for the benchmark's own bias and noise.
+
+Each traced run starts --settle-s (1) seconds after its tracer is ready.
 
 Printed: median rate per condition, its ratio to untraced (overhead = 1 - ratio), events
 recorded and lost. Rates come from the guest's own clock around its KVM_RUN loop.
@@ -40,6 +44,16 @@ ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "tests" / "kvm_guest.py"
 PY = sys.executable
 VTRACE = [PY, "-m", "vtrace.cli"]
+
+
+SETTLE_S = [1.0]  # set from --settle-s
+
+
+def traced_guest(exits: int, ioeventfd: bool) -> dict:
+    """The guest, once the tracer has settled: compiling and attaching load the machine for a
+    moment after the tracer says it is ready, which is not the per-event cost."""
+    time.sleep(SETTLE_S[0])
+    return run_guest(exits, ioeventfd)
 
 
 def run_guest(exits: int, ioeventfd: bool) -> dict:
@@ -70,7 +84,7 @@ def under_vtrace_record(
     proc = subprocess.Popen([*VTRACE, "record", "-o", str(out), *extra], stdout=subprocess.DEVNULL)
     wait_for(lambda: (out / "meta.json").exists(), proc)
     ready_cpu_s = _cpu_s(proc.pid)  # compiling and attaching is not part of the per-event cost
-    res = run_guest(exits, ioeventfd)
+    res = traced_guest(exits, ioeventfd)
     # The recorder's CPU for these events: until its parts hold them all (it rewrites
     # meta.json after each part), not counting detaching and exiting.
     want = exits * (1 if ioeventfd else 2)
@@ -108,7 +122,7 @@ def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
         c.write("enable\n")
         c.flush()
         a.readline()
-        res = run_guest(exits, ioeventfd)
+        res = traced_guest(exits, ioeventfd)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     size = data.stat().st_size if data.exists() else 0
@@ -127,7 +141,7 @@ def under_vtrace_stat(
         text=True,
     )
     proc.stderr.readline()  # "attached ..."
-    res = run_guest(exits, ioeventfd)
+    res = traced_guest(exits, ioeventfd)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     return res, {}
@@ -157,7 +171,7 @@ def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, di
 
     t = threading.Thread(target=poll)
     t.start()
-    res = run_guest(exits, ioeventfd)
+    res = traced_guest(exits, ioeventfd)
     deadline = time.monotonic() + 30
     while seen[0] < exits and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -167,6 +181,89 @@ def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, di
     lost = sum(int(v) for v in b[b"lost"][ct.c_int(0)])
     b.cleanup()
     return res, {"events": seen[0], "lost": lost}
+
+
+def under_placebo(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+    """A control: a process that compiles and loads vtrace stat's program like `vtrace stat`
+    does but attaches nothing. What it shows is the benchmark's own bias and noise."""
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from vtrace.collect import bccload, program; from vtrace.collect.stat import Stat, SOURCE;"
+        "bcc = bccload.load_bcc(); values = Stat().defines();"
+        "b = bcc.BPF(src_file=str(SOURCE).encode(), cflags=program.cflags(values));"
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen([PY, "-c", code, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    res = traced_guest(exits, ioeventfd)
+    proc.terminate()
+    proc.wait(timeout=60)
+    return res, {}
+
+
+class SegmentGuest:
+    """One kick-loop guest VM that runs segments of `out`s on request (tests/kvm_guest.py
+    --segments): the untraced and traced segments of a pair run back to back in the same VM,
+    milliseconds apart, so the host's drift between them is small."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [PY, str(GUEST), "--exits", "0", "--ioeventfd", "--segments"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        json.loads(self.proc.stdout.readline())
+
+    def run(self, outs: int) -> float:
+        """CPU ns of the vCPU thread per `out` over one segment."""
+        self.proc.stdin.write(f"{outs}\n")
+        self.proc.stdin.flush()
+        res = json.loads(self.proc.stdout.readline())
+        assert res["kicks"] == outs, res
+        return 1e9 * res["cpu_s"] / outs
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, float]]:
+    """(off, on) CPU ns per kick for ``pairs`` pairs of segments, the tracer loaded once in
+    this process and its probes attached for one segment of each pair and detached for the
+    other (the order alternates, so a drift within a pair cancels over pairs)."""
+    sys.path.insert(0, str(ROOT))
+    if tracer == "stat":
+        from vtrace.collect.stat import Stat
+
+        t = Stat().start()
+        on, off, close = t.reattach, t.detach, t.stop
+    else:
+        from vtrace.collect import Recording
+
+        t = Recording(tmp / f"toggle-{time.monotonic_ns()}").start()
+        on, off, close = t.reattach_probes, t.detach_probes, t.stop
+    guest = SegmentGuest()
+    out: list[tuple[float, float]] = []
+    try:
+        off()
+        guest.run(outs)  # warm-up: page faults, caches
+        for i in range(pairs):
+            if i % 2 == 0:
+                a = guest.run(outs)
+                on()
+                b = guest.run(outs)
+                off()
+            else:
+                on()
+                b = guest.run(outs)
+                off()
+                a = guest.run(outs)
+            out.append((a, b))
+    finally:
+        guest.close()
+        close()
+    return out
 
 
 def untraced(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
@@ -182,6 +279,7 @@ CONDITIONS = {
     "vtrace stat": under_vtrace_stat,
     "stat classic": lambda n, iofd, tmp: under_vtrace_stat(n, iofd, tmp, CLASSIC),
     "bcc callback": under_bcc_callback,
+    "placebo": under_placebo,
 }
 
 
@@ -205,7 +303,22 @@ def main() -> None:
         help="set kernel.bpf_stats_enabled=1 to report BPF ns per event; the kernel's own "
         "timing then adds to every BPF run, so overheads are measured without it by default",
     )
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=1.0,
+        help="seconds between a tracer being ready and the guest starting (default 1)",
+    )
+    ap.add_argument(
+        "--toggle-pairs",
+        type=int,
+        default=0,
+        help="also measure `vtrace stat` and `vtrace record` on the kick loop by attaching and "
+        "detaching their probes between back-to-back segments of one guest, this many pairs "
+        "(segments of --kicks / 10 kicks); --rounds 0 runs only this",
+    )
     args = ap.parse_args()
+    SETTLE_S[0] = args.settle_s
     if os.geteuid() != 0:
         sys.exit("needs root (BPF, perf -a)")
     all_workloads = {"pio": (args.pio_exits, False), "kick": (args.kicks, True)}
@@ -235,6 +348,8 @@ def main() -> None:
     cpu: dict[tuple[str, str], list[float]] = {}
     cpu_ratios: dict[tuple[str, str], list[float]] = {}
     try:
+        if args.toggle_pairs > 0:
+            report_toggled(args.toggle_pairs, max(args.kicks // 10, 1000))
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             for r in range(args.rounds):
@@ -265,6 +380,8 @@ def main() -> None:
                         )
     finally:
         stats_path.write_text(stats_before)
+    if args.rounds == 0:
+        return
     print(f"\nmedians over {args.rounds} rounds, each traced run paired with an untraced one")
     print("rate: guest `out` instructions per second (wall); cpu: guest process CPU ns per `out`")
     print(
@@ -294,6 +411,28 @@ def main() -> None:
             print(
                 f"{wl:8s} {c:14s} {med(rates[(wl, c)]):10,.0f} {ratio:6.3f} {1 - ratio:8.1%} "
                 f"{med(cpu[(wl, c)]):7.0f} {med(cpu_ratios[(wl, c)]) - 1:7.1%}  {detail}"
+            )
+
+
+def report_toggled(pairs: int, outs: int) -> None:
+    med = statistics.median
+    print(
+        f"\nkick loop, probes attached/detached between back-to-back segments of one guest "
+        f"({pairs} pairs of {outs:,} kicks): CPU ns per kick of the vCPU thread"
+    )
+    print(
+        f"{'tracer':8s} {'off':>7s} {'on':>7s} {'+ns':>6s} {'overhead':>8s} {'IQR of pair ratios':>20s}"
+    )
+    with tempfile.TemporaryDirectory() as d:
+        for tracer in ("stat", "record"):
+            res = toggled(tracer, pairs, outs, Path(d))
+            ratios = sorted(b / a for a, b in res)
+            q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            off, on = med(a for a, _ in res), med(b for _, b in res)
+            print(
+                f"{tracer:8s} {off:7.0f} {on:7.0f} {on - off:6.0f} {med(ratios) - 1:8.1%} "
+                f"{q1 - 1:9.1%} to {q3 - 1:6.1%}",
+                flush=True,
             )
 
 

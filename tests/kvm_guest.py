@@ -60,6 +60,12 @@ class Guest:
         else:
             self.vm.out_handlers[PORT] = _ignore
 
+    def restart(self, outs: int) -> None:
+        """Back to the start of the program with a new count (the VM and its eventfd stay)."""
+        self.vm.load_real_mode(guest_program(GUEST), entry=G["CODE_AT"])
+        self.vm.write_u32(G["COUNT_AT"], outs)
+        self.vm.exit_reasons.clear()
+
     def irq_lines(self, gsi: int, n: int) -> None:
         """``n`` KVM_IRQ_LINE calls from this process: one kvm_set_irq event each."""
         for i in range(n):
@@ -111,9 +117,21 @@ def main() -> None:
     ap.add_argument("--irq-lines", type=int, default=0, help="KVM_IRQ_LINE calls before running")
     ap.add_argument("--irqfd-signals", type=int, default=0, help="irqfd signals before running")
     ap.add_argument("--gsi", type=int, default=5)
+    ap.add_argument(
+        "--segments",
+        action="store_true",
+        help="after the pid, read one count per stdin line and run that many `out`s in the "
+        "same VM, printing one JSON line each, until end of input (benchmarks alternate "
+        "tracing on and off between segments)",
+    )
     args = ap.parse_args()
     guest = Guest(args.exits, args.ioeventfd, irqchip=bool(args.irq_lines or args.irqfd_signals))
     print(json.dumps({"pid": os.getpid()}), flush=True)
+    if args.segments:
+        for line in sys.stdin:
+            guest.restart(int(line))
+            print(json.dumps({**guest.run_to_halt(), "outs": int(line)}), flush=True)
+        return
     if args.wait:
         sys.stdin.readline()
     if args.irq_lines:

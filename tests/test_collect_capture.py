@@ -295,3 +295,31 @@ def test_print_c_shows_program_with_defines():
     assert r.returncode == 0, r.stderr
     assert "#define FILTER_PIDS 1" in r.stdout and "#define KVM_PIO_A1_OFF 12" in r.stdout
     assert "BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);" in r.stdout
+
+
+def test_probes_detached_and_reattached_mid_recording(tmp_path):
+    # One VM runs three segments of ioeventfd kicks (each ending in hlt); the recording's
+    # probes are off for the middle one only.
+    guest = subprocess.Popen(
+        [sys.executable, str(GUEST), "--exits", "0", "--ioeventfd", "--segments"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = json.loads(guest.stdout.readline())["pid"]
+
+    def run(kicks: int) -> None:
+        guest.stdin.write(f"{kicks}\n")
+        guest.stdin.flush()
+        assert json.loads(guest.stdout.readline())["kicks"] == kicks
+
+    with Recording(tmp_path / "t", pids=[pid]) as rec:
+        run(100)
+        rec.detach_probes()
+        run(1000)
+        rec.reattach_probes()
+        run(10)
+    guest.stdin.close()
+    assert guest.wait(timeout=60) == 0
+    assert rec.summary["by_event"] == {"kvm_pio": 110, "kvm_userspace_exit": 2}
+    assert rec.summary["lost"] == 0

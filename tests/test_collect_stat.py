@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
+import sys
 
 import polars as pl
 import pytest
 
-from tests.test_collect_capture import VTRACE, GuestProcess
+from tests.test_collect_capture import GUEST, VTRACE, GuestProcess
 from vtrace.collect.decode import EVENT_IDS
 from vtrace.collect.stat import KIND_USERSPACE, Stat, interval_view
 
@@ -63,3 +65,32 @@ def test_stat_once_csv_cli():
         ("kvm_userspace_exit", "KVM_EXIT_HLT"): 1,
     }
     assert df["pid"].unique().to_list() == [guest.pid]
+
+
+def test_detach_and_reattach_stop_and_resume_counting():
+    guest = subprocess.Popen(
+        [sys.executable, str(GUEST), "--exits", "0", "--ioeventfd", "--segments"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = json.loads(guest.stdout.readline())["pid"]
+
+    def run(kicks: int) -> None:
+        guest.stdin.write(f"{kicks}\n")
+        guest.stdin.flush()
+        assert json.loads(guest.stdout.readline())["kicks"] == kicks
+
+    with Stat([pid]) as st:
+        before = st.snapshot()
+        run(300)
+        st.detach()
+        run(5000)
+        st.reattach()
+        run(20)
+        after = st.snapshot()
+    guest.stdin.close()
+    assert guest.wait(timeout=60) == 0
+    counts, _ = interval_view(before, after, 1.0)
+    pio = counts.filter(pl.col("event") == EVENT_IDS["kvm_pio"])
+    assert pio.select("reason", "count").rows() == [(0x10, 320)]

@@ -134,6 +134,7 @@ class Recording:
         self._started_ns = 0
         self._plan: program.ProbePlan | None = None
         self._attached: dict[str, str] = {}
+        self._probes_on = False
         # bcc's USDT contexts: each holds its probes' semaphores raised in the traced process
         # and lowers them when freed, so they must live as long as the probes stay attached.
         self._usdt: list[Any] = []
@@ -182,6 +183,7 @@ class Recording:
         self._plan = plan
         self._started_ns = monotonic_ns()  # before attaching: no event is older than start
         self._attached = program.attach(self._bpf, plan)
+        self._probes_on = True
         for ev in plan.usdt:
             self._attached[ev] = f"usdt:{plan.usdt[ev]}:{ev}"
         if not self._attached:
@@ -355,6 +357,19 @@ class Recording:
         """Events delivered so far, by event name."""
         return {name: int(self._counts[i]) for name, i in EVENT_IDS.items() if self._counts[i]}
 
+    def detach_probes(self) -> None:
+        """Stop event delivery without ending the recording (``reattach_probes`` resumes)."""
+        if self._probes_on:
+            program.detach(self._bpf, self._attached)
+            self._probes_on = False
+
+    def reattach_probes(self) -> None:
+        """Attach again what ``start`` attached (kernel probes; USDT probes stay attached)."""
+        assert self._plan is not None
+        if not self._probes_on:
+            self._attached.update(program.attach(self._bpf, self._plan))
+            self._probes_on = True
+
     def elapsed_s(self) -> float:
         return (monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0
 
@@ -363,7 +378,7 @@ class Recording:
         """Detach, drain the rest, write the last part, finalise meta; returns the summary."""
         if self._bpf is None or self._writer is None:
             return self.summary
-        program.detach(self._bpf, self._attached)
+        self.detach_probes()
         end_ns = monotonic_ns()
         self._stop.set()
         for t in self._threads:

@@ -142,6 +142,24 @@ class Stat:
                 self.unavailable[ev] = f"attach failed: {e}"
         return self
 
+    def detach(self) -> None:
+        """Stop counting without unloading (``reattach`` resumes; the maps keep their counts)."""
+        for where in self.attached:
+            kind, _, ev = where.partition(":")
+            if kind == "raw":
+                self._bpf.detach_raw_tracepoint(tp=ev.encode())
+            else:
+                self._bpf.detach_tracepoint(tp=where.encode())
+
+    def reattach(self) -> None:
+        """Attach again what ``start`` attached and ``detach`` detached."""
+        for where in self.attached:
+            kind, _, ev = where.partition(":")
+            if kind == "raw":
+                self._bpf.attach_raw_tracepoint(tp=ev.encode(), fn_name=f"raw_on_{ev}".encode())
+            else:
+                self._bpf.attach_tracepoint(tp=where.encode(), fn_name=f"on_{ev}".encode())
+
     def snapshot(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Cumulative (counts, histogram) frames, summed over CPUs."""
         c_rows = [
