@@ -13,20 +13,27 @@ import pytest
 from tests.test_collect_capture import GUEST, VTRACE, GuestProcess
 from vtrace.collect.decode import EVENT_IDS
 from vtrace.collect.stat import KIND_USERSPACE, Stat, interval_view
+from vtrace.errors import VtraceError
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bcc]
 
 
-@pytest.mark.parametrize("classic", [False, True], ids=["raw", "classic"])
-def test_counts_and_histograms_are_exact(classic):
+@pytest.mark.parametrize(
+    ("classic", "hot_slots"),
+    [(False, 256), (True, 256), (False, 1)],
+    # one hot slot: the first key holds it, the others are counted in the hash map
+    ids=["raw", "classic", "raw-one-hot-slot"],
+)
+def test_counts_and_histograms_are_exact(classic, hot_slots):
     exits = 5000
     guest = GuestProcess(exits)
-    with Stat([guest.pid], classic=classic) as st:
+    with Stat([guest.pid], classic=classic, hot_slots=hot_slots) as st:
         assert ("raw:kvm_pio" in st.attached) != classic
         assert ("raw:kvm_userspace_exit" in st.attached) != classic
         before = st.snapshot()
         guest.go()
         after = st.snapshot()
+        hashed_keys = len(st._bpf[b"counts"])  # keys counted in the hash map, not hot slots
     counts, hist = interval_view(before, after, 1.0)
     got = {
         (ev, reason): n for ev, reason, n in counts.select("event", "reason", "count").iter_rows()
@@ -41,6 +48,8 @@ def test_counts_and_histograms_are_exact(classic):
     assert timed == [(KIND_USERSPACE, 2, exits)]
     row = counts.filter(pl.col("event") == EVENT_IDS["kvm_userspace_exit"], pl.col("reason") == 2)
     assert 0 < row["p50_ns"][0] <= row["p99_ns"][0]
+    if hot_slots == 1:  # the hash map really took the keys the one slot could not
+        assert hashed_keys >= 2
 
 
 def test_stat_once_csv_cli():
@@ -94,3 +103,8 @@ def test_detach_and_reattach_stop_and_resume_counting():
     counts, _ = interval_view(before, after, 1.0)
     pio = counts.filter(pl.col("event") == EVENT_IDS["kvm_pio"])
     assert pio.select("reason", "count").rows() == [(0x10, 320)]
+
+
+def test_hot_slots_must_be_a_power_of_two():
+    with pytest.raises(VtraceError, match="power of two"):
+        Stat(hot_slots=3)

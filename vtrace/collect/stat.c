@@ -1,12 +1,12 @@
 // vtrace stat: in-kernel aggregation of KVM events, no per-event output.
 //
-// counts: (pid, event, reason) -> events. For kvm_exit the reason is the exit reason (VMX:
+// counts: (pid, event, reason) -> events (behind the per-CPU `hot` table, see count()). For kvm_exit the reason is the exit reason (VMX:
 // low 16 bits), for kvm_userspace_exit the KVM_EXIT_* code, for kvm_pio the port.
 // hist:   (pid, kind, reason, log2 slot) -> events, where kind 0 is kvm_exit -> kvm_entry on
 // the same thread (the whole exit, where the CPU has vmx/svm) and kind 1 is
 // kvm_userspace_exit -> the same thread's next ioctl(KVM_RUN) (time the VMM spent in user
 // space handling the exit; seen on every host).
-// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL, <NAME>_OFF/_SIZE
+// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL, HOT_SLOTS, <NAME>_OFF/_SIZE
 // offsets from the running kernel's format files, and RAW_MASK: the events read as raw
 // tracepoints (their C arguments, before the kernel formats a record: cheaper per event),
 // each where the kernel's BTF shows the prototype its handler below is written against
@@ -36,6 +36,19 @@ BPF_HASH(pids, u32, u8, 1024);
 
 #include "tracepoint_fields.h"
 
+// Hot counters: a per-CPU direct-mapped table in front of `counts`. A slot belongs to the
+// first key that maps to it and counts that key on this CPU from then on; a key whose slot
+// another key holds is counted in `counts`. Slots are never given back, so each key lives in
+// one place per CPU and the sums stay exact. An array slot costs no key hashing and no
+// bucket walk (the verifier inlines the lookup): on a kick loop this is the whole program.
+// The key packs pid (below 2^22, the kernel's PID_MAX_LIMIT), event (5 bits) and reason.
+struct hot_slot {
+    u64 key;
+    u64 n;
+};
+BPF_PERCPU_ARRAY(hot, struct hot_slot, HOT_SLOTS);
+#define HOT_CLAIMED (1ULL << 63)
+
 // irq_rule: the interrupt events are also counted from kworkers when filtering by pid.
 static __always_inline int count(u32 event, u32 reason, int irq_rule) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -43,6 +56,21 @@ static __always_inline int count(u32 event, u32 reason, int irq_rule) {
     if (!pids.lookup(&tgid) && !(irq_rule && is_kworker()))
         return 0;
 #endif
+    u64 packed = HOT_CLAIMED | ((u64)reason << 27) | ((u64)(tgid & 0x3fffff) << 5) | event;
+    u32 i = (tgid * 2654435761u ^ reason * 40503u ^ event) & (HOT_SLOTS - 1);
+    struct hot_slot *slot = hot.lookup(&i);
+    if (slot) {
+        if (slot->key == packed) {
+            slot->n += 1;
+            return 1;
+        }
+        // Claimed atomically: a program that interrupts this one on the same CPU may race
+        // for the same free slot.
+        if (slot->key == 0 && __sync_val_compare_and_swap(&slot->key, 0, packed) == 0) {
+            slot->n += 1;
+            return 1;
+        }
+    }
     struct ckey k = {.pid = tgid, .reason = reason, .event = event};
     u64 zero = 0;
     u64 *n = counts.lookup_or_try_init(&k, &zero);

@@ -35,6 +35,7 @@ from vtrace.lab.kvm import KVM_RUN
 SOURCE = Path(__file__).with_name("stat.c")
 KIND_EXIT, KIND_USERSPACE = 0, 1
 KIND_NAMES = {KIND_EXIT: "exit->entry", KIND_USERSPACE: "user space"}
+HOT_SLOTS = 256  # per-CPU direct-mapped counters in front of the counts hash (stat.c)
 STAT_EVENTS = (
     s.KVM_EXIT,
     s.KVM_ENTRY,
@@ -62,8 +63,15 @@ class Stat:
     """The aggregating BPF program: attach, read cumulative counts and histograms, detach."""
 
     def __init__(
-        self, pids: list[int] | None = None, tracefs: Path = doctor.TRACEFS, classic: bool = False
+        self,
+        pids: list[int] | None = None,
+        tracefs: Path = doctor.TRACEFS,
+        classic: bool = False,
+        hot_slots: int = HOT_SLOTS,
     ) -> None:
+        if hot_slots < 1 or hot_slots & (hot_slots - 1) or hot_slots > 1 << 16:
+            raise VtraceError(f"hot_slots must be a power of two up to 65536, got {hot_slots}")
+        self.hot_slots = hot_slots
         self.pids = program.validate_pids(pids)
         self.tracefs = tracefs
         self.attached: list[str] = []
@@ -77,6 +85,7 @@ class Stat:
         events = self.tracefs / "events"
         values = {
             "FILTER_PIDS": int(bool(self.pids)),
+            "HOT_SLOTS": self.hot_slots,
             "KVM_RUN": KVM_RUN,
             "HAVE_EXIT": int(read_format(events, "kvm", s.KVM_EXIT) is not None),
             "HAVE_IOCTL": int(read_format(events, "syscalls", "sys_enter_ioctl") is not None),
@@ -165,9 +174,27 @@ class Stat:
         c_rows = [
             (k.pid, k.event, k.reason, sum(v)) for k, v in self._bpf[b"counts"].items()
         ]  # one row per (pid, event, reason) key, not per event
+        # The hot table: per slot, per CPU, a packed key (0: never claimed) and its count.
+        hot = np.array(
+            [(c.key, c.n) for _, per_cpu in self._bpf[b"hot"].items() for c in per_cpu],
+            dtype=np.uint64,
+        ).reshape(-1, 2)
+        hot = hot[(hot[:, 0] != 0) & (hot[:, 1] != 0)]
+        key = hot[:, 0]
+        c_rows += zip(
+            ((key >> 5) & 0x3FFFFF).tolist(),
+            (key & 0x1F).tolist(),
+            ((key >> 27) & 0xFFFFFFFF).tolist(),
+            hot[:, 1].tolist(),
+            strict=True,
+        )
         h_rows = [(k.pid, k.kind, k.reason, k.slot, sum(v)) for k, v in self._bpf[b"hist"].items()]
-        counts = pl.DataFrame(
-            c_rows, schema=dict.fromkeys([*COUNT_KEYS, "total"], pl.Int64), orient="row"
+        counts = (
+            pl.DataFrame(
+                c_rows, schema=dict.fromkeys([*COUNT_KEYS, "total"], pl.Int64), orient="row"
+            )
+            .group_by(COUNT_KEYS)
+            .agg(pl.col("total").sum())
         )
         hist = pl.DataFrame(
             h_rows, schema=dict.fromkeys([*HIST_KEYS, "slot", "total"], pl.Int64), orient="row"
