@@ -238,7 +238,9 @@ def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, 
         # The least any raw-tracepoint tracer can cost: an empty program on kvm:kvm_pio.
         from vtrace.collect import bccload
 
-        empty = bccload.load_bcc().BPF(text=b"int f(struct bpf_raw_tracepoint_args *ctx) { return 0; }")
+        empty = bccload.load_bcc().BPF(
+            text=b"int f(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
+        )
         empty.load_func(b"f", empty.RAW_TRACEPOINT)
 
         def on() -> None:
