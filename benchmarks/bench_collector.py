@@ -2,10 +2,16 @@
 
     .venv/bin/python benchmarks/bench_collector.py [--rounds 5] [--pio-exits 100000] [--kicks 1000000]
 
-Workloads (tests/kvm_guest.py, a real KVM guest looping on `out dx, al`):
-- pio: every `out` exits to the VMM in user space (kvm_pio + kvm_userspace_exit per exit);
-- kick: the port is an ioeventfd, every `out` stays in the kernel (one kvm_pio per kick):
-  the highest event rate this host makes.
+Workloads (real KVM guests):
+- pio: tests/kvm_guest.py looping on `out dx, al`, every `out` exits to the VMM in user
+  space (kvm_pio + kvm_userspace_exit per exit);
+- kick: the same loop with the port an ioeventfd, every `out` stays in the kernel (one
+  kvm_pio per kick): the highest event rate this host makes;
+- lab-emulated, lab-virtio: `vtrace lab run --device emulated` and `--device virtio`
+  (batch 1, ring 256): the lab's request rate, the measure the capture goals are set in
+  (4 user-space PIO exits per emulated request; up to one ioeventfd kick per virtio
+  request, plus the back end's thread); their CPU column is the VMM process's CPU time per
+  request (vCPU and back-end threads, the lab's `cpu_s`).
 
 Conditions, each run on the same workload in turn within a round:
 - untraced;
@@ -21,7 +27,8 @@ Conditions, each run on the same workload in turn within a round:
 Each traced run starts --settle-s (1) seconds after its tracer is ready.
 
 Printed: median rate per condition, its ratio to untraced (overhead = 1 - ratio), events
-recorded and lost. Rates come from the guest's own clock around its KVM_RUN loop.
+recorded and lost. Rates come from the VMM's own clock around its run (`out`s or requests
+per second).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes as ct
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,17 +58,44 @@ VTRACE = [PY, "-m", "vtrace.cli"]
 SETTLE_S = [1.0]  # set from --settle-s
 
 
-def traced_guest(exits: int, ioeventfd: bool) -> dict:
-    """The guest, once the tracer has settled: compiling and attaching load the machine for a
-    moment after the tracer says it is ready, which is not the per-event cost."""
+@dataclass(frozen=True)
+class Workload:
+    """A guest run in its own process: ``units`` `out`s or requests; run() returns the VMM's
+    JSON with ``duration_s`` (and ``cpu_s`` of the vCPU loop where it measures it)."""
+
+    name: str
+    units: int
+    argv: tuple[str, ...]
+
+    def run(self) -> dict:
+        out = subprocess.run(self.argv, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.splitlines()[-1])
+
+    def events(self, res: dict) -> int:
+        """The kvm_pio + kvm_userspace_exit events a tracer of every process sees at least:
+        two per user-space PIO exit, one per in-kernel kick."""
+        # The lab names exit reasons; tests/kvm_guest.py gives KVM_EXIT_* numbers (IO = 2).
+        reasons = res.get("exit_reasons") or res["userspace_exits"]
+        io = reasons.get("KVM_EXIT_IO", reasons.get("2", 0))
+        return 2 * io + res.get("guest_kicks", res.get("kicks", 0))
+
+
+def workloads(pio_exits: int, kicks: int, requests: int) -> dict[str, Workload]:
+    guest = (PY, str(GUEST), "--exits")
+    lab = (*VTRACE, "lab", "run", "--json", "--requests", str(requests), "--device")
+    return {
+        "pio": Workload("pio", pio_exits, (*guest, str(pio_exits))),
+        "kick": Workload("kick", kicks, (*guest, str(kicks), "--ioeventfd")),
+        "lab-emulated": Workload("lab-emulated", requests, (*lab, "emulated")),
+        "lab-virtio": Workload("lab-virtio", requests, (*lab, "virtio", "--batch", "1")),
+    }
+
+
+def traced_run(w: Workload) -> dict:
+    """The workload, once the tracer has settled: compiling and attaching load the machine
+    for a moment after the tracer says it is ready, which is not the per-event cost."""
     time.sleep(SETTLE_S[0])
-    return run_guest(exits, ioeventfd)
-
-
-def run_guest(exits: int, ioeventfd: bool) -> dict:
-    args = [PY, str(GUEST), "--exits", str(exits)] + (["--ioeventfd"] if ioeventfd else [])
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
-    return json.loads(out[-1])
+    return w.run()
 
 
 def wait_for(pred, proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -77,17 +113,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def under_vtrace_record(
-    exits: int, ioeventfd: bool, tmp: Path, extra: tuple[str, ...] = ()
-) -> tuple[dict, dict]:
+def under_vtrace_record(w: Workload, tmp: Path, extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
     out = tmp / f"rec-{time.monotonic_ns()}"
     proc = subprocess.Popen([*VTRACE, "record", "-o", str(out), *extra], stdout=subprocess.DEVNULL)
     wait_for(lambda: (out / "meta.json").exists(), proc)
     ready_cpu_s = _cpu_s(proc.pid)  # compiling and attaching is not part of the per-event cost
-    res = traced_guest(exits, ioeventfd)
+    res = traced_run(w)
     # The recorder's CPU for these events: until its parts hold them all (it rewrites
     # meta.json after each part), not counting detaching and exiting.
-    want = exits * (1 if ioeventfd else 2)
+    want = w.events(res)
     wait_for(lambda: json.loads((out / "meta.json").read_text())["events"] >= want, proc)
     consumer_cpu_s = _cpu_s(proc.pid) - ready_cpu_s
     proc.send_signal(signal.SIGINT)
@@ -105,7 +139,7 @@ def under_vtrace_record(
     }
 
 
-def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+def under_perf(w: Workload, tmp: Path) -> tuple[dict, dict]:
     data, ctl, ack = tmp / "perf.data", tmp / "perf.ctl", tmp / "perf.ack"
     for fifo in (ctl, ack):
         fifo.unlink(missing_ok=True)
@@ -122,7 +156,7 @@ def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
         c.write("enable\n")
         c.flush()
         a.readline()
-        res = traced_guest(exits, ioeventfd)
+        res = traced_run(w)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     size = data.stat().st_size if data.exists() else 0
@@ -131,9 +165,7 @@ def under_perf(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
     return res, {"perf_data_bytes": size}
 
 
-def under_vtrace_stat(
-    exits: int, ioeventfd: bool, tmp: Path, extra: tuple[str, ...] = ()
-) -> tuple[dict, dict]:
+def under_vtrace_stat(w: Workload, tmp: Path, extra: tuple[str, ...] = ()) -> tuple[dict, dict]:
     proc = subprocess.Popen(
         [*VTRACE, "stat", "--csv", "--interval", "60", *extra],
         stdout=subprocess.DEVNULL,
@@ -141,13 +173,13 @@ def under_vtrace_stat(
         text=True,
     )
     proc.stderr.readline()  # "attached ..."
-    res = traced_guest(exits, ioeventfd)
+    res = traced_run(w)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     return res, {}
 
 
-def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+def under_bcc_callback(w: Workload, tmp: Path) -> tuple[dict, dict]:
     """The same program, consumed the way bcc's examples do: one Python call per event."""
     sys.path.insert(0, str(ROOT))
     from vtrace.collect import bccload, program
@@ -171,9 +203,9 @@ def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, di
 
     t = threading.Thread(target=poll)
     t.start()
-    res = traced_guest(exits, ioeventfd)
+    res = traced_run(w)
     deadline = time.monotonic() + 30
-    while seen[0] < exits and time.monotonic() < deadline:
+    while seen[0] < w.events(res) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
     t.join()
@@ -183,7 +215,7 @@ def under_bcc_callback(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, di
     return res, {"events": seen[0], "lost": lost}
 
 
-def under_placebo(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
+def under_placebo(w: Workload, tmp: Path) -> tuple[dict, dict]:
     """A control: a process that compiles and loads vtrace stat's program like `vtrace stat`
     does but attaches nothing. What it shows is the benchmark's own bias and noise."""
     code = (
@@ -195,20 +227,22 @@ def under_placebo(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
     )
     proc = subprocess.Popen([PY, "-c", code, str(ROOT)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    res = traced_guest(exits, ioeventfd)
+    res = traced_run(w)
     proc.terminate()
     proc.wait(timeout=60)
     return res, {}
 
 
 class SegmentGuest:
-    """One kick-loop guest VM that runs segments of `out`s on request (tests/kvm_guest.py
+    """One loop guest VM that runs segments of `out`s on request (tests/kvm_guest.py
     --segments): the untraced and traced segments of a pair run back to back in the same VM,
-    milliseconds apart, so the host's drift between them is small."""
+    milliseconds apart, so the host's drift between them is small. Kicks (ioeventfd) or,
+    with ``ioeventfd=False``, user-space PIO exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, ioeventfd: bool = True) -> None:
+        self.ioeventfd = ioeventfd
         self.proc = subprocess.Popen(
-            [PY, str(GUEST), "--exits", "0", "--ioeventfd", "--segments"],
+            [PY, str(GUEST), "--exits", "0", "--segments"] + (["--ioeventfd"] * ioeventfd),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -220,7 +254,7 @@ class SegmentGuest:
         self.proc.stdin.write(f"{outs}\n")
         self.proc.stdin.flush()
         res = json.loads(self.proc.stdout.readline())
-        assert res["kicks"] == outs, res
+        assert (res["kicks"] if self.ioeventfd else res["userspace_exits"]["2"]) == outs, res
         return 1e9 * res["cpu_s"] / outs
 
     def close(self) -> None:
@@ -228,15 +262,20 @@ class SegmentGuest:
         self.proc.wait(timeout=60)
 
 
-def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, float]]:
-    """(off, on) CPU ns per kick for ``pairs`` pairs of segments, the tracer loaded once in
+def toggled(
+    tracer: str, pairs: int, outs: int, tmp: Path, ioeventfd: bool = True
+) -> list[tuple[float, float]]:
+    """(off, on) CPU ns per `out` for ``pairs`` pairs of segments, the tracer loaded once in
     this process and its probes attached for one segment of each pair and detached for the
     other (the order alternates, so a drift within a pair cancels over pairs). ``floor`` is
-    an empty program on the kvm_pio raw tracepoint: the part no tracer can avoid."""
+    an empty program on the raw tracepoints of the loop's events (kvm_pio, and
+    kvm_userspace_exit for PIO exits): the part no tracer of those events can avoid."""
     sys.path.insert(0, str(ROOT))
     if tracer == "floor":
-        # The least any raw-tracepoint tracer can cost: an empty program on kvm:kvm_pio.
+        # The least any raw-tracepoint tracer can cost: an empty program on each event.
         from vtrace.collect import bccload
+
+        tps = [b"kvm_pio"] + ([] if ioeventfd else [b"kvm_userspace_exit"])
 
         empty = bccload.load_bcc().BPF(
             text=b"int f(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
@@ -244,11 +283,13 @@ def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, 
         empty.load_func(b"f", empty.RAW_TRACEPOINT)
 
         def on() -> None:
-            empty.attach_raw_tracepoint(tp=b"kvm_pio", fn_name=b"f")
+            for tp in tps:
+                empty.attach_raw_tracepoint(tp=tp, fn_name=b"f")
 
         def off() -> None:
-            if b"kvm_pio" in empty.raw_tracepoint_fds:
-                empty.detach_raw_tracepoint(tp=b"kvm_pio")
+            for tp in tps:
+                if tp in empty.raw_tracepoint_fds:
+                    empty.detach_raw_tracepoint(tp=tp)
 
         close = empty.cleanup
     elif tracer == "stat":
@@ -261,7 +302,7 @@ def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, 
 
         t = Recording(tmp / f"toggle-{time.monotonic_ns()}").start()
         on, off, close = t.reattach_probes, t.detach_probes, t.stop
-    guest = SegmentGuest()
+    guest = SegmentGuest(ioeventfd)
     out: list[tuple[float, float]] = []
     try:
         off()
@@ -284,18 +325,18 @@ def toggled(tracer: str, pairs: int, outs: int, tmp: Path) -> list[tuple[float, 
     return out
 
 
-def untraced(exits: int, ioeventfd: bool, tmp: Path) -> tuple[dict, dict]:
-    return run_guest(exits, ioeventfd), {}
+def untraced(w: Workload, tmp: Path) -> tuple[dict, dict]:
+    return w.run(), {}
 
 
 CLASSIC = ("--classic-tracepoints",)
 CONDITIONS = {
     "untraced": untraced,
     "vtrace record": under_vtrace_record,
-    "record classic": lambda n, iofd, tmp: under_vtrace_record(n, iofd, tmp, CLASSIC),
+    "record classic": lambda w, tmp: under_vtrace_record(w, tmp, CLASSIC),
     "perf record": under_perf,
     "vtrace stat": under_vtrace_stat,
-    "stat classic": lambda n, iofd, tmp: under_vtrace_stat(n, iofd, tmp, CLASSIC),
+    "stat classic": lambda w, tmp: under_vtrace_stat(w, tmp, CLASSIC),
     "bcc callback": under_bcc_callback,
     "placebo": under_placebo,
 }
@@ -309,7 +350,17 @@ def main() -> None:
     ap.add_argument("--pio-exits", type=int, default=50_000)
     ap.add_argument("--kicks", type=int, default=500_000)
     ap.add_argument("--skip-perf", action="store_true")
-    ap.add_argument("--workloads", default="pio,kick", help="comma separated: pio, kick")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=20_000,
+        help="requests per lab-emulated / lab-virtio run (default 20000)",
+    )
+    ap.add_argument(
+        "--workloads",
+        default="pio,kick,lab-emulated,lab-virtio",
+        help="comma separated: pio, kick, lab-emulated, lab-virtio (default all)",
+    )
     ap.add_argument(
         "--conditions",
         default=None,
@@ -331,19 +382,20 @@ def main() -> None:
         "--toggle-pairs",
         type=int,
         default=0,
-        help="also measure `vtrace stat` and `vtrace record` on the kick loop by attaching and "
-        "detaching their probes between back-to-back segments of one guest, this many pairs "
-        "(segments of --kicks / 10 kicks); --rounds 0 runs only this",
+        help="also measure `vtrace stat` and `vtrace record` on the kick and pio loops (those "
+        "in --workloads) by attaching and detaching their probes between back-to-back "
+        "segments of one guest, this many pairs (segments of --kicks / 10 kicks, "
+        "--pio-exits / 10 exits); --rounds 0 runs only this",
     )
     args = ap.parse_args()
     SETTLE_S[0] = args.settle_s
     if os.geteuid() != 0:
         sys.exit("needs root (BPF, perf -a)")
-    all_workloads = {"pio": (args.pio_exits, False), "kick": (args.kicks, True)}
+    all_workloads = workloads(args.pio_exits, args.kicks, args.requests)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not names or any(w not in all_workloads for w in names):
         sys.exit(f"--workloads: choose from {', '.join(all_workloads)}")
-    workloads = {w: all_workloads[w] for w in names}
+    chosen = {w: all_workloads[w] for w in names}
     conds = [c for c in CONDITIONS if c != "untraced"]
     if args.conditions:
         wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
@@ -367,33 +419,38 @@ def main() -> None:
     cpu_ratios: dict[tuple[str, str], list[float]] = {}
     try:
         if args.toggle_pairs > 0:
-            report_toggled(args.toggle_pairs, max(args.kicks // 10, 1000))
+            for wl in chosen:
+                if wl in ("kick", "pio"):
+                    n = args.kicks if wl == "kick" else args.pio_exits
+                    report_toggled(args.toggle_pairs, max(n // 10, 1000), wl == "kick")
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
             for r in range(args.rounds):
-                for wl, (n, iofd) in workloads.items():
+                for wl, w in chosen.items():
                     for c in conds:
                         if c == "bcc callback" and wl != "kick":
                             continue
-                        plain = run_guest(n, iofd)
-                        base = n / plain["duration_s"]
-                        res, info = CONDITIONS[c](n, iofd, tmp)
-                        rate = n / res["duration_s"]
+                        plain = w.run()
+                        base = w.units / plain["duration_s"]
+                        res, info = CONDITIONS[c](w, tmp)
+                        rate = w.units / res["duration_s"]
                         rates.setdefault((wl, "untraced"), []).append(base)
                         rates.setdefault((wl, c), []).append(rate)
                         ratios.setdefault((wl, c), []).append(rate / base)
-                        # CPU time of the guest process per `out`: the tracer's work done in
-                        # the guest's context (BPF program, perf's buffer writes), and much
-                        # less sensitive than wall time to other load on a shared host.
-                        cpu_ns = 1e9 * res["cpu_s"] / n
-                        cpu.setdefault((wl, "untraced"), []).append(1e9 * plain["cpu_s"] / n)
+                        # CPU time of the VMM per `out` or request: the tracer's work done
+                        # in the guest's context (BPF program, perf's buffer writes), and
+                        # much less sensitive than wall time to other load on a shared host.
+                        nan = float("nan")
+                        cpu_ns = 1e9 * res.get("cpu_s", nan) / w.units
+                        plain_ns = 1e9 * plain.get("cpu_s", nan) / w.units
+                        cpu.setdefault((wl, "untraced"), []).append(plain_ns)
                         cpu.setdefault((wl, c), []).append(cpu_ns)
-                        cpu_ratios.setdefault((wl, c), []).append(res["cpu_s"] / plain["cpu_s"])
+                        cpu_ratios.setdefault((wl, c), []).append(cpu_ns / plain_ns)
                         extra.setdefault((wl, c), []).append(info)
                         print(
-                            f"round {r + 1} {wl:4s} {c:14s} {rate:10,.0f}/s untraced {base:10,.0f}/s "
-                            f"ratio {rate / base:5.3f} cpu/out {cpu_ns:6.0f} ns vs "
-                            f"{1e9 * plain['cpu_s'] / n:6.0f} {json.dumps(info)}",
+                            f"round {r + 1} {wl:12s} {c:14s} {rate:10,.0f}/s untraced "
+                            f"{base:10,.0f}/s ratio {rate / base:5.3f} cpu/unit {cpu_ns:6.0f} ns "
+                            f"vs {plain_ns:6.0f} {json.dumps(info)}",
                             flush=True,
                         )
     finally:
@@ -401,15 +458,18 @@ def main() -> None:
     if args.rounds == 0:
         return
     print(f"\nmedians over {args.rounds} rounds, each traced run paired with an untraced one")
-    print("rate: guest `out` instructions per second (wall); cpu: guest process CPU ns per `out`")
     print(
-        f"{'workload':8s} {'condition':14s} {'rate/s':>10s} {'ratio':>6s} {'overhead':>8s} "
+        "rate: guest `out`s per second (pio, kick) or requests per second (lab-*), wall; "
+        "cpu: VMM CPU ns per `out` (vCPU loop) or per request (VMM process)"
+    )
+    print(
+        f"{'workload':12s} {'condition':14s} {'rate/s':>10s} {'ratio':>6s} {'overhead':>8s} "
         f"{'cpu ns':>7s} {'cpu +%':>7s}  details"
     )
     med = statistics.median
-    for wl in workloads:
+    for wl in chosen:
         print(
-            f"{wl:8s} {'untraced':14s} {med(rates[(wl, 'untraced')]):10,.0f} {'':6s} {'':8s} {med(cpu[(wl, 'untraced')]):7.0f}"
+            f"{wl:12s} {'untraced':14s} {med(rates[(wl, 'untraced')]):10,.0f} {'':6s} {'':8s} {_num(med(cpu[(wl, 'untraced')]), '7.0f')}"
         )
         for c in conds:
             if (wl, c) not in ratios:
@@ -427,23 +487,31 @@ def main() -> None:
             if infos and "perf_data_bytes" in infos[0]:
                 detail = f"perf.data {med(i['perf_data_bytes'] for i in infos) / 1e6:.1f} MB/run"
             print(
-                f"{wl:8s} {c:14s} {med(rates[(wl, c)]):10,.0f} {ratio:6.3f} {1 - ratio:8.1%} "
-                f"{med(cpu[(wl, c)]):7.0f} {med(cpu_ratios[(wl, c)]) - 1:7.1%}  {detail}"
+                f"{wl:12s} {c:14s} {med(rates[(wl, c)]):10,.0f} {ratio:6.3f} {1 - ratio:8.1%} "
+                f"{_num(med(cpu[(wl, c)]), '7.0f')} {_num(med(cpu_ratios[(wl, c)]) - 1, '7.1%')}"
+                f"  {detail}"
             )
 
 
-def report_toggled(pairs: int, outs: int) -> None:
+def _num(x: float, spec: str) -> str:
+    """x formatted, or blanks of the same width where it was not measured (NaN)."""
+    return " " * len(format(0.0, spec)) if math.isnan(x) else format(x, spec)
+
+
+def report_toggled(pairs: int, outs: int, ioeventfd: bool) -> None:
     med = statistics.median
+    what = "kick" if ioeventfd else "user-space PIO exit"
     print(
-        f"\nkick loop, probes attached/detached between back-to-back segments of one guest "
-        f"({pairs} pairs of {outs:,} kicks): CPU ns per kick of the vCPU thread"
+        f"\n{'kick' if ioeventfd else 'pio'} loop, probes attached/detached between "
+        f"back-to-back segments of one guest ({pairs} pairs of {outs:,} `out`s): CPU ns per "
+        f"{what} of the vCPU thread"
     )
     print(
         f"{'tracer':8s} {'off':>7s} {'on':>7s} {'+ns':>6s} {'overhead':>8s} {'IQR of pair ratios':>20s}"
     )
     with tempfile.TemporaryDirectory() as d:
         for tracer in ("floor", "stat", "record"):
-            res = toggled(tracer, pairs, outs, Path(d))
+            res = toggled(tracer, pairs, outs, Path(d), ioeventfd)
             ratios = sorted(b / a for a, b in res)
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             off, on = med(a for a, _ in res), med(b for _, b in res)

@@ -19,17 +19,26 @@ pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bcc]
 
 
 @pytest.mark.parametrize(
-    ("classic", "hot_slots"),
-    [(False, 256), (True, 256), (False, 1)],
-    # one hot slot: the first key holds it, the others are counted in the hash map
-    ids=["raw", "classic", "raw-one-hot-slot"],
+    ("classic", "hot_slots", "end"),
+    [(False, 256, None), (True, 256, None), (False, 1, None), (False, 256, "sys_enter_ioctl")],
+    # one hot slot: the first key holds it, the others are counted in the hash map;
+    # ioctl-end: the fallback for kernels without kvm_fpu, user-space time ends at the
+    # syscall tracepoint on ioctl(KVM_RUN)
+    ids=["raw", "classic", "raw-one-hot-slot", "ioctl-end"],
 )
-def test_counts_and_histograms_are_exact(classic, hot_slots):
+def test_counts_and_histograms_are_exact(classic, hot_slots, end):
     exits = 5000
     guest = GuestProcess(exits)
-    with Stat([guest.pid], classic=classic, hot_slots=hot_slots) as st:
+    with Stat([guest.pid], classic=classic, hot_slots=hot_slots, userspace_end=end) as st:
         assert ("raw:kvm_pio" in st.attached) != classic
         assert ("raw:kvm_userspace_exit" in st.attached) != classic
+        if end is None:  # this kernel has kvm_fpu: the KVM_RUN marker of choice
+            assert st.userspace_end == "kvm_fpu"
+            assert ("raw:kvm_fpu" if not classic else "kvm:kvm_fpu") in st.attached
+            assert "syscalls:sys_enter_ioctl" not in st.attached
+        else:
+            assert st.attached[-1] == "syscalls:sys_enter_ioctl"
+            assert not any("kvm_fpu" in a for a in st.attached)
         before = st.snapshot()
         guest.go()
         after = st.snapshot()
@@ -108,3 +117,8 @@ def test_detach_and_reattach_stop_and_resume_counting():
 def test_hot_slots_must_be_a_power_of_two():
     with pytest.raises(VtraceError, match="power of two"):
         Stat(hot_slots=3)
+
+
+def test_userspace_end_is_checked():
+    with pytest.raises(VtraceError, match="userspace_end must be one of kvm_fpu"):
+        Stat(userspace_end="sys_exit")

@@ -7,6 +7,7 @@ counted, what the guest wrote in its own memory, and what the back end recorded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -208,6 +209,9 @@ def test_cli_json_has_the_documented_fields() -> None:
     assert set(out["latency_ns"]) == {"mean", "p50", "p99"}
     assert out["device"] == "virtio" and out["requests"] == 40 and out["ring_size"] == 8
     assert out["userspace_exits"] == 1 and out["kicks"] == out["guest_kicks"]
+    # CPU time over the run's window only (not the process's start-up, which alone takes
+    # far longer than 40 requests): at most every CPU busy for the whole window.
+    assert 0 < out["cpu_s"] <= out["duration_s"] * os.cpu_count() + 0.005
 
 
 @pytest.mark.kvm

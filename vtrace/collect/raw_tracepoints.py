@@ -31,7 +31,10 @@ PROTOTYPES: dict[str, tuple[str, ...]] = {
     "kvm_set_irq": ("u32", "s32", "s32"),  # gsi, level, irq_source_id
     "kvm_msi_set_irq": ("u64", "u64"),  # address, data
     "kvm_inj_virq": ("u32", "bool", "bool"),  # vector, soft, reinjected
+    "kvm_fpu": ("s32",),  # load (vtrace stat: the start of a KVM_RUN)
 }
+# Fields of the events only `vtrace stat` reads (the recorder's are formats.TRACEPOINT_SLOTS).
+STAT_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"kvm_fpu": ("load",)}
 
 
 def raw_problem(event: str, fields: dict[str, Field], btf_dir: Path = btf.BTF_DIR) -> str | None:
@@ -39,7 +42,8 @@ def raw_problem(event: str, fields: dict[str, Field], btf_dir: Path = btf.BTF_DI
     want = PROTOTYPES.get(event)
     if want is None:
         return "recorded from the formatted record (its fields are computed in the kernel)"
-    missing = [n for n in TRACEPOINT_SLOTS[event] if n not in fields]
+    needed = TRACEPOINT_SLOTS.get(event) or STAT_ONLY_FIELDS[event]
+    missing = [n for n in needed if n not in fields]
     if missing:
         return f"the format file lacks {', '.join(missing)}"
     have = btf.tracepoint_params(event, btf_dir=btf_dir)

@@ -4,9 +4,13 @@
 // low 16 bits), for kvm_userspace_exit the KVM_EXIT_* code, for kvm_pio the port.
 // hist:   (pid, kind, reason, log2 slot) -> events, where kind 0 is kvm_exit -> kvm_entry on
 // the same thread (the whole exit, where the CPU has vmx/svm) and kind 1 is
-// kvm_userspace_exit -> the same thread's next ioctl(KVM_RUN) (time the VMM spent in user
-// space handling the exit; seen on every host).
-// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, HAVE_IOCTL, HOT_SLOTS, <NAME>_OFF/_SIZE
+// kvm_userspace_exit -> the same thread's next KVM_RUN (time the VMM spent in user space
+// handling the exit; seen on every host). The next KVM_RUN is marked by kvm_fpu with load=1,
+// which KVM traces once at the start of every KVM_RUN (END_FPU), or else by the syscall
+// tracepoint on ioctl(KVM_RUN) (END_IOCTL): dearer, since a syscall tracepoint sends every
+// syscall of every process on the host through the slow entry path.
+// -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, END_FPU, END_IOCTL, RAW_FPU,
+// HOT_SLOTS, <NAME>_OFF/_SIZE
 // offsets from the running kernel's format files, and RAW_MASK: the events read as raw
 // tracepoints (their C arguments, before the kernel formats a record: cheaper per event),
 // each where the kernel's BTF shows the prototype its handler below is written against
@@ -23,15 +27,20 @@ struct hkey {
     u32 reason;
     u32 slot;
 };
+// A thread's open intervals, one per kind: on a vmx/svm host an exit that goes to user space
+// is open as kind 0 (until kvm_entry) and kind 1 (until the next KVM_RUN) at once.
 struct pending {
-    u64 ts_ns;
-    u32 reason;
-    u32 kind;
+    u64 ts_ns[2];
+    u32 reason[2];
+    u8 open[2];
 };
 
 BPF_PERCPU_HASH(counts, struct ckey, u64, 16384);
 BPF_PERCPU_HASH(hist, struct hkey, u64, 16384);
-BPF_HASH(start, u32, struct pending, 65536);
+// The open intervals of each thread, written in place: a thread's entry is made once and then
+// only rewritten (no update or delete per exit, each of which takes the map's lock); LRU, so
+// the threads of a long session cannot fill it.
+BPF_TABLE("lru_hash", u32, struct pending, start, 65536);
 BPF_HASH(pids, u32, u8, 1024);
 
 #include "tracepoint_fields.h"
@@ -92,21 +101,33 @@ static __always_inline u32 log2_slot(u64 v) {
     return slot;
 }
 
+// kind is a constant at every call (0: kvm_exit, 1: kvm_userspace_exit).
 static __always_inline void begin(u32 reason, u32 kind) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    struct pending p = {.ts_ns = bpf_ktime_get_ns(), .reason = reason, .kind = kind};
-    start.update(&tid, &p);
+    u64 now = bpf_ktime_get_ns();
+    struct pending *p = start.lookup(&tid);
+    if (p) {  // only this thread writes its entry
+        p->ts_ns[kind] = now;
+        p->reason[kind] = reason;
+        p->open[kind] = 1;
+        return;
+    }
+    struct pending fresh = {};
+    fresh.ts_ns[kind] = now;
+    fresh.reason[kind] = reason;
+    fresh.open[kind] = 1;
+    start.update(&tid, &fresh);
 }
 
 static __always_inline void end(u32 kind) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct pending *p = start.lookup(&tid);
-    if (!p || p->kind != kind)
+    if (!p || !p->open[kind])
         return;
-    struct hkey k = {.pid = id >> 32, .kind = kind, .reason = p->reason,
-                     .slot = log2_slot(bpf_ktime_get_ns() - p->ts_ns)};
-    start.delete(&tid);
+    struct hkey k = {.pid = id >> 32, .kind = kind, .reason = p->reason[kind],
+                     .slot = log2_slot(bpf_ktime_get_ns() - p->ts_ns[kind])};
+    p->open[kind] = 0;  // closed: a second marker before the next exit times nothing
     u64 zero = 0;
     u64 *n = hist.lookup_or_try_init(&k, &zero);
     if (n)
@@ -141,7 +162,24 @@ int on_kvm_userspace_exit(void *ctx) {
     return 0;
 }
 
-#if HAVE_IOCTL
+#if END_FPU
+int on_kvm_fpu(void *ctx) {
+    if (field(ctx, FPU_LOAD_OFF, FPU_LOAD_SIZE))
+        end(1);
+    return 0;
+}
+#endif
+
+#if END_FPU && RAW_FPU
+// TP_PROTO(int load)
+int raw_on_kvm_fpu(struct bpf_raw_tracepoint_args *ctx) {
+    if ((int)ctx->args[0])
+        end(1);
+    return 0;
+}
+#endif
+
+#if END_IOCTL
 int on_sys_enter_ioctl(void *ctx) {
     if ((u32)field(ctx, IOCTL_CMD_OFF, IOCTL_CMD_SIZE) != KVM_RUN)
         return 0;

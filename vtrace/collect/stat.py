@@ -2,8 +2,10 @@
 time, aggregated in the kernel (stat.c): only the aggregates cross into user space.
 
 Handling time is kvm_exit -> kvm_entry on the same thread where the CPU has vmx/svm (the
-whole exit), and kvm_userspace_exit -> the thread's next ioctl(KVM_RUN) everywhere (the time
-the VMM spent in user space on the exit, the part a user-space device model adds).
+whole exit), and kvm_userspace_exit -> the thread's next KVM_RUN everywhere (the time the
+VMM spent in user space on the exit, the part a user-space device model adds). The next
+KVM_RUN is seen by kvm_fpu (load), traced once at the start of every KVM_RUN; where a kernel
+lacks it, by syscalls:sys_enter_ioctl, which costs more (USERSPACE_ENDS).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ _FIELDS = (
     ("USER_REASON", "kvm", s.KVM_USERSPACE_EXIT, "reason"),
     ("PIO_PORT", "kvm", s.KVM_PIO, "port"),
     ("IOCTL_CMD", "syscalls", "sys_enter_ioctl", "cmd"),
+    ("FPU_LOAD", "kvm", "kvm_fpu", "load"),
 )
+# What marks the VMM's return to KVM_RUN, best first: kvm_fpu is a KVM tracepoint on the
+# KVM_RUN path only; a syscall tracepoint puts every syscall on the host on the slow path.
+USERSPACE_ENDS = ("kvm_fpu", "sys_enter_ioctl")
 COUNT_KEYS = ["pid", "event", "reason"]
 HIST_KEYS = ["pid", "kind", "reason"]
 
@@ -68,10 +74,17 @@ class Stat:
         tracefs: Path = doctor.TRACEFS,
         classic: bool = False,
         hot_slots: int = HOT_SLOTS,
+        userspace_end: str | None = None,
     ) -> None:
+        """``userspace_end``: one of USERSPACE_ENDS, or None for the first the host has."""
         if hot_slots < 1 or hot_slots & (hot_slots - 1) or hot_slots > 1 << 16:
             raise VtraceError(f"hot_slots must be a power of two up to 65536, got {hot_slots}")
         self.hot_slots = hot_slots
+        if userspace_end not in (None, *USERSPACE_ENDS):
+            raise VtraceError(
+                f"userspace_end must be one of {', '.join(USERSPACE_ENDS)}, got {userspace_end}"
+            )
+        self.userspace_end = userspace_end  # after defines(): the one used, or None
         self.pids = program.validate_pids(pids)
         self.tracefs = tracefs
         self.attached: list[str] = []
@@ -88,8 +101,15 @@ class Stat:
             "HOT_SLOTS": self.hot_slots,
             "KVM_RUN": KVM_RUN,
             "HAVE_EXIT": int(read_format(events, "kvm", s.KVM_EXIT) is not None),
-            "HAVE_IOCTL": int(read_format(events, "syscalls", "sys_enter_ioctl") is not None),
         }
+        have = {
+            "kvm_fpu": read_format(events, "kvm", "kvm_fpu") is not None,
+            "sys_enter_ioctl": read_format(events, "syscalls", "sys_enter_ioctl") is not None,
+        }
+        wanted = [self.userspace_end] if self.userspace_end else list(USERSPACE_ENDS)
+        self.userspace_end = next((e for e in wanted if have[e]), None)
+        values["END_FPU"] = int(self.userspace_end == "kvm_fpu")
+        values["END_IOCTL"] = int(self.userspace_end == "sys_enter_ioctl")
         values.update(
             {f"EV_{name.upper()}": i for name, i in EVENT_IDS.items() if name in STAT_EVENTS}
         )
@@ -109,6 +129,17 @@ class Stat:
             else:
                 self.classic_why[ev] = why
         values["RAW_MASK"] = sum(1 << EVENT_IDS[ev] for ev in self.raw)
+        values["RAW_FPU"] = 0
+        if self.userspace_end == "kvm_fpu":
+            fields = read_format(events, "kvm", "kvm_fpu") or {}
+            why = (
+                "classic tracepoints asked for" if self.classic else raw_problem("kvm_fpu", fields)
+            )
+            if why is None:
+                values["RAW_FPU"] = 1
+                self.raw.add("kvm_fpu")
+            else:
+                self.classic_why["kvm_fpu"] = why
         return values
 
     def start(self) -> Stat:
@@ -124,10 +155,14 @@ class Stat:
         for p in self.pids:
             self._bpf[b"pids"][ct.c_uint32(p)] = ct.c_uint8(1)
         probes = [("kvm", ev) for ev in STAT_EVENTS]
-        if values["HAVE_IOCTL"]:
+        if self.userspace_end == "kvm_fpu":
+            probes.append(("kvm", "kvm_fpu"))
+        elif self.userspace_end == "sys_enter_ioctl":
             probes.append(("syscalls", "sys_enter_ioctl"))
         else:
-            self.unavailable["user-space handling time"] = "no syscalls:sys_enter_ioctl tracepoint"
+            self.unavailable["user-space handling time"] = (
+                "no kvm:kvm_fpu or syscalls:sys_enter_ioctl tracepoint"
+            )
         for system, ev in probes:
             if read_format(self.tracefs / "events", system, ev) is None:
                 self.unavailable[ev] = f"no {system}:{ev} in {self.tracefs}/events"

@@ -213,13 +213,13 @@ def run_virtio(
             done = vm.stop_on(L.PORT_DONE, L.PORT_STALL)
             backend.start()
             run_error: VtraceError | None = None
-            t0 = time.monotonic_ns()
+            c0, t0 = time.process_time_ns(), time.monotonic_ns()
             try:
                 vm.run(timeout_s)
             except VtraceError as e:
                 run_error = e
             finally:
-                t1 = time.monotonic_ns()
+                t1, c1 = time.monotonic_ns(), time.process_time_ns()
                 os.eventfd_write(kick_fd, STOP_VALUE)
                 backend.join()
                 used_idx, avail_idx = queue.used_idx(), queue.avail_idx()
@@ -267,6 +267,7 @@ def run_virtio(
         wait=wait,
         duration_s=duration_s,
         requests_per_s=requests / duration_s,
+        cpu_s=(c1 - c0) / 1e9,
         userspace_exits=exits,
         kicks=backend.kicks,
         guest_kicks=guest["R_KICKS"],

@@ -27,6 +27,7 @@ class LabResult:
     wait: str  # how the virtio guest waits for completions: poll or irq
     duration_s: float  # first KVM_RUN to the guest's final write, CLOCK_MONOTONIC
     requests_per_s: float
+    cpu_s: float  # CPU time of the VMM process (vCPU and back-end threads) over duration_s
     userspace_exits: int  # KVM_RUN returns this VMM handled (counted by the VMM)
     kicks: int  # eventfd counts the back end consumed (virtio)
     guest_kicks: int  # notify writes the guest made (its own count, in its memory)
