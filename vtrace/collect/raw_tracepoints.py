@@ -31,15 +31,16 @@ PROTOTYPES: dict[str, tuple[str, ...]] = {
     "kvm_set_irq": ("u32", "s32", "s32"),  # gsi, level, irq_source_id
     "kvm_msi_set_irq": ("u64", "u64"),  # address, data
     "kvm_inj_virq": ("u32", "bool", "bool"),  # vector, soft, reinjected
-    "kvm_fpu": ("s32",),  # load (vtrace stat: the start of a KVM_RUN)
 }
-# Fields of the events only `vtrace stat` reads (the recorder's are formats.TRACEPOINT_SLOTS).
+# Events only `vtrace stat` reads: prototype, and the fields its classic handler needs (the
+# recorder's are formats.TRACEPOINT_SLOTS).
+STAT_PROTOTYPES: dict[str, tuple[str, ...]] = {"kvm_fpu": ("s32",)}  # load: a KVM_RUN starts
 STAT_ONLY_FIELDS: dict[str, tuple[str, ...]] = {"kvm_fpu": ("load",)}
 
 
 def raw_problem(event: str, fields: dict[str, Field], btf_dir: Path = btf.BTF_DIR) -> str | None:
     """Why ``event`` cannot be read as a raw tracepoint here, or None when it can."""
-    want = PROTOTYPES.get(event)
+    want = PROTOTYPES.get(event) or STAT_PROTOTYPES.get(event)
     if want is None:
         return "recorded from the formatted record (its fields are computed in the kernel)"
     needed = TRACEPOINT_SLOTS.get(event) or STAT_ONLY_FIELDS[event]
