@@ -19,17 +19,29 @@ pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bcc]
 
 
 @pytest.mark.parametrize(
-    ("classic", "hot_slots", "end"),
-    [(False, 256, None), (True, 256, None), (False, 1, None), (False, 256, "sys_enter_ioctl")],
+    ("classic", "hot_slots", "end", "store"),
+    [
+        (False, 256, None, None),
+        (True, 256, None, None),
+        (False, 1, None, None),
+        (False, 256, "sys_enter_ioctl", None),
+        (False, 256, None, "lru_hash"),
+        (True, 256, "sys_enter_ioctl", "lru_hash"),
+    ],
     # one hot slot: the first key holds it, the others are counted in the hash map;
     # ioctl-end: the fallback for kernels without kvm_fpu, user-space time ends at the
-    # syscall tracepoint on ioctl(KVM_RUN)
-    ids=["raw", "classic", "raw-one-hot-slot", "ioctl-end"],
+    # syscall tracepoint on ioctl(KVM_RUN); lru: the open intervals in an LRU map by thread
+    # id, for kernels that refuse task storage to tracepoint programs
+    ids=["raw", "classic", "raw-one-hot-slot", "ioctl-end", "lru", "classic-ioctl-lru"],
 )
-def test_counts_and_histograms_are_exact(classic, hot_slots, end):
+def test_counts_and_histograms_are_exact(classic, hot_slots, end, store):
     exits = 5000
     guest = GuestProcess(exits)
-    with Stat([guest.pid], classic=classic, hot_slots=hot_slots, userspace_end=end) as st:
+    with Stat(
+        [guest.pid], classic=classic, hot_slots=hot_slots, userspace_end=end, pending_store=store
+    ) as st:
+        # This kernel (6.18) gives task storage to tracepoint programs.
+        assert st.pending_store == (store or "task_storage")
         assert ("raw:kvm_pio" in st.attached) != classic
         assert ("raw:kvm_userspace_exit" in st.attached) != classic
         if end is None:  # this kernel has kvm_fpu: the KVM_RUN marker of choice
@@ -119,6 +131,45 @@ def test_hot_slots_must_be_a_power_of_two():
         Stat(hot_slots=3)
 
 
-def test_userspace_end_is_checked():
+def test_userspace_end_and_pending_store_are_checked():
     with pytest.raises(VtraceError, match="userspace_end must be one of kvm_fpu"):
         Stat(userspace_end="sys_exit")
+    with pytest.raises(VtraceError, match="pending_store must be one of task_storage"):
+        Stat(pending_store="hash")
+
+
+def test_a_kernel_that_refuses_task_storage_gets_the_lru_map(monkeypatch):
+    """Older kernels refuse task storage to tracepoint programs when the program is loaded;
+    this kernel accepts it, so the refusal is made here by failing that load."""
+    from vtrace.collect import bccload
+
+    real = bccload.load_bcc()
+
+    class RefusingBPF(real.BPF):
+        def load_func(self, name, prog_type, *args, **kwargs):
+            if self._task_storage:
+                raise Exception("Failed to load BPF program: Invalid argument\nverifier log")
+            return super().load_func(name, prog_type, *args, **kwargs)
+
+        def __init__(self, *args, cflags=(), **kwargs):
+            self._task_storage = "-DTASK_STORAGE=1" in cflags
+            super().__init__(*args, cflags=cflags, **kwargs)
+
+    class Module:
+        BPF = RefusingBPF
+
+    monkeypatch.setattr(bccload, "load_bcc", lambda: Module)
+    exits = 500
+    guest = GuestProcess(exits)
+    with Stat([guest.pid]) as st:
+        assert st.pending_store == "lru_hash"
+        assert st.unavailable["task_storage"] == (
+            "the kernel refused it (Failed to load BPF program: Invalid argument)"
+        )
+        before = st.snapshot()
+        guest.go()
+        after = st.snapshot()
+    _, hist = interval_view(before, after, 1.0)
+    assert hist.group_by("kind", "reason").agg(pl.col("count").sum()).rows() == [
+        (KIND_USERSPACE, 2, exits)
+    ]

@@ -10,7 +10,7 @@
 // tracepoint on ioctl(KVM_RUN) (END_IOCTL): dearer, since a syscall tracepoint sends every
 // syscall of every process on the host through the slow entry path.
 // -D defines (stat.py): FILTER_PIDS, KVM_RUN, HAVE_EXIT, END_FPU, END_IOCTL, RAW_FPU,
-// HOT_SLOTS, <NAME>_OFF/_SIZE
+// TASK_STORAGE, HOT_SLOTS, <NAME>_OFF/_SIZE
 // offsets from the running kernel's format files, and RAW_MASK: the events read as raw
 // tracepoints (their C arguments, before the kernel formats a record: cheaper per event),
 // each where the kernel's BTF shows the prototype its handler below is written against
@@ -37,11 +37,34 @@ struct pending {
 
 BPF_PERCPU_HASH(counts, struct ckey, u64, 16384);
 BPF_PERCPU_HASH(hist, struct hkey, u64, 16384);
-// The open intervals of each thread, written in place: a thread's entry is made once and then
-// only rewritten (no update or delete per exit, each of which takes the map's lock); LRU, so
-// the threads of a long session cannot fill it.
-BPF_TABLE("lru_hash", u32, struct pending, start, 65536);
 BPF_HASH(pids, u32, u8, 1024);
+
+// The open intervals of each thread, written in place: a thread's entry is made once and then
+// only rewritten (no map update or delete per exit, each of which takes the map's lock).
+#if TASK_STORAGE
+// In the thread's own task storage: no key hashing, and the kernel frees the entry with the
+// thread.
+BPF_TASK_STORAGE(start, struct pending);
+
+static __always_inline struct pending *pending_of(int create) {
+    return start.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                  create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+#else
+// Kernels that do not give task storage to tracepoint programs: a map by thread id, LRU so
+// that the threads of a long session cannot fill it.
+BPF_TABLE("lru_hash", u32, struct pending, start, 65536);
+
+static __always_inline struct pending *pending_of(int create) {
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *p = start.lookup(&tid);
+    if (p || !create)
+        return p;
+    struct pending fresh = {};
+    start.update(&tid, &fresh);
+    return start.lookup(&tid);
+}
+#endif
 
 #include "tracepoint_fields.h"
 
@@ -103,29 +126,19 @@ static __always_inline u32 log2_slot(u64 v) {
 
 // kind is a constant at every call (0: kvm_exit, 1: kvm_userspace_exit).
 static __always_inline void begin(u32 reason, u32 kind) {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 now = bpf_ktime_get_ns();
-    struct pending *p = start.lookup(&tid);
-    if (p) {  // only this thread writes its entry
-        p->ts_ns[kind] = now;
-        p->reason[kind] = reason;
-        p->open[kind] = 1;
+    struct pending *p = pending_of(1);
+    if (!p)
         return;
-    }
-    struct pending fresh = {};
-    fresh.ts_ns[kind] = now;
-    fresh.reason[kind] = reason;
-    fresh.open[kind] = 1;
-    start.update(&tid, &fresh);
+    p->ts_ns[kind] = bpf_ktime_get_ns();  // only this thread writes its entry
+    p->reason[kind] = reason;
+    p->open[kind] = 1;
 }
 
 static __always_inline void end(u32 kind) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct pending *p = start.lookup(&tid);
+    struct pending *p = pending_of(0);
     if (!p || !p->open[kind])
         return;
-    struct hkey k = {.pid = id >> 32, .kind = kind, .reason = p->reason[kind],
+    struct hkey k = {.pid = bpf_get_current_pid_tgid() >> 32, .kind = kind, .reason = p->reason[kind],
                      .slot = log2_slot(bpf_ktime_get_ns() - p->ts_ns[kind])};
     p->open[kind] = 0;  // closed: a second marker before the next exit times nothing
     u64 zero = 0;

@@ -61,6 +61,8 @@ _FIELDS = (
 # What marks the VMM's return to KVM_RUN, best first: kvm_fpu is a KVM tracepoint on the
 # KVM_RUN path only; a syscall tracepoint puts every syscall on the host on the slow path.
 USERSPACE_ENDS = ("kvm_fpu", "sys_enter_ioctl")
+# Where each thread's open intervals live, best first (stat.c: TASK_STORAGE).
+PENDING_STORES = ("task_storage", "lru_hash")
 COUNT_KEYS = ["pid", "event", "reason"]
 HIST_KEYS = ["pid", "kind", "reason"]
 
@@ -75,8 +77,10 @@ class Stat:
         classic: bool = False,
         hot_slots: int = HOT_SLOTS,
         userspace_end: str | None = None,
+        pending_store: str | None = None,
     ) -> None:
-        """``userspace_end``: one of USERSPACE_ENDS, or None for the first the host has."""
+        """``userspace_end``: one of USERSPACE_ENDS, or None for the first the host has;
+        ``pending_store``: one of PENDING_STORES, or None for the first the kernel accepts."""
         if hot_slots < 1 or hot_slots & (hot_slots - 1) or hot_slots > 1 << 16:
             raise VtraceError(f"hot_slots must be a power of two up to 65536, got {hot_slots}")
         self.hot_slots = hot_slots
@@ -85,6 +89,11 @@ class Stat:
                 f"userspace_end must be one of {', '.join(USERSPACE_ENDS)}, got {userspace_end}"
             )
         self.userspace_end = userspace_end  # after defines(): the one used, or None
+        if pending_store not in (None, *PENDING_STORES):
+            raise VtraceError(
+                f"pending_store must be one of {', '.join(PENDING_STORES)}, got {pending_store}"
+            )
+        self.pending_store = pending_store  # after start(): the one used
         self.pids = program.validate_pids(pids)
         self.tracefs = tracefs
         self.attached: list[str] = []
@@ -146,12 +155,32 @@ class Stat:
         preflight(self.tracefs)
         bcc = bccload.load_bcc()
         values = self.defines()
-        try:
-            self._bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=program.cflags(values))
-        except Exception as e:
-            raise VtraceError(
-                f"the stat BPF program did not load ({e}); run `vtrace doctor`"
-            ) from None
+        stores = [self.pending_store] if self.pending_store else list(PENDING_STORES)
+        for store in stores:
+            values["TASK_STORAGE"] = int(store == "task_storage")
+            try:
+                self._bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=program.cflags(values))
+                # bcc loads a function when it is attached: load the one that opens an
+                # interval now, so a kernel that refuses task storage to tracepoint programs
+                # is found here, and the LRU map takes over.
+                raw = s.KVM_USERSPACE_EXIT in self.raw
+                self._bpf.load_func(
+                    f"{'raw_' if raw else ''}on_{s.KVM_USERSPACE_EXIT}".encode(),
+                    self._bpf.RAW_TRACEPOINT if raw else self._bpf.TRACEPOINT,
+                )
+                self.pending_store = store
+                break
+            except Exception as e:
+                if self._bpf is not None:
+                    self._bpf.cleanup()
+                    self._bpf = None
+                if store == stores[-1]:
+                    raise VtraceError(
+                        f"the stat BPF program did not load ({e}); run `vtrace doctor`"
+                    ) from None
+                self.unavailable[store] = (
+                    f"the kernel refused it ({(str(e).splitlines() or [repr(e)])[0]})"
+                )
         for p in self.pids:
             self._bpf[b"pids"][ct.c_uint32(p)] = ct.c_uint8(1)
         probes = [("kvm", ev) for ev in STAT_EVENTS]
