@@ -435,6 +435,13 @@ def run(
                 file=sys.stderr,
                 flush=True,
             )
+            if st.unavailable:  # said once, never silently: what this host could not give
+                print(
+                    "vtrace stat: not used: "
+                    + "; ".join(f"{k} ({why})" for k, why in st.unavailable.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
             while True:
                 try:
                     if stop.wait(interval_s):
