@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ctypes as ct
 import json
-import math
 import os
 import shutil
 import signal
@@ -61,9 +60,8 @@ SETTLE_S = [1.0]  # set from --settle-s
 @dataclass(frozen=True)
 class Workload:
     """A guest run in its own process: ``units`` `out`s or requests; run() returns the VMM's
-    JSON with ``duration_s`` (and ``cpu_s`` of the vCPU loop where it measures it)."""
+    JSON with ``duration_s`` and ``cpu_s`` (the vCPU loop's, or the lab VMM process's)."""
 
-    name: str
     units: int
     argv: tuple[str, ...]
 
@@ -84,10 +82,10 @@ def workloads(pio_exits: int, kicks: int, requests: int) -> dict[str, Workload]:
     guest = (PY, str(GUEST), "--exits")
     lab = (*VTRACE, "lab", "run", "--json", "--requests", str(requests), "--device")
     return {
-        "pio": Workload("pio", pio_exits, (*guest, str(pio_exits))),
-        "kick": Workload("kick", kicks, (*guest, str(kicks), "--ioeventfd")),
-        "lab-emulated": Workload("lab-emulated", requests, (*lab, "emulated")),
-        "lab-virtio": Workload("lab-virtio", requests, (*lab, "virtio", "--batch", "1")),
+        "pio": Workload(pio_exits, (*guest, str(pio_exits))),
+        "kick": Workload(kicks, (*guest, str(kicks), "--ioeventfd")),
+        "lab-emulated": Workload(requests, (*lab, "emulated")),
+        "lab-virtio": Workload(requests, (*lab, "virtio", "--batch", "1")),
     }
 
 
@@ -440,9 +438,8 @@ def main() -> None:
                         # CPU time of the VMM per `out` or request: the tracer's work done
                         # in the guest's context (BPF program, perf's buffer writes), and
                         # much less sensitive than wall time to other load on a shared host.
-                        nan = float("nan")
-                        cpu_ns = 1e9 * res.get("cpu_s", nan) / w.units
-                        plain_ns = 1e9 * plain.get("cpu_s", nan) / w.units
+                        cpu_ns = 1e9 * res["cpu_s"] / w.units
+                        plain_ns = 1e9 * plain["cpu_s"] / w.units
                         cpu.setdefault((wl, "untraced"), []).append(plain_ns)
                         cpu.setdefault((wl, c), []).append(cpu_ns)
                         cpu_ratios.setdefault((wl, c), []).append(cpu_ns / plain_ns)
@@ -469,7 +466,7 @@ def main() -> None:
     med = statistics.median
     for wl in chosen:
         print(
-            f"{wl:12s} {'untraced':14s} {med(rates[(wl, 'untraced')]):10,.0f} {'':6s} {'':8s} {_num(med(cpu[(wl, 'untraced')]), '7.0f')}"
+            f"{wl:12s} {'untraced':14s} {med(rates[(wl, 'untraced')]):10,.0f} {'':6s} {'':8s} {med(cpu[(wl, 'untraced')]):7.0f}"
         )
         for c in conds:
             if (wl, c) not in ratios:
@@ -488,14 +485,9 @@ def main() -> None:
                 detail = f"perf.data {med(i['perf_data_bytes'] for i in infos) / 1e6:.1f} MB/run"
             print(
                 f"{wl:12s} {c:14s} {med(rates[(wl, c)]):10,.0f} {ratio:6.3f} {1 - ratio:8.1%} "
-                f"{_num(med(cpu[(wl, c)]), '7.0f')} {_num(med(cpu_ratios[(wl, c)]) - 1, '7.1%')}"
+                f"{med(cpu[(wl, c)]):7.0f} {med(cpu_ratios[(wl, c)]) - 1:7.1%}"
                 f"  {detail}"
             )
-
-
-def _num(x: float, spec: str) -> str:
-    """x formatted, or blanks of the same width where it was not measured (NaN)."""
-    return " " * len(format(0.0, spec)) if math.isnan(x) else format(x, spec)
 
 
 def report_toggled(pairs: int, outs: int, ioeventfd: bool) -> None:

@@ -138,7 +138,8 @@ static __always_inline void end(u32 kind) {
     struct pending *p = pending_of(0);
     if (!p || !p->open[kind])
         return;
-    struct hkey k = {.pid = bpf_get_current_pid_tgid() >> 32, .kind = kind, .reason = p->reason[kind],
+    struct hkey k = {.pid = bpf_get_current_pid_tgid() >> 32, .kind = kind,
+                     .reason = p->reason[kind],
                      .slot = log2_slot(bpf_ktime_get_ns() - p->ts_ns[kind])};
     p->open[kind] = 0;  // closed: a second marker before the next exit times nothing
     u64 zero = 0;

@@ -128,7 +128,9 @@ class Stat:
             values[f"{prefix}_OFF"] = f.offset if f else -1
             values[f"{prefix}_SIZE"] = f.size if f else 0
         self.raw, self.classic_why = set(), {}
-        for ev in STAT_EVENTS:
+        # kvm_fpu is read only as the end of user-space time, so only when it is that marker.
+        fpu = ("kvm_fpu",) if self.userspace_end == "kvm_fpu" else ()
+        for ev in (*STAT_EVENTS, *fpu):
             fields = read_format(events, "kvm", ev)
             if fields is None:
                 continue
@@ -137,18 +139,8 @@ class Stat:
                 self.raw.add(ev)
             else:
                 self.classic_why[ev] = why
-        values["RAW_MASK"] = sum(1 << EVENT_IDS[ev] for ev in self.raw)
-        values["RAW_FPU"] = 0
-        if self.userspace_end == "kvm_fpu":
-            fields = read_format(events, "kvm", "kvm_fpu") or {}
-            why = (
-                "classic tracepoints asked for" if self.classic else raw_problem("kvm_fpu", fields)
-            )
-            if why is None:
-                values["RAW_FPU"] = 1
-                self.raw.add("kvm_fpu")
-            else:
-                self.classic_why["kvm_fpu"] = why
+        values["RAW_MASK"] = sum(1 << EVENT_IDS[ev] for ev in self.raw if ev in EVENT_IDS)
+        values["RAW_FPU"] = int("kvm_fpu" in self.raw)
         return values
 
     def start(self) -> Stat:
