@@ -3,8 +3,9 @@
 A config is a set of tables (``[workload]``, ``[kvm]``, ``[virtqueue]`` ...). Every parameter
 carries its unit in its name (``_ns``, ``_bytes``, ``_per_s``); the shipped files say in a
 comment what each value is and where it comes from. Anything wrong in a file (unknown key,
-wrong type, negative cost, a ring size that is not a power of two) is one
-:class:`~vtrace.errors.VtraceError` line naming the file and the key.
+wrong type, a number outside its range, a ring size that is not a power of two, text that is
+not UTF-8) is one :class:`~vtrace.errors.VtraceError` line naming the file and the key.
+Every number has a range (:func:`value_range`): its own bounds, else its unit's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class Param:
     choices: tuple[str, ...] = ()
     power_of_two: bool = False
     minimum: float | None = None
+    maximum: float | None = None
+    why: str = ""  # the reason for minimum/maximum (shown in the error)
+
+
+# Range of a number by the unit its name ends in, for keys that do not give their own bounds,
+# and why; a number without a unit must give minimum, maximum and why itself.
+UNIT_RANGES: dict[str, tuple[float, float, str]] = {
+    "_ns": (0.0, 3.6e12, "a duration: at most an hour, far above any per-request cost"),
+    "_bytes": (0, 1 << 30, "a payload: at most 1 GiB, far above any single I/O request"),
+    "_per_s": (0.0, 1e9, "a rate: at most one per nanosecond, the model's clock resolution"),
+}
 
 
 # Register accesses (an emulated device's per-request list, or the guest's per-interrupt list):
@@ -47,7 +59,14 @@ class Param:
 ACCESS_KEYS: dict[str, Param] = {
     "register": Param(str, "", "name of the register (documentation only)"),
     "handler": Param(str, "user", "where the exit is handled: kernel or user (the VMM)", HANDLERS),
-    "count": Param(int, 1, "how many times the access repeats", minimum=0),
+    "count": Param(
+        int,
+        1,
+        "how many times the access repeats",
+        minimum=0,
+        maximum=1024,
+        why="a device needs a handful of accesses per request; 1024 is far beyond any",
+    ),
     "emulation_ns": Param(float, 0.0, "handler work on top of the bare exit round trip"),
 }
 
@@ -64,15 +83,41 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "arrival_rate_per_s": Param(float, 10_000.0, "open loop: mean request rate"),
         "queue_depth": Param(
-            int, 1, "closed loop: requests kept in flight (fio iodepth)", minimum=1
+            int,
+            1,
+            "closed loop: requests kept in flight (fio iodepth)",
+            minimum=1,
+            maximum=65536,
+            why="far above Linux's per-queue limit (BLK_MQ_MAX_DEPTH 10240)",
         ),
         "think_ns": Param(
             float, 0.0, "closed loop: guest time from a completion to the next request"
         ),
-        "requests": Param(int, 20_000, "requests to simulate", minimum=1),
+        "requests": Param(
+            int,
+            20_000,
+            "requests to simulate",
+            minimum=1,
+            maximum=10**12,
+            why="at a million simulated requests a second 10^12 is twelve days",
+        ),
         "request_bytes": Param(int, 4096, "payload per request"),
-        "seed": Param(int, 1, "random seed: the same seed gives the same result"),
-        "warmup_requests": Param(int, 0, "requests left out of the summary (start-up transient)"),
+        "seed": Param(
+            int,
+            1,
+            "random seed: the same seed gives the same result",
+            minimum=0,
+            maximum=(1 << 63) - 1,
+            why="numpy seeds are not negative; TOML integers are 64-bit",
+        ),
+        "warmup_requests": Param(
+            int,
+            0,
+            "requests left out of the summary (start-up transient)",
+            minimum=0,
+            maximum=10**12,
+            why="no more than workload.requests can be",
+        ),
     },
     "vcpu": {
         "request_prep_ns": Param(float, 0.0, "guest driver work to build one request"),
@@ -93,12 +138,34 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
     },
     "virtqueue": {
-        "ring_size": Param(int, 256, "descriptors in the split ring", power_of_two=True, minimum=1),
-        "descs_per_request": Param(int, 1, "descriptors one request takes", minimum=1),
+        "ring_size": Param(
+            int,
+            256,
+            "descriptors in the split ring",
+            power_of_two=True,
+            minimum=1,
+            maximum=32768,
+            why="virtio 1.x: Queue Size is at most 32768",
+        ),
+        "descs_per_request": Param(
+            int,
+            1,
+            "descriptors one request takes",
+            minimum=1,
+            maximum=32768,
+            why="a request must fit in the largest ring (32768)",
+        ),
         "event_idx": Param(
             bool, True, "VIRTIO_RING_F_EVENT_IDX: avail_event/used_event suppression"
         ),
-        "batch": Param(int, 1, "requests added to the avail ring per kick", minimum=1),
+        "batch": Param(
+            int,
+            1,
+            "requests added to the avail ring per kick",
+            minimum=1,
+            maximum=32768,
+            why="the largest ring (32768) holds no more at once",
+        ),
         "batch_policy": Param(str, "count", "when the guest kicks", BATCH_POLICIES),
         "batch_timer_ns": Param(float, 0.0, "timer policy: kick this long after the first add"),
         "kick_handler": Param(
@@ -113,7 +180,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "thread": Param(str, "iothread", "the thread that serves the queue", BACKEND_THREADS),
         "wakeup_ns": Param(float, 0.0, "from the kick's eventfd signal to the back end running"),
         "stall_probability": Param(
-            float, 0.0, "share of wake-ups that find the thread preempted", minimum=0.0
+            float,
+            0.0,
+            "share of wake-ups that find the thread preempted",
+            minimum=0.0,
+            maximum=1.0,
+            why="a probability",
         ),
         "stall_ns": Param(float, 0.0, "mean extra delay of a preempted wake-up (exponential)"),
         "per_request_ns": Param(float, 0.0, "back-end work per request: pop, parse, push used"),
@@ -130,7 +202,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "per_byte_ns": Param(float, 0.0, "device service per payload byte (copies, DMA)"),
         "service_distribution": Param(str, "deterministic", "service time law", DISTRIBUTIONS),
         "max_outstanding": Param(
-            int, 1, "emulated: requests the device accepts at once", minimum=1
+            int,
+            1,
+            "emulated: requests the device accepts at once",
+            minimum=1,
+            maximum=32768,
+            why="no device queue holds more than the largest virtqueue (32768)",
         ),
         "accesses": Param(list, [], "emulated: register accesses per request, each an exit"),
     },
@@ -145,7 +222,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "delivery_ns": Param(float, 0.0, "from injection to the guest handler starting"),
         "guest_handler_ns": Param(float, 0.0, "guest handler work per interrupt, without exits"),
         "coalesce_requests": Param(
-            int, 1, "completions gathered per interrupt while busy", minimum=1
+            int,
+            1,
+            "completions gathered per interrupt while busy",
+            minimum=1,
+            maximum=32768,
+            why="no more completions are outstanding than the largest ring (32768) holds",
         ),
         "coalesce_ns": Param(float, 0.0, "hold an interrupt this long to gather completions"),
         "accesses": Param(list, [], "register accesses per interrupt (ack, EOI), each an exit"),
@@ -154,7 +236,14 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "arrival_rate_per_s": Param(float, 1.0, "Poisson arrival rate"),
         "service_mean_ns": Param(float, 0.0, "exponential service, mean (M/M/1, M/M/1/K)"),
         "service_ns": Param(float, 0.0, "deterministic service (M/D/1)"),
-        "capacity": Param(int, 0, "requests in the system at most, 0 for unbounded (M/M/1/K)"),
+        "capacity": Param(
+            int,
+            0,
+            "requests in the system at most, 0 for unbounded (M/M/1/K)",
+            minimum=0,
+            maximum=1 << 31,
+            why="0 is unbounded; a K above 2^31 is unbounded in practice",
+        ),
     },
 }
 
@@ -175,8 +264,6 @@ def _check_value(where: str, key: str, p: Param, value: Any) -> Any:
     """The value converted to the parameter's type, or a one-line error naming the key."""
     if p.kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if ok:
-            value = float(value)
     elif p.kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -187,12 +274,17 @@ def _check_value(where: str, key: str, p: Param, value: Any) -> Any:
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise VtraceError(f"{where}: {key}: must be a finite number, got {value!r}")
-    unit = key.rsplit(".", 1)[-1]
     if p.kind in (int, float):
-        if unit.endswith(("_ns", "_bytes", "_per_s")) and value < 0:
-            raise VtraceError(f"{where}: {key}: must not be negative, got {value!r}")
-        if p.minimum is not None and value < p.minimum:
-            raise VtraceError(f"{where}: {key}: must be at least {p.minimum:g}, got {value!r}")
+        lo, hi, why = value_range(key, p)
+        if value < lo:
+            bound = "not be negative" if lo == 0 else f"be at least {_number(lo)}"
+            raise VtraceError(f"{where}: {key}: must {bound}, got {value!r}")
+        if value > hi:
+            raise VtraceError(
+                f"{where}: {key}: must be at most {_number(hi)} ({why}), got {value!r}"
+            )
+        if p.kind is float:
+            value = float(value)  # in range, so no OverflowError
         if p.power_of_two and (value < 1 or value & (value - 1)):
             raise VtraceError(f"{where}: {key}: must be a power of two, got {value!r}")
     if p.choices and value not in p.choices:
@@ -200,6 +292,22 @@ def _check_value(where: str, key: str, p: Param, value: Any) -> Any:
     if p.kind is list:
         value = [_check_access(where, f"{key}[{i}]", a) for i, a in enumerate(value)]
     return value
+
+
+def value_range(key: str, p: Param) -> tuple[float, float, str]:
+    """A number's (minimum, maximum, why): its own bounds, else those of its unit."""
+    unit = next((r for u, r in UNIT_RANGES.items() if key.endswith(u)), None)
+    lo = p.minimum if p.minimum is not None else unit[0] if unit else None
+    hi = p.maximum if p.maximum is not None else unit[1] if unit else None
+    why = p.why or (unit[2] if unit else "")
+    if lo is None or hi is None or not why:
+        raise ValueError(f"{key}: a number needs a unit suffix or minimum, maximum and why")
+    return lo, hi, why
+
+
+def _number(x: float) -> str:
+    """A bound as written: integers in full, other numbers short."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def _check_access(where: str, key: str, access: Any) -> dict[str, Any]:
@@ -239,6 +347,11 @@ class Config:
             dotted = resolve_key(key, self.kind, where)
             table, name = dotted.split(".", 1)
             values[table][name] = _check_value(where, dotted, SCHEMA[table][name], raw)
+            if dotted == "model.kind" and raw != self.kind:  # the kind decides the tables
+                raise VtraceError(
+                    f"{where}: model.kind: a {self.kind} model cannot become a {raw} model "
+                    f"(its tables differ); load a {raw} model instead"
+                )
             applied[dotted] = values[table][name]
         cfg = Config(self.name, self.path, values, applied)
         _check_consistency(cfg, where)
@@ -266,9 +379,10 @@ def resolve_key(key: str, kind: str, where: str = "--set") -> str:
 def parse_value(text: str) -> Any:
     """A command-line value read as TOML (numbers, booleans, quoted strings), else a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        doc = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    return doc["v"] if len(doc) == 1 else text  # "1\nk=2" is one string, not two keys
 
 
 def parse_assignments(items: list[str], where: str = "--set") -> dict[str, Any]:
@@ -309,8 +423,6 @@ def _check_consistency(cfg: Config, where: str) -> None:
             )
         if qq["arrival_rate_per_s"] <= 0:
             raise VtraceError(f"{where}: queue.arrival_rate_per_s: must be > 0")
-    if "backend" in v and v["backend"]["stall_probability"] > 1:
-        raise VtraceError(f"{where}: backend.stall_probability: must be at most 1")
     w = v["workload"]
     if w["arrivals"] in ("poisson", "deterministic") and w["arrival_rate_per_s"] <= 0:
         raise VtraceError(f"{where}: workload.arrival_rate_per_s: must be > 0")
@@ -371,7 +483,13 @@ def load_config(
     """Load and validate a model by name or path, then apply ``overrides`` (``--set``)."""
     path = model_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        data = path.read_bytes()
+        raw = tomllib.loads(data.decode())
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise VtraceError(
+            f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x})"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise VtraceError(f"{path}: {e}") from None
     except OSError as e:
