@@ -68,9 +68,11 @@ def import_cmd(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from vtrace.ingest import FORMATS, import_file
+    from vtrace.output import check_new_dir
 
     if fmt not in FORMATS:
         raise VtraceError(f"{file}: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_new_dir(out)  # before parsing: a bad -o costs nothing
     try:
         big = os.path.getsize(file) > IMPORT_PROGRESS_BYTES
     except OSError:
@@ -477,11 +479,14 @@ def calibrate_cmd(
     traces: Annotated[list[str], typer.Argument(help="Trace directories to fit the costs from.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model to start from.")],
     output: Annotated[str, typer.Option("--output", "-o", help="TOML file to write.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output file.")
+    ] = False,
 ) -> None:
     """Fit the costs a trace can show and write a model whose comments say where each came from."""
     from vtrace.sim.calibrate import calibrate
 
-    fit = calibrate(traces, model, output)
+    fit = calibrate(traces, model, output, force=force)
     for key, (value, source) in fit.fitted.items():
         console.print(f"{key} = {value:.6g}  [dim]# {source}[/dim]")
     console.print(f"wrote {output}")

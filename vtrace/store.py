@@ -3,17 +3,22 @@
 A part is written completely under a temporary name, closed, then renamed into place: a
 Parquet file killed before its footer is written cannot be read at all, so a crash loses at
 most the part being written. Files are created with mode 0640, directories 0750: traces of
-production hosts carry guest addresses and process ids.
+production hosts carry guest addresses and process ids. The writer makes its directory itself
+and opens every file relative to it without following links (:mod:`vtrace.output`).
+
+A write that fails (a full disk) stops the writer: the part it was writing is removed, every
+part before it stays readable, and ``close`` rewrites meta to match the parts on disk, with the
+error and the events not written.
 
 Nothing outside this module reads the files: everyone else calls :func:`open_trace`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
-import shutil
 import socket
 import time
 from collections.abc import Iterable
@@ -27,12 +32,15 @@ import pyarrow as pa
 
 from vtrace import __version__
 from vtrace.errors import VtraceError
+from vtrace.output import OutputDir, OutputError
 from vtrace.schema import EVENTS_SCHEMA, conform, empty_events, validate
 
 META_NAME = "meta.json"
 PART_GLOB = "part-*.parquet"
-FILE_MODE = 0o640
-DIR_MODE = 0o750
+# Space held back by a writer that must be able to finish (the collector): released to
+# write the last meta.json when the disk is full (a recording's meta is about 10 KB).
+RESERVE_NAME = ".space-reserve"
+META_RESERVE_BYTES = 64 * 1024
 # A second's worth of collector events, or an importer's chunk: big enough for few row
 # groups, small enough to bound the memory the writer holds.
 DEFAULT_PART_ROWS = 1_000_000
@@ -48,20 +56,6 @@ EVENTS_ARROW_SCHEMA: pa.Schema = empty_events().to_arrow().schema
 # than plain pages with the general-purpose compressor doing all the work.
 _DELTA_COLUMNS = ("ts_ns",)
 _DICTIONARY_COLUMNS = [c for c in EVENTS_SCHEMA.names() if c not in _DELTA_COLUMNS]
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def host_meta() -> dict[str, Any]:
@@ -83,6 +77,11 @@ class TraceWriter:
     collector flushes every second). ``close`` writes the final part and meta. Used as a
     context manager, an exception removes the directory when ``keep_on_error`` is false
     (importers: no partial output) and keeps what was flushed when true (the collector).
+
+    The directory must not exist (:class:`~vtrace.output.OutputDir`). A failed write raises
+    :class:`~vtrace.output.OutputError` and stops the writer: ``failure`` holds it, later
+    flushes drop their rows, counted in ``unwritten``. ``reserve_bytes`` holds that much disk
+    space from the start so that meta can still be rewritten on a full disk.
     """
 
     def __init__(
@@ -95,12 +94,10 @@ class TraceWriter:
         sort: bool = True,
         compression: str = DEFAULT_COMPRESSION,
         column_encodings: bool = False,
+        reserve_bytes: int = 0,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
-            raise VtraceError(f"{self.path}: output exists; choose a new directory")
-        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        os.chmod(self.path, DIR_MODE)
+        self._dir = OutputDir(self.path)
         self.part_rows = part_rows
         self.keep_on_error = keep_on_error
         self.sort = sort
@@ -113,7 +110,19 @@ class TraceWriter:
         self._buffered = 0
         self.parts = 0
         self.rows = 0
-        self.write_meta()
+        self.unwritten = 0
+        self.failure: OutputError | None = None
+        self._removed = False
+        try:
+            if reserve_bytes:
+                self._dir.reserve(RESERVE_NAME, reserve_bytes)
+            self.write_meta()
+        except OSError as e:
+            self._dir.remove()
+            raise OutputError(f"{self.path}: cannot write: {e.strerror or e}", e.errno) from None
+        except BaseException:  # a full disk at the start: nothing is left behind
+            self._dir.remove()
+            raise
 
     # -- writing ---------------------------------------------------------------------------
     def append(self, events: pl.DataFrame | pa.Table | pa.RecordBatch) -> None:
@@ -147,10 +156,17 @@ class TraceWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write what is buffered as one complete part (no-op when nothing is buffered)."""
+        """Write what is buffered as one complete part (no-op when nothing is buffered).
+
+        Raises :class:`~vtrace.output.OutputError` when the part cannot be written; after
+        that, buffered rows are dropped and counted in ``unwritten``.
+        """
         if not self._buffered:
             return
         buffer, self._buffer, self._buffered = self._buffer, [], 0
+        if self.failure is not None:
+            self.unwritten += sum(len(b) for b in buffer)
+            return
         if self.column_encodings:
             table = self._sorted(pa.concat_tables([_arrow(b) for b in buffer]))
             rows = table.num_rows
@@ -163,20 +179,19 @@ class TraceWriter:
             rows = frame.height
 
             def write(f: Any) -> None:
-                frame.write_parquet(f, compression=self.compression, statistics=True)
+                # Through memory: polars reports a failed write to a Python file as a
+                # ComputeError without its errno; f.write raises the OSError itself.
+                data = io.BytesIO()
+                frame.write_parquet(data, compression=self.compression, statistics=True)
+                f.write(data.getbuffer())
 
-        final = self.path / f"part-{self.parts:06d}.parquet"
-        tmp = self.path / f".{final.name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        name = f"part-{self.parts:06d}.parquet"
         try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            self._dir.write_atomic(name, write)
+        except OutputError as e:
+            self.unwritten += rows
+            self.failure = e
             raise
-        os.replace(tmp, final)
         self.parts += 1
         self.rows += rows
 
@@ -209,25 +224,52 @@ class TraceWriter:
         return write
 
     def write_meta(self) -> None:
+        """Write meta.json (atomically) with the parts and events written so far; a failure
+        is an :class:`~vtrace.output.OutputError` and stops the writer like a failed part."""
         self.meta["parts"] = self.parts
         self.meta["events"] = self.rows
-        _write_bytes_atomic(
-            self.path / META_NAME,
-            json.dumps(self.meta, indent=2, sort_keys=True, default=str).encode(),
-        )
+        data = json.dumps(self.meta, indent=2, sort_keys=True, default=str).encode()
+        try:
+            self._dir.write_atomic(META_NAME, lambda f: f.write(data))
+        except OutputError as e:
+            self.failure = self.failure or e
+            raise
 
     def close(self, **meta: Any) -> Trace:
-        """Write the last part, finalise meta (merged with ``meta``) and open the trace."""
-        self.flush()
+        """Write the last part, finalise meta (merged with ``meta``) and open the trace.
+
+        After a failed write (``failure``): with ``keep_on_error`` meta is rewritten to match
+        the parts on disk, with ``error`` and ``events_not_written`` (``meta`` may set its
+        own), then the failure is raised; without, the failure is raised (the context
+        manager then removes everything).
+        """
+        try:
+            self.flush()
+        except OutputError:
+            if not self.keep_on_error:
+                raise
+        if self.failure is not None:
+            self.meta["error"] = str(self.failure)
+            self.meta["events_not_written"] = self.unwritten
         self.meta.update(meta)
         self.meta["complete"] = True
-        self.write_meta()
+        self._finish_meta()
+        if self.failure is not None:
+            raise self.failure
         return open_trace(self.path)
+
+    def _finish_meta(self) -> None:
+        # The reserve's space is what lets this last meta be written on a full disk.
+        self._dir.unlink(RESERVE_NAME)
+        self.write_meta()
+        self._dir.close()
 
     def abort(self) -> None:
         """Remove everything this writer made: no partial output for a failed import."""
         self._buffer, self._buffered = [], 0
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not self._removed:
+            self._removed = True
+            self._dir.remove()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -238,9 +280,14 @@ class TraceWriter:
         if self.keep_on_error:
             try:
                 self.flush()
+            except OutputError:
+                pass  # counted in unwritten; the meta below says so
             finally:
                 self.meta["error"] = f"{exc_type.__name__}: {exc}"
-                self.write_meta()
+                if self.failure is not None:
+                    self.meta["error"] += f"; {self.failure}"
+                    self.meta["events_not_written"] = self.unwritten
+                self._finish_meta()
         else:
             self.abort()
 

@@ -1,5 +1,6 @@
 """Running a recording from the command line: live line, stop on Ctrl-C / SIGTERM /
-duration, and the one-screen summary; plus the doctor's verdict table."""
+duration / every ``--pid`` process gone / a failed write, and the one-screen summary; plus the
+doctor's verdict table."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vtrace.collect.doctor import FAIL, OK, Check
 from vtrace.collect.recording import Recording
 
 REFRESH_S = 0.5
+PIDS_EXITED = "every --pid process exited"
 
 
 def _live_line(
@@ -48,10 +50,14 @@ def record(
     buffer_mb: int | None = None,
     classic: bool = False,
 ) -> dict[str, Any]:
-    """Record until Ctrl-C, SIGTERM or ``duration_s``; returns the recording's summary."""
+    """Record until Ctrl-C, SIGTERM, ``duration_s``, the exit of every process in ``pids``
+    or a failed write (raised as one-line :class:`~vtrace.output.OutputError` once meta says
+    what was lost); returns the recording's summary."""
     stop = threading.Event()
+    reason: list[str] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        reason.append(signal.Signals(signum).name)
         stop.set()
 
     old_int = signal.signal(signal.SIGINT, on_signal)
@@ -66,16 +72,29 @@ def record(
     try:
         last = (time.monotonic(), 0)
         deadline = None if duration_s is None else time.monotonic() + duration_s
+        exited: list[int] = []
         with Live(console=console, refresh_per_second=4, transient=True) as live:
             while not stop.is_set():
                 timeout = (
                     REFRESH_S if deadline is None else min(REFRESH_S, deadline - time.monotonic())
                 )
-                if timeout <= 0 or stop.wait(timeout):
+                if timeout <= 0:
+                    reason.append("duration")
+                    break
+                if stop.wait(timeout) or rec.failure is not None:
+                    break
+                now_exited = rec.exited_pids()
+                for pid in now_exited:
+                    if pid not in exited:
+                        console.print(f"pid {pid} exited", highlight=False)
+                exited = now_exited
+                if rec.pids and len(exited) == len(rec.pids):
+                    reason.append(PIDS_EXITED)
                     break
                 line, last = _live_line(rec, out, last)
                 live.update(line)
     finally:
+        rec.stop_reason = reason[0] if reason else None
         # Cleanup detaches probes and writes the last part; a second Ctrl-C must not cut it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
@@ -100,6 +119,8 @@ def summary_view(summary: dict[str, Any]) -> Group:
         (f"{lost:,}", "red bold" if lost else "green"),
         f" (per CPU {summary['lost_per_cpu']}; peak buffer fill {summary.get('peak_buffer_fill', 0):.0%})",
     )
+    if summary.get("not_written"):
+        lost_line.append(f"; {summary['not_written']:,} of them not written", style="red bold")
     table = Table(title=None, show_edge=False, box=None)
     table.add_column("event")
     table.add_column("count", justify="right")
@@ -119,6 +140,8 @@ def summary_view(summary: dict[str, Any]) -> Group:
             parts.append(Text(f"  {', '.join(evs)}: {why}"))
     if summary["pids"]:
         parts.append(Text(f"pids {summary['pids']} (IRQ events also from kworker threads)"))
+    if summary.get("stopped_by") == PIDS_EXITED:
+        parts.append(Text(f"stopped: {PIDS_EXITED}"))
     return Group(*parts)
 
 

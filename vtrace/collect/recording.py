@@ -8,6 +8,10 @@ a writer appending parts to a trace directory at least every second.
 
 Leaving the block detaches every probe, drains what is left, writes the final part and
 finalises meta.json (start/end, lost per CPU, probes, filters, host facts).
+
+A write that fails (a full disk) stops the recording: the events not written are counted as
+lost in meta.json, which is rewritten to match the parts on disk, and ``stop`` raises an
+:class:`~vtrace.output.OutputError` that says so in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -37,7 +42,8 @@ from vtrace.collect.decode import (
 from vtrace.collect.host import host_facts
 from vtrace.collect.ringbuf import RingReader
 from vtrace.errors import VtraceError
-from vtrace.store import TraceWriter
+from vtrace.output import OutputError, check_new_dir
+from vtrace.store import META_RESERVE_BYTES, TraceWriter
 
 CLOCK = "CLOCK_MONOTONIC (bpf_ktime_get_ns)"
 IRQ_RULE = (
@@ -83,6 +89,34 @@ PART_COMPRESSION = "lz4"
 MAX_PENDING_BUFFERS = 4
 
 
+def watch_processes(pids: list[int]) -> dict[int, int]:
+    """A pidfd per process (exit shows as readable, whoever its parent is, with no pid reuse
+    race); a :class:`VtraceError` naming the first that does not exist or has exited."""
+    fds: dict[int, int] = {}
+    try:
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise VtraceError(f"--pid {pid}: no such process") from None
+            except OSError as e:
+                raise VtraceError(f"--pid {pid}: cannot watch it: {e.strerror}") from None
+            fds[pid] = fd
+            if _exited(fd):  # a zombie: gone, only not yet reaped
+                raise VtraceError(f"--pid {pid}: no such process (it has exited)")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def _exited(pidfd: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Recording:
     """Record KVM events of the given VM processes (all when ``pids`` is empty) into ``out_dir``."""
 
@@ -99,11 +133,12 @@ class Recording:
         poll_interval_s: float = 0.02,
     ) -> None:
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            raise VtraceError(f"{self.out_dir}: output exists; choose a new directory")
         self.pids = program.validate_pids(pids)
         self.events = program.parse_events(",".join(events)) if events else None
         self.pages = program.buffer_pages(buffer_mb)
+        check_new_dir(self.out_dir)  # made for real once the probes are attached
+        # Watched from here: a --pid that names nothing is refused before anything runs.
+        self._pidfds = watch_processes(self.pids)
         self.classic = classic  # read every tracepoint classic (formatted records)
         # Kept by reference: values the caller adds or changes while recording (counters
         # known only at the end) are written when the recording stops.
@@ -111,6 +146,10 @@ class Recording:
         self.flush_interval_s = flush_interval_s
         self.poll_interval_s = poll_interval_s
         self.summary: dict[str, Any] = {}
+        # Why the recording ended (set by whoever stops it; the CLI: signal, duration, ...).
+        self.stop_reason: str | None = None
+        self._failure: OutputError | None = None
+        self._extra_rows = 0  # events added with add_events
         self._bpf: Any = None
         self._writer: TraceWriter | None = None
         self._reader: RingReader | None = None
@@ -149,6 +188,7 @@ class Recording:
                 self._bpf.cleanup()
                 self._bpf = None
             self._usdt = []
+            self._close_pidfds()
             raise
 
     def _start(self) -> Recording:
@@ -229,6 +269,7 @@ class Recording:
             keep_on_error=True,
             compression=PART_COMPRESSION,
             column_encodings=True,
+            reserve_bytes=META_RESERVE_BYTES,
         )
         self._threads = [
             threading.Thread(target=self._drain_loop, name="vtrace-drain", daemon=True),
@@ -312,14 +353,43 @@ class Recording:
         try:
             while not self._stop.wait(self.flush_interval_s):
                 self._write_pending()
+        except OutputError as e:
+            # The first failed write stops the recording (the drain too: what the ring
+            # buffer still holds is counted when the recording stops).
+            self._failure = e
+            self._stop.set()
         except BaseException as e:
             self._errors.append(e)
             self._stop.set()
 
+    def _discard_pending(self) -> None:
+        """After a failed write: drain what is left without writing it (counted as
+        delivered, so as not written)."""
+        while True:
+            try:
+                self._frames.get_nowait()
+            except queue.Empty:
+                break
+        with self._stage_lock:
+            self._staged = 0
+        while self._drain_once():
+            with self._stage_lock:
+                self._staged = 0
+
     # -- while running -------------------------------------------------------------------------
     def add_events(self, frame: pl.DataFrame) -> None:
         """Store extra events (e.g. the lab's own, ``source=lab``) in the same trace."""
+        self._extra_rows += frame.height
         self._frames.put(s.conform(frame))  # type: ignore[arg-type]
+
+    @property
+    def failure(self) -> OutputError | None:
+        """The failed write that stopped the recording, if one did."""
+        return self._failure
+
+    def exited_pids(self) -> list[int]:
+        """The recorded processes (``pids``) that have exited so far."""
+        return [pid for pid, fd in self._pidfds.items() if _exited(fd)]
 
     def lost_per_cpu(self) -> list[int]:
         """Records the kernel could not reserve in the ring buffer, per CPU, so far."""
@@ -377,6 +447,7 @@ class Recording:
     def stop(self, error: BaseException | None = None) -> dict[str, Any]:
         """Detach, drain the rest, write the last part, finalise meta; returns the summary."""
         if self._bpf is None or self._writer is None:
+            self._close_pidfds()
             return self.summary
         self.detach_probes()
         end_ns = monotonic_ns()
@@ -384,10 +455,17 @@ class Recording:
         for t in self._threads:
             t.join()
         try:
-            # Write between drains so the pending-bytes bound never leaves records behind.
-            self._write_pending()
-            while self._drain_once():
-                self._write_pending()
+            if self._failure is None:
+                try:
+                    # Write between drains so the pending-bytes bound never leaves records
+                    # behind.
+                    self._write_pending()
+                    while self._drain_once():
+                        self._write_pending()
+                except OutputError as e:
+                    self._failure = e
+            if self._failure is not None:
+                self._discard_pending()
             lost = self.lost_per_cpu()
             seen = self.seen()
             run = self.program_run_ns()
@@ -397,7 +475,13 @@ class Recording:
             self._bpf.cleanup()
             self._bpf = None
             self._usdt = []  # after the uprobes are gone: lowers the semaphores
+            self._close_pidfds()
         assert self._writer is not None
+        # Every event delivered or added is in a part on disk, or counted here (a failed
+        # write): nothing is dropped without a number.
+        not_written = self.delivered + self._extra_rows - self._writer.rows
+        if self._failure is not None:
+            self.stop_reason = "error"
         duration_s = (end_ns - self._started_ns) / 1e9
         delivered = self.delivered
         errors = [f"{type(e).__name__}: {e}" for e in self._errors]
@@ -409,8 +493,10 @@ class Recording:
             "events": delivered,
             "events_per_s": delivered / duration_s if duration_s > 0 else 0.0,
             "by_event": self.counts(),
-            "lost": sum(lost),
+            "lost": sum(lost) + not_written,
             "lost_per_cpu": lost,
+            "not_written": not_written,
+            "stopped_by": self.stop_reason,
             "seen": seen,
             "peak_buffer_fill": self._reader.peak_pending_bytes / self._reader.data_bytes
             if self._reader
@@ -427,21 +513,47 @@ class Recording:
             self.summary["bpf_ns_per_event"] = sum(v["run_time_ns"] for v in run.values()) / runs
         extra: dict[str, Any] = {
             "end": {"unix": time.time(), "monotonic_ns": end_ns},
+            # lost: what the kernel could not put in the ring buffer (per CPU) plus what
+            # was delivered but not written (a failed write).
             "lost_per_cpu": lost,
-            "lost": sum(lost),
+            "lost": sum(lost) + not_written,
+            "events_not_written": not_written,
             "seen": seen,
             "by_event": self.counts(),
+            "stopped_by": self.stop_reason,
         }
         if runs:
             extra["bpf_ns_per_event"] = self.summary["bpf_ns_per_event"]
         extra = {**self.meta_extra, **extra}  # the collector's own keys win
+        failed: OutputError | None = None
+        if self._failure is not None:
+            written = self._writer.rows
+            failed = OutputError(
+                f"{self._failure}; recording stopped: {written:,} events kept in "
+                f"{self._writer.parts} parts, {not_written:,} not written (counted as lost)",
+                self._failure.errno,
+            )
+            errors.insert(0, str(failed))
         if errors:
             extra["error"] = "; ".join(errors)
-        self._writer.close(**extra)
+        try:
+            self._writer.close(**extra)
+        except OutputError as e:
+            if failed is None:
+                failed = e  # the last meta could not be written
+            elif e is not self._failure:
+                failed = OutputError(f"{failed}; meta.json not rewritten: {e}", failed.errno)
         self.summary["parts"] = self._writer.parts
+        if failed is not None:
+            raise failed
         if self._errors:
             raise self._errors[0]
         return self.summary
+
+    def _close_pidfds(self) -> None:
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds = {}
 
     def __enter__(self) -> Recording:
         return self.start()

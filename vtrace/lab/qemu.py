@@ -39,6 +39,7 @@ import polars as pl
 from vtrace import schema as s
 from vtrace.errors import VtraceError
 from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
+from vtrace.output import check_new_dir
 from vtrace.store import Trace, write_trace
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -721,8 +722,7 @@ def run_qemu_lab(
 
     config.check()
     out_path = Path(out)
-    if out_path.exists() or out_path.is_symlink():
-        raise VtraceError(f"{out_path}: output exists; choose a new directory")
+    check_new_dir(out_path)  # before booting: a bad -o must not cost a whole run
     with tempfile.TemporaryDirectory(prefix="vtrace-qemu-") as tmp:
         log_path = Path(tmp) / "qemu-trace.log"
         run = run_guest(config, log_path, workdir=Path(tmp))

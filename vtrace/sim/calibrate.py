@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 
 from vtrace.errors import VtraceError
+from vtrace.output import check_new_file, write_file
 from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
 from vtrace.sim.config import KIND_TABLES, SCHEMA, Config, load_config, model_path
 from vtrace.sim.qemu_guest import QemuFacts, fit_qemu, qemu_facts
@@ -376,10 +377,15 @@ def calibrate(
     traces: list[str | os.PathLike[str]],
     model: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
 ) -> Calibration:
-    """Fit ``model``'s costs to ``traces``; write the config to ``output`` (atomically)."""
+    """Fit ``model``'s costs to ``traces``; write the config to ``output`` (atomically,
+    checked first; an existing file is replaced only with ``force``)."""
     if not traces:
         raise VtraceError("calibrate: give at least one trace")
+    if output is not None:
+        check_new_file(output, force=force)
     cfg = load_config(model)
     if cfg.kind == "queue":
         raise VtraceError(f"{model}: a reference queue has no costs to calibrate")
@@ -413,13 +419,7 @@ def calibrate(
     if output is not None:
         out = Path(output)
         text = render(cfg, notes, model_path(model).name, [str(t) for t in traces])
-        load_check = out.with_name(f".{out.name}.tmp")
-        try:
-            load_check.write_text(text)
-            load_config(load_check)  # what we write must load
-            os.replace(load_check, out)
-        except OSError as e:
-            load_check.unlink(missing_ok=True)
-            raise VtraceError(f"{out}: cannot write: {e.strerror}") from None
+        # What we write must load: checked under its temporary name before it takes out's.
+        write_file(out, lambda f: f.write(text.encode()), force=force, verify=load_config)
         cfg = load_config(out)
     return Calibration(cfg, fitted, facts, notes)
