@@ -53,6 +53,8 @@ def test_every_parameter_has_a_unit_or_is_unitless_by_nature() -> None:
         "ring_size", "descs_per_request", "event_idx", "batch", "batch_policy", "kick_handler",
         "whole_batches", "thread", "service_distribution", "max_outstanding", "accesses",
         "coalesce_requests", "capacity", "completion", "publish", "stall_probability",
+        "service_cv", "service_trace", "servers", "vcpus", "jobs", "submit", "queues", "threads",
+        "mode", "max_per_pass", "dispatch_stop_probability",
     }  # fmt: skip
     for table in SCHEMA.values():
         for key in table:

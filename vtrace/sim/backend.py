@@ -1,134 +1,231 @@
-"""The back end that serves the queue: a QEMU iothread, a vhost worker, or the VMM's thread.
+"""A back-end thread: a QEMU iothread or main loop, a vhost worker, or the VMM's thread.
 
-All three run the same loop (virtio spec 2.7.13, "Supplying Buffers to The Device", seen
-from the device): sleep until kicked; on wake-up turn kicks off; pop and serve every
-available request (its ``per_request_ns`` plus the device's service time), put it on the
-used ring and decide whether to interrupt; when the ring is empty turn kicks back on and
-look once more, which closes the race with a driver that added just before. They differ in
-their parameters: a vhost worker is a kernel thread woken straight from the ioeventfd, an
-iothread pays a user-space wake-up, and the VMM thread of an emulated device is started by
-the guest's last register write instead of a kick.
+Every kind runs the same loop (virtio spec 2.7.13, "Supplying Buffers to The Device", seen
+from the device): sleep until kicked; on wake-up turn kicks off; pop and serve what is
+available, put it on the used ring and decide whether to interrupt; when nothing is left
+turn kicks back on and look once more, which closes the race with a driver that added
+just before. The guest publishes ``avail.idx`` as it adds, so a thread that is still
+running takes whatever was published while it worked, without a kick: batching comes out
+of that race.
+
+One thread serves one queue (``backend.threads = "per_queue"``: iothread-vq-mapping, a
+vhost worker per queue) or all of them in turn (``"shared"``: QEMU's main loop, one
+iothread), at most ``backend.max_per_pass`` requests of a queue before it looks at the
+next (vhost's weight). With ``device.max_outstanding`` above one it hands each request to
+the device (:mod:`vtrace.sim.device_server`) and completes them as they come back;
+otherwise it serves each itself. A busy-polling thread (``backend.mode = "poll"``, a
+vhost-user PMD) never sleeps and never asks for a kick; it spends its core.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import TYPE_CHECKING
 
 import simpy
 
-if TYPE_CHECKING:
-    from vtrace.sim.engine import Machine
+from vtrace.sim.device_server import DeviceServer
+from vtrace.sim.draws import Draws
+from vtrace.sim.interrupts import completed, inject_interrupt
+from vtrace.sim.monitors import RunMonitor
+from vtrace.sim.params import BackendParams
+from vtrace.sim.queuepath import QueuePath
 
 
-def serve_queue(env: simpy.Environment, m: Machine) -> Generator[simpy.Event, None, None]:
-    """The back end's loop, shared by every kind of back-end thread."""
-    vq = m.vq
-    service_ns = m.service_ns
-    start_ns = m.start_ns
-    per_request_ns = m.backend_per_request_ns
-    wakeup_ns = m.wakeup_ns
-    coalesce_requests = m.coalesce_requests
-    timer_coalescing = m.coalesce_ns > 0
-    poll = m.poll
-    per_pass = m.publish_per_pass
-    while True:
-        if not vq.avail_pending():
-            vq.enable_notification()
-            if not vq.avail_pending():
-                if m.unsignalled and not timer_coalescing:
-                    yield from m.interrupt(vq.used_idx - 1)  # going idle: flush what is held
-                    if vq.avail_pending():
-                        continue
-                if m.eventfd_signalled:
-                    # a kick came while it was running: the eventfd is already readable
-                    m.eventfd_signalled = False
-                else:
-                    m.backend_wait = env.event()
-                    yield m.backend_wait
-                    m.backend_wait = None
-                    m.eventfd_signalled = False
-                wake_ns = wakeup_ns[m.backend_wakeups % len(wakeup_ns)]
-                m.backend_wakeups += 1
-                if wake_ns > 0:
-                    m.backend_busy_ns += wake_ns
-                    yield env.timeout(wake_ns)
-            vq.disable_notification()
-            continue
-        if per_pass:
-            yield from serve_pass(env, m)
-            continue
-        request = vq.pop()
-        now = env.now
-        start_ns[request] = now
-        busy = per_request_ns + service_ns[request]
-        if busy > 0:
-            m.backend_busy_ns += busy
-            yield env.timeout(busy)
-        vq.push_used(request)
-        if poll:  # no interrupts: a guest spinning on used.idx sees it at once
-            wait = m.space_wait
-            if wait is not None and not wait.triggered:
-                wait.succeed()
-            continue
-        m.last_used_request = request
-        m.unsignalled += 1
-        if timer_coalescing:
-            if not m.coalesce_timer_armed:
-                m.start_coalesce_timer()
-        elif m.unsignalled >= coalesce_requests:
-            yield from m.interrupt(request)
+class BackendThread:
+    """One back-end thread and the queues it serves."""
 
+    def __init__(
+        self,
+        env: simpy.Environment,
+        paths: list[QueuePath],
+        params: BackendParams,
+        device: DeviceServer | None,
+        service: Draws,
+        wakeups: Draws,
+        monitor: RunMonitor,
+    ) -> None:
+        self.env = env
+        self.paths = paths
+        self.p = params
+        self.device = device
+        self.service = service
+        self.wakeups = wakeups
+        self.monitor = monitor
+        self.polling = params.mode == "poll"
+        self.signalled = False  # an eventfd it serves is readable
+        self.wait_event: simpy.Event | None = None
+        self.done: list[tuple[int, QueuePath]] = []  # device completions not yet handled
+        self.next_path = 0
+        for path in paths:
+            path.thread = self
 
-def serve_pass(env: simpy.Environment, m: Machine) -> Generator[simpy.Event, None, None]:
-    """One pass: take every request available now, serve them in order, then publish
-    used.idx once and decide on one interrupt for the lot (the lab's back end, and QEMU's
-    batched notification). Nothing outside sees the pass half done, so it is one timeout."""
-    vq = m.vq
-    service_ns = m.service_ns
-    start_ns = m.start_ns
-    per_request_ns = m.backend_per_request_ns
-    t = env.now
-    taken = []
-    for _ in range(vq.avail_idx - vq.last_avail_idx):
-        request = vq.pop()
-        start_ns[request] = t
-        t += per_request_ns + service_ns[request]
-        taken.append(request)
-    t += m.backend_per_pass_ns
-    busy = t - env.now
-    if busy > 0:
-        m.backend_busy_ns += busy
-        yield env.timeout(busy)
-    for request in taken:
-        vq.push_used(request)
-    if m.poll:
-        wait = m.space_wait
+    # -- what wakes it ---------------------------------------------------------------------
+    def signal(self) -> None:
+        """A kick: the queue's eventfd is signalled."""
+        self.signalled = True
+        self._wake()
+
+    def poke(self) -> None:
+        """A polling thread sees a new avail entry."""
+        self._wake()
+
+    def device_completed(self, request: int, path: QueuePath) -> None:
+        self.done.append((request, path))
+        self._wake()
+
+    def _wake(self) -> None:
+        wait = self.wait_event
         if wait is not None and not wait.triggered:
             wait.succeed()
-        return
-    m.last_used_request = taken[-1]
-    m.unsignalled += len(taken)
-    if m.coalesce_ns > 0:
-        if not m.coalesce_timer_armed:
-            m.start_coalesce_timer()
-    elif m.unsignalled >= m.coalesce_requests:
-        yield from m.interrupt(taken[-1])
 
+    def has_work(self) -> bool:
+        if self.done:
+            return True
+        return any(path.vq.avail_pending() for path in self.paths)
 
-def iothread(env: simpy.Environment, m: Machine) -> Generator[simpy.Event, None, None]:
-    """A QEMU iothread (or main loop) serving a virtqueue in user space."""
-    yield from serve_queue(env, m)
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> Generator[simpy.Event, None, None]:
+        paths = self.paths
+        while True:
+            if not self.has_work():
+                yield from self._idle()
+                continue
+            if self.done:
+                yield from self._complete()
+                continue
+            n = len(paths)
+            for k in range(n):  # round robin over the queues it serves
+                path = paths[(self.next_path + k) % n]
+                if path.vq.avail_pending():
+                    self.next_path = (self.next_path + k + 1) % n
+                    yield from self._serve(path)
+                    break
 
+    def _idle(self) -> Generator[simpy.Event, None, None]:
+        """Nothing to do: ask for kicks, look once more, flush held interrupts, sleep."""
+        env = self.env
+        paths = self.paths
+        if not self.polling:
+            for path in paths:
+                path.vq.enable_notification()
+            if self.has_work():
+                for path in paths:
+                    path.vq.disable_notification()
+                return
+        for path in paths:
+            if path.unsignalled and path.irq.coalesce_ns <= 0:
+                yield from inject_interrupt(path, path.last_used_request)
+        if self.has_work():
+            return
+        if self.polling:  # spin until something shows up, then notice it
+            self.wait_event = env.event()
+            yield self.wait_event
+            self.wait_event = None
+            if self.p.poll_ns > 0:
+                yield env.timeout(self.p.poll_ns)
+            return
+        if self.signalled:  # a kick came while it was running: the eventfd is readable
+            self.signalled = False
+        else:
+            self.wait_event = env.event()
+            yield self.wait_event
+            self.wait_event = None
+            self.signalled = False
+        wake_ns = self.wakeups.next()
+        self.monitor.backend_wakeups += 1
+        if wake_ns > 0:
+            self.monitor.backend_busy_ns += wake_ns
+            yield env.timeout(wake_ns)
+        for path in paths:
+            path.vq.disable_notification()
 
-def vhost_worker(env: simpy.Environment, m: Machine) -> Generator[simpy.Event, None, None]:
-    """A vhost kernel worker serving a virtqueue without leaving the host kernel."""
-    yield from serve_queue(env, m)
+    def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, None]:
+        """Serve what ``path`` has available, at most ``max_per_pass`` requests."""
+        vq = path.vq
+        limit = self.p.max_per_pass
+        available = vq.avail_idx - vq.last_avail_idx
+        take = available if limit <= 0 or available < limit else limit
+        if self.device is not None:
+            yield from self._submit(path, take)
+        elif self.p.publish_per_pass:
+            yield from self._serve_pass(path, take)
+        else:
+            yield from self._serve_one(path)
 
+    def _serve_one(self, path: QueuePath) -> Generator[simpy.Event, None, None]:
+        """Pop one request, serve it, put it on the used ring, decide on an interrupt."""
+        env = self.env
+        request = path.vq.pop()
+        self.monitor.started(request, env.now)
+        busy = self.p.per_request_ns + self.service.next()
+        if busy > 0:
+            self.monitor.backend_busy_ns += busy
+            yield env.timeout(busy)
+        path.vq.push_used(request)
+        if path.vcpus[0].guest.polls_completions:  # a guest spinning on used.idx sees it
+            path.space_freed()
+            return
+        yield from completed(path, request, 1)
 
-def vmm_thread(env: simpy.Environment, m: Machine) -> Generator[simpy.Event, None, None]:
-    """The VMM's device thread of an emulated device, started by a register write."""
-    yield from serve_queue(env, m)
+    def _serve_pass(self, path: QueuePath, take: int) -> Generator[simpy.Event, None, None]:
+        """One pass: take ``take`` available requests, serve them in order, then publish
+        used.idx once and decide on one interrupt for the lot (the lab's back end, and
+        QEMU's batched notification). Nothing outside sees the pass half done, so it is
+        one timeout."""
+        env = self.env
+        vq = path.vq
+        per_request_ns = self.p.per_request_ns
+        service = self.service
+        monitor = self.monitor
+        t = env.now
+        taken = []
+        for _ in range(take):
+            request = vq.pop()
+            monitor.started(request, t)
+            t += per_request_ns + service.next()
+            taken.append(request)
+        t += self.p.per_pass_ns
+        busy = t - env.now
+        if busy > 0:
+            monitor.backend_busy_ns += busy
+            yield env.timeout(busy)
+        for request in taken:
+            vq.push_used(request)
+        if path.vcpus[0].guest.polls_completions:
+            path.space_freed()
+            return
+        yield from completed(path, taken[-1], len(taken))
 
+    def _submit(self, path: QueuePath, take: int) -> Generator[simpy.Event, None, None]:
+        """Pop ``take`` requests and hand each to the device as it is popped."""
+        env = self.env
+        vq = path.vq
+        per_request_ns = self.p.per_request_ns
+        device = self.device
+        for _ in range(take):
+            if per_request_ns > 0:
+                self.monitor.backend_busy_ns += per_request_ns
+                yield env.timeout(per_request_ns)
+            device.submit(vq.pop(), self, path)
+        if self.p.per_pass_ns > 0:
+            self.monitor.backend_busy_ns += self.p.per_pass_ns
+            yield env.timeout(self.p.per_pass_ns)
 
-BACKEND_THREADS = {"iothread": iothread, "vhost_worker": vhost_worker, "vmm": vmm_thread}
+    def _complete(self) -> Generator[simpy.Event, None, None]:
+        """Put what the device finished on the used rings and decide on interrupts: one
+        decision per completion, or one per queue for the lot (``publish = per_pass``)."""
+        done, self.done = self.done, []
+        per_pass = self.p.publish_per_pass
+        touched: dict[int, tuple[QueuePath, int, int]] = {}
+        for request, path in done:
+            path.vq.push_used(request)
+            if path.vcpus[0].guest.polls_completions:
+                path.space_freed()
+                continue
+            if per_pass:
+                _, _, count = touched.get(path.index, (path, request, 0))
+                touched[path.index] = (path, request, count + 1)
+            else:
+                yield from completed(path, request, 1)
+        for path, request, count in touched.values():
+            yield from completed(path, request, count)

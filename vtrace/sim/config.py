@@ -26,9 +26,15 @@ ARRIVALS = ("poisson", "deterministic", "closed", "backlog", "trace")
 COMPLETIONS = ("interrupt", "poll")
 BATCH_POLICIES = ("count", "drain", "timer")
 HANDLERS = ("kernel", "user")
-DISTRIBUTIONS = ("exponential", "deterministic")
+DISTRIBUTIONS = ("exponential", "deterministic", "lognormal", "empirical")
+# auto: exponential with queue.service_mean_ns, deterministic with queue.service_ns (M/D/1)
+QUEUE_DISTRIBUTIONS = ("auto", "exponential", "deterministic", "lognormal")
+CV_WHY = "a coefficient of variation (std / mean); measured device service rarely exceeds 10"
 BACKEND_THREADS = ("iothread", "vhost_worker", "vmm")
 PUBLISH = ("per_request", "per_pass")
+SUBMIT = ("each", "batch")
+THREADS = ("shared", "per_queue")
+BACKEND_MODES = ("notify", "poll")
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,35 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "description": Param(str, "", "what this model stands for"),
     },
+    "vm": {
+        "vcpus": Param(
+            int,
+            1,
+            "guest vCPUs, each with its own time line; job j and open-loop request i run on "
+            "vCPU j (i) mod vcpus",
+            minimum=1,
+            maximum=1024,
+            why="KVM's limit on vCPUs per VM (KVM_MAX_VCPUS is 1024 on x86)",
+        ),
+    },
     "workload": {
+        "jobs": Param(
+            int,
+            1,
+            "closed loop: independent submitters (fio numjobs), each keeping queue_depth in "
+            "flight",
+            minimum=1,
+            maximum=4096,
+            why="far beyond the jobs a benchmark runs per VM",
+        ),
+        "submit": Param(
+            str,
+            "each",
+            "closed loop: each (the next request when one completes, fio iodepth) or batch "
+            "(queue_depth requests together when the last lot completed: dd with a block the "
+            "guest splits into requests)",
+            SUBMIT,
+        ),
         "arrivals": Param(
             str, "poisson", "how requests arrive (backlog: all ready at the start)", ARRIVALS
         ),
@@ -128,6 +162,16 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
         "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
+        "dispatch_stop_probability": Param(
+            float,
+            0.0,
+            "chance after each added request, while more of the same submission are ready, "
+            "that the guest's block layer ends the dispatch there: it kicks, and the rest wait "
+            "for the next completion on the queue (blk-mq's restart)",
+            minimum=0.0,
+            maximum=1.0,
+            why="a probability",
+        ),
     },
     "kvm": {
         "kernel_exit_ns": Param(
@@ -175,6 +219,15 @@ SCHEMA: dict[str, dict[str, Param]] = {
             float, 0.0, "work on top of the exit to decode the notify write"
         ),
         "whole_batches": Param(bool, False, "the guest waits for room for a whole batch"),
+        "queues": Param(
+            int,
+            1,
+            "virtqueues (blk-mq hardware queues, virtio-net queue pairs); vCPU v submits to "
+            "queue v mod queues, each with its own ring, suppression state and vector",
+            minimum=1,
+            maximum=1024,
+            why="virtio-pci allows at most 1024 queues per device in Linux and QEMU",
+        ),
     },
     "backend": {
         "thread": Param(str, "iothread", "the thread that serves the queue", BACKEND_THREADS),
@@ -196,15 +249,62 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "when used.idx is published: after each request or per pass",
             PUBLISH,
         ),
+        "threads": Param(
+            str,
+            "shared",
+            "shared: one thread serves every queue in turn (QEMU's main loop, one iothread); "
+            "per_queue: one thread per queue (iothread-vq-mapping, a vhost worker per queue)",
+            THREADS,
+        ),
+        "mode": Param(
+            str,
+            "notify",
+            "notify: sleeps until kicked; poll: busy-polls the rings (vhost-user PMD): no kicks, "
+            "one core spent per thread",
+            BACKEND_MODES,
+        ),
+        "max_per_pass": Param(
+            int,
+            0,
+            "requests of one queue served before the thread looks at its next queue (vhost's "
+            "weight); 0: no limit",
+            minimum=0,
+            maximum=1 << 20,
+            why="far beyond vhost-net's VHOST_NET_PKT_WEIGHT of 256",
+        ),
+        "poll_ns": Param(
+            float, 0.0, "poll mode: time from an add to the polling thread noticing it"
+        ),
     },
     "device": {
-        "service_ns": Param(float, 0.0, "device service per request (mean when exponential)"),
+        "service_ns": Param(
+            float, 0.0, "device service per request (the mean when exponential or lognormal)"
+        ),
         "per_byte_ns": Param(float, 0.0, "device service per payload byte (copies, DMA)"),
-        "service_distribution": Param(str, "deterministic", "service time law", DISTRIBUTIONS),
+        "service_distribution": Param(
+            str,
+            "deterministic",
+            "service time law (empirical: durations drawn from device.service_trace)",
+            DISTRIBUTIONS,
+        ),
+        "service_cv": Param(
+            float,
+            1.0,
+            "lognormal: coefficient of variation of the service (std / mean, no unit)",
+            minimum=0.0,
+            maximum=100.0,
+            why=CV_WHY,
+        ),
+        "service_trace": Param(
+            str,
+            "",
+            "empirical: trace directory whose pop-to-completion durations are drawn as given",
+        ),
         "max_outstanding": Param(
             int,
             1,
-            "emulated: requests the device accepts at once",
+            "emulated: requests the device accepts at once; virtio: requests the device serves "
+            "at once (AIO threads, NVMe depth), 1 = the back-end thread serves each itself",
             minimum=1,
             maximum=32768,
             why="no device queue holds more than the largest virtqueue (32768)",
@@ -234,8 +334,32 @@ SCHEMA: dict[str, dict[str, Param]] = {
     },
     "queue": {
         "arrival_rate_per_s": Param(float, 1.0, "Poisson arrival rate"),
-        "service_mean_ns": Param(float, 0.0, "exponential service, mean (M/M/1, M/M/1/K)"),
+        "service_mean_ns": Param(
+            float, 0.0, "service mean (exponential: M/M/1, M/M/c, M/M/1/K; lognormal: M/G/1)"
+        ),
         "service_ns": Param(float, 0.0, "deterministic service (M/D/1)"),
+        "service_distribution": Param(
+            str,
+            "auto",
+            "service law (auto: exponential with service_mean_ns, deterministic with service_ns)",
+            QUEUE_DISTRIBUTIONS,
+        ),
+        "service_cv": Param(
+            float,
+            1.0,
+            "lognormal: coefficient of variation of the service (std / mean, no unit)",
+            minimum=0.0,
+            maximum=100.0,
+            why=CV_WHY,
+        ),
+        "servers": Param(
+            int,
+            1,
+            "servers working at once (M/M/c: c)",
+            minimum=1,
+            maximum=4096,
+            why="more servers than any host has cores or any device has parallel units",
+        ),
         "capacity": Param(
             int,
             0,
@@ -250,8 +374,10 @@ SCHEMA: dict[str, dict[str, Param]] = {
 # Tables each kind reads; the loader rejects tables a kind does not use, so a typo in a table
 # name cannot be silently ignored.
 KIND_TABLES: dict[str, tuple[str, ...]] = {
-    "virtio": ("model", "workload", "vcpu", "kvm", "virtqueue", "backend", "device", "interrupt"),
-    "emulated": ("model", "workload", "vcpu", "kvm", "backend", "device", "interrupt"),
+    "virtio": (
+        "model", "vm", "workload", "vcpu", "kvm", "virtqueue", "backend", "device", "interrupt",
+    ),
+    "emulated": ("model", "vm", "workload", "vcpu", "kvm", "backend", "device", "interrupt"),
     "queue": ("model", "workload", "queue"),
 }
 
@@ -423,11 +549,37 @@ def _check_consistency(cfg: Config, where: str) -> None:
             )
         if qq["arrival_rate_per_s"] <= 0:
             raise VtraceError(f"{where}: queue.arrival_rate_per_s: must be > 0")
+        law = qq["service_distribution"]
+        if qq["service_ns"] > 0 and law not in ("auto", "deterministic"):
+            raise VtraceError(
+                f"{where}: queue.service_ns: a deterministic service; give the mean of a "
+                f"{law} service in queue.service_mean_ns"
+            )
+        if law == "lognormal" and qq["service_cv"] <= 0:
+            raise VtraceError(f"{where}: queue.service_cv: a lognormal service needs a value > 0")
+        if 0 < qq["capacity"] < qq["servers"]:
+            raise VtraceError(
+                f"{where}: queue.capacity: {qq['capacity']} is below queue.servers "
+                f"{qq['servers']} (the capacity counts the customers in service)"
+            )
+    if "device" in v:
+        _check_device_law(v["device"], where)
     w = v["workload"]
     if w["arrivals"] in ("poisson", "deterministic") and w["arrival_rate_per_s"] <= 0:
         raise VtraceError(f"{where}: workload.arrival_rate_per_s: must be > 0")
     if w["warmup_requests"] >= w["requests"]:
         raise VtraceError(f"{where}: workload.warmup_requests: must be below workload.requests")
+
+
+def _check_device_law(d: dict[str, Any], where: str) -> None:
+    """A lognormal law needs a spread; an empirical one a trace with durations."""
+    law = d["service_distribution"]
+    if law == "lognormal" and d["service_cv"] <= 0:
+        raise VtraceError(f"{where}: device.service_cv: a lognormal service needs a value > 0")
+    if law == "empirical":
+        from vtrace.sim.device import trace_service_ns  # device.py imports this module
+
+        trace_service_ns(d["service_trace"], where)  # read once (cached), errors now
 
 
 def from_dict(raw: dict[str, Any], where: str, name: str = "") -> Config:

@@ -1,13 +1,13 @@
-"""Interrupts: the back end's decision to interrupt, injection, coalescing, the guest handler.
+"""The interrupt path: the back end's decision, injection, coalescing, the guest handler.
 
-After putting requests on the used ring the back end asks the queue whether the guest wants
-an interrupt (``used_event`` / ``VRING_AVAIL_F_NO_INTERRUPT``, or an emulated device's
+After putting requests on a queue's used ring the back end asks the queue whether the guest
+wants an interrupt (``used_event`` / ``VRING_AVAIL_F_NO_INTERRUPT``, or an emulated device's
 interrupt line already asserted). It may hold that decision to gather completions: until
 ``coalesce_requests`` completions are waiting (flushed when it goes idle), or for
 ``coalesce_ns`` with a timer. An injected interrupt reaches the guest after
-``delivery_ns``; the handler then runs on the vCPU (pre-empting what it was doing) for
-``guest_handler_ns`` plus its register exits, takes every used buffer back and asks for
-the next interrupt.
+``delivery_ns``; the handler then runs on the queue's vCPU (pre-empting what it was doing)
+for ``guest_handler_ns`` plus its register exits, takes every used buffer back and asks for
+the next interrupt. Each queue has its own vector, so its own decisions and handler.
 """
 
 from __future__ import annotations
@@ -18,52 +18,67 @@ from typing import TYPE_CHECKING
 import simpy
 
 if TYPE_CHECKING:
-    from vtrace.sim.engine import Machine
+    from vtrace.sim.queuepath import QueuePath
 
 
-def raise_interrupt(m: Machine, request: int, injection_ns: float) -> bool:
+def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     """Decide and, if wanted, inject; the handler is scheduled. True when one was injected."""
-    m.unsignalled = 0
-    vq = m.vq
+    path.unsignalled = 0
+    vq = path.vq
     if not vq.should_notify():
         return False
     vq.disable_cb()
-    if m.counts_irqs:
-        m.irqs[request] += 1
-    env = m.env
-    start = env.now + injection_ns + m.irq_delivery_ns
-    if m.handler_free_ns > start:
-        start = m.handler_free_ns
-    cost = m.irq_handler_ns
-    cost_exits = m.irq_exits
-    if cost_exits.exits:
-        m.exits[request] += cost_exits.exits
-        m.userspace_exits[request] += cost_exits.userspace_exits
-        m.vcpu_exit_ns += cost_exits.time_ns
-        cost += cost_exits.time_ns
+    irq = path.irq
+    if irq.counted:
+        path.interrupts += 1
+        path.monitor.interrupt(request)
+    env = path.env
+    timeline = path.irq_timeline
+    start = env.now + injection_ns + irq.delivery_ns
+    if timeline.handler_free_ns > start:
+        start = timeline.handler_free_ns
+    cost = irq.handler_ns
+    exits = irq.exits
+    if exits.exits:
+        path.monitor.exit(request, exits.exits, exits.userspace_exits)
+        timeline.exit_ns += exits.time_ns
+        cost += exits.time_ns
     end = start + cost
-    m.handler_free_ns = end
+    timeline.handler_free_ns = end
     # the handler pre-empts the vCPU: whatever it was doing finishes `cost` later
-    m.vcpu_free_ns = (m.vcpu_free_ns if m.vcpu_free_ns > start else start) + cost
-    env.timeout(end - env.now).callbacks.append(m.guest_interrupt_handler)
+    timeline.occupy(start, cost)
+    env.timeout(end - env.now).callbacks.append(path.guest_interrupt_handler)
     return True
 
 
-def inject_interrupt(m: Machine, request: int) -> Generator[simpy.Event, None, None]:
+def inject_interrupt(path: QueuePath, request: int) -> Generator[simpy.Event, None, None]:
     """The back end's side: decide, and pay ``injection_ns`` (an irqfd write) if it injects."""
-    injection_ns = m.irq_injection_ns
-    if raise_interrupt(m, request, injection_ns) and injection_ns > 0:
-        m.backend_busy_ns += injection_ns
-        yield m.env.timeout(injection_ns)
+    injection_ns = path.irq.injection_ns
+    if raise_interrupt(path, request, injection_ns) and injection_ns > 0:
+        path.monitor.backend_busy_ns += injection_ns
+        yield path.env.timeout(injection_ns)
 
 
-def coalescing_timer(m: Machine) -> None:
+def completed(path: QueuePath, request: int, count: int) -> Generator[simpy.Event, None, None]:
+    """``count`` completions (the last ``request``) are on the used ring: signal them now,
+    hold them for more, or arm the coalescing timer."""
+    path.last_used_request = request
+    path.unsignalled += count
+    irq = path.irq
+    if irq.coalesce_ns > 0:
+        if not path.coalesce_timer_armed:
+            coalescing_timer(path)
+    elif path.unsignalled >= irq.coalesce_requests:
+        yield from inject_interrupt(path, request)
+
+
+def coalescing_timer(path: QueuePath) -> None:
     """Arm the interrupt coalescing timer; when it fires, interrupt for what was gathered."""
-    m.coalesce_timer_armed = True
+    path.coalesce_timer_armed = True
 
     def fire(_event: simpy.Event) -> None:
-        m.coalesce_timer_armed = False
-        if m.unsignalled:
-            raise_interrupt(m, m.last_used_request, 0.0)
+        path.coalesce_timer_armed = False
+        if path.unsignalled:
+            raise_interrupt(path, path.last_used_request, 0.0)
 
-    m.env.timeout(m.coalesce_ns).callbacks.append(fire)
+    path.env.timeout(path.irq.coalesce_ns).callbacks.append(fire)

@@ -2,6 +2,8 @@
 
 Rates are per request counted over the measured requests (after ``warmup_requests``);
 shares are over the whole simulated time. Keys are those of ``vtrace replay --json``.
+Past the monitor's exact window (:data:`~vtrace.sim.monitors.EXACT_REQUESTS`), counts come
+from its streaming totals and percentiles from its 1 % log histogram.
 """
 
 from __future__ import annotations
@@ -17,48 +19,80 @@ if TYPE_CHECKING:
 
 
 def summarize(m: Machine, frame: pl.DataFrame, cfg: Config) -> dict[str, Any]:
-    """Summary of one run, from the per-request frame and the run's counters."""
-    warmup = cfg.values["workload"]["warmup_requests"] if m.n > 1 else 0
-    warmup = min(warmup, m.n - 1)
+    """Summary of one run, from the exact per-request frame and the monitor's totals."""
+    mon = m.monitor
+    tail = mon.tail
+    warmup = mon.warmup
     measured = frame.slice(warmup)
     done = measured.filter(pl.col("complete_ns").is_not_null())
-    end_ns = float(frame["complete_ns"].max() or 0.0)
-    first_ns = float(measured["submit_ns"].min() or 0.0)
-    last_ns = float(done["complete_ns"].max() or 0.0)
+    end_ns = max(float(frame["complete_ns"].max() or 0.0), mon.end_ns)
+    first_ns = float(measured["submit_ns"].min() or 0.0) if measured.height else 0.0
+    last_ns = max(float(done["complete_ns"].max() or 0.0), tail.last_complete_ns)
     span_ns = last_ns - first_ns
-    issued = measured.height
+    issued = measured.height + tail.requests
+    completed_measured = done.height + tail.completed
     lat = done["latency_ns"]
     per = 1.0 / issued if issued else 0.0
     totals = measured.select(
         pl.col("exits", "userspace_exits", "kicks", "interrupts").sum().cast(pl.Float64)
     ).row(0, named=True)
-    summary: dict[str, Any] = {
-        "model": cfg.name,
-        "kind": cfg.kind,
-        "requests": m.n,
-        "completed": int(frame["complete_ns"].is_not_null().sum()),
-        "measured_requests": issued,
-        "throughput_rps": (done.height / span_ns * 1e9) if span_ns > 0 else 0.0,
-        "latency_ns": {
+    if mon.histogram is None:
+        latency = {
             "mean": float(lat.mean() or 0.0),
             "p50": float(lat.quantile(0.50, "linear") or 0.0),
             "p90": float(lat.quantile(0.90, "linear") or 0.0),
             "p99": float(lat.quantile(0.99, "linear") or 0.0),
-        },
-        "exits_per_request": totals["exits"] * per,
-        "userspace_exits_per_request": totals["userspace_exits"] * per,
-        "kicks_per_request": totals["kicks"] * per,
-        "kicks_suppressed_per_request": m.kicks_suppressed / m.n,
-        "irqs_per_request": totals["interrupts"] * per,
-        "backend_wakeups_per_request": m.backend_wakeups / m.n,
-        "vcpu_exit_time_share": m.vcpu_exit_ns / end_ns if end_ns > 0 else 0.0,
-        "ring_full_stalls": m.ring_full_stalls,
-        "empty_polls": m.empty_polls,
-        "backend_utilization": m.backend_busy_ns / end_ns if end_ns > 0 else 0.0,
+        }
+    else:  # fold the exact window into the histogram: percentiles to within 1 %
+        hist = mon.histogram
+        hist.add_many(lat.to_numpy())
+        total_ns = float(lat.sum() or 0.0) + tail.latency_sum_ns
+        latency = {
+            "mean": total_ns / completed_measured if completed_measured else 0.0,
+            "p50": hist.quantile(0.50),
+            "p90": hist.quantile(0.90),
+            "p99": hist.quantile(0.99),
+        }
+    p = m.params
+    busy_ns = mon.backend_busy_ns
+    # the mean over the back-end threads: 1.0 is every thread busy all the time
+    utilization = busy_ns / (end_ns * len(m.threads)) if end_ns > 0 else 0.0
+    if p.backend.mode == "poll":  # a polling thread spends its whole core
+        utilization = 1.0
+    vcpu_exit_ns = sum(t.exit_ns for t in m.timelines)
+    summary: dict[str, Any] = {
+        "model": cfg.name,
+        "kind": cfg.kind,
+        "requests": m.n,
+        "completed": mon.completed,
+        "measured_requests": issued,
+        "throughput_rps": (completed_measured / span_ns * 1e9) if span_ns > 0 else 0.0,
+        "latency_ns": latency,
+        "exits_per_request": (totals["exits"] + tail.exits) * per,
+        "userspace_exits_per_request": (totals["userspace_exits"] + tail.userspace_exits) * per,
+        "kicks_per_request": (totals["kicks"] + tail.kicks) * per,
+        "kicks_suppressed_per_request": mon.kicks_suppressed / m.n,
+        "irqs_per_request": (totals["interrupts"] + tail.interrupts) * per,
+        "backend_wakeups_per_request": mon.backend_wakeups / m.n,
+        "vcpu_exit_time_share": vcpu_exit_ns / (end_ns * len(m.timelines)) if end_ns > 0 else 0.0,
+        "ring_full_stalls": mon.ring_full_stalls,
+        "empty_polls": mon.empty_polls,
+        "backend_utilization": utilization,
         "simulated_ns": end_ns,
     }
-    if m.drop_when_full:
-        summary["blocking_probability"] = float(measured["dropped"].mean() or 0.0)
+    if p.vm.vcpus > 1 or p.vm.queues > 1 or m.device is not None:
+        summary["vcpus"] = p.vm.vcpus
+        summary["queues"] = p.vm.queues
+        summary["per_queue"] = [
+            {"queue": q.index, "requests": q.requests, "kicks": q.kicks,
+             "interrupts": q.interrupts}
+            for q in m.paths
+        ]  # fmt: skip
+    if m.device is not None:
+        summary["device_most_in_service"] = m.device.most_in_service
+    if p.guest.drop_when_full:
+        dropped = float(measured["dropped"].sum()) + tail.dropped
+        summary["blocking_probability"] = dropped / issued if issued else 0.0
     if cfg.overrides:
         summary["overrides"] = dict(cfg.overrides)
     return summary

@@ -35,6 +35,7 @@ class Virtqueue:
     the device ``pop``/``push_used``/``should_notify``/``enable_notification``."""
 
     counts_kicks = True
+    device_polls = False  # a busy-polling back end: it never asks for a kick
 
     def __init__(self, ring_size: int, descs_per_request: int, event_idx: bool) -> None:
         self.ring_size = ring_size
@@ -70,7 +71,7 @@ class Virtqueue:
         """Does the device want a notification for what was added since the last decision?"""
         old, new = self.kicked_avail_idx, self.avail_idx
         self.kicked_avail_idx = new
-        if new == old:
+        if new == old or self.device_polls:
             return False
         if self.event_idx:
             return vring_need_event(self.avail_event, new, old)
