@@ -233,7 +233,9 @@ def doctor(
     "  vtrace stat --pid 4242 --interval 5\n\n  vtrace stat --once --interval 2 --csv"
 )
 def stat(
-    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between refreshes."),
+    interval: float = typer.Option(
+        1.0, "--interval", help="Seconds between refreshes (0.1 to 86400)."
+    ),
     csv: bool = typer.Option(
         False, "--csv", help="Print CSV rows (for logging) instead of a table."
     ),

@@ -38,6 +38,9 @@ SOURCE = Path(__file__).with_name("stat.c")
 KIND_EXIT, KIND_USERSPACE = 0, 1
 KIND_NAMES = {KIND_EXIT: "exit->entry", KIND_USERSPACE: "user space"}
 HOT_SLOTS = 256  # per-CPU direct-mapped counters in front of the counts hash (stat.c)
+# --interval: below 0.1 s the refresh costs more than it shows; above a day nothing is live
+# (and an infinite or NaN wait is an OverflowError in threading).
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 86_400.0
 STAT_EVENTS = (
     s.KVM_EXIT,
     s.KVM_ENTRY,
@@ -401,6 +404,15 @@ CSV_COLUMNS = [
 ]
 
 
+def check_interval(interval_s: float) -> None:
+    """A refresh interval ``run`` can wait, else one line naming --interval."""
+    if not MIN_INTERVAL_S <= interval_s <= MAX_INTERVAL_S:  # NaN fails this too
+        raise VtraceError(
+            f"--interval: {interval_s:g} is not between {MIN_INTERVAL_S:g} and "
+            f"{MAX_INTERVAL_S:g} seconds"
+        )
+
+
 def run(
     console: Console,
     *,
@@ -411,6 +423,7 @@ def run(
     classic: bool = False,
 ) -> None:
     """The live loop: refresh every ``interval_s`` until Ctrl-C / SIGTERM (or once)."""
+    check_interval(interval_s)
     stop = threading.Event()
     old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     tables = s.load_reason_tables(prefer_host=True)
