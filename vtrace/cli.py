@@ -511,17 +511,21 @@ def sweep_cmd(
         list[str] | None, typer.Option("--set", help="Override a parameter for every point.")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-j", help="Processes.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output file.")
+    ] = False,
 ) -> None:
     """Run a model over a grid of parameters in parallel local processes."""
     from rich.progress import Progress
 
-    from vtrace.sim.sweep import parse_grid, run_sweep
+    from vtrace.sim.sweep import check_options, parse_grid, run_sweep
 
+    check_options(output, workers, force)  # before the grid: nothing runs on a bad -o or -j
     points = parse_grid(model, grid, set_ or [])
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task(f"sweep {model}", total=len(points))
         frame = run_sweep(
-            model, points, set_ or [], output, workers=workers,
+            model, points, set_ or [], output, workers=workers, force=force,
             on_point=lambda: progress.advance(task),
         )  # fmt: skip
     console.print(f"wrote {output}: {frame.height} points")

@@ -1,25 +1,34 @@
 """Sweeps: one model over a grid of parameters, in parallel local processes.
 
 The point function :func:`run_point` is pure and picklable (a model path, overrides in,
-one flat row out), so the same grid can run on any executor.
+one flat row out), so the same grid can run on any executor. Everything that can be checked
+(every point's values, the worker count, the output file) is checked before any point runs.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+import math
 import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from vtrace.errors import VtraceError
+from vtrace.output import check_new_file, write_file
 from vtrace.sim.config import load_config, model_path, parse_assignments, parse_value, resolve_key
 from vtrace.sim.engine import simulate
 from vtrace.sim.report import flatten
+
+# A grid is built and every point checked before anything runs; beyond this many points that
+# alone takes minutes, and the runs would take days.
+MAX_POINTS = 100_000
+# Each worker is a Python process with numpy, polars and SimPy loaded (about 100 MB).
+MAX_WORKERS = 256
 
 
 def parse_grid(model: str, grid: list[str], base: list[str] | None = None) -> list[dict[str, Any]]:
@@ -34,6 +43,9 @@ def parse_grid(model: str, grid: list[str], base: list[str] | None = None) -> li
         if any(dotted == k for k, _ in axes):
             raise VtraceError(f"--grid: {dotted}: given twice")
         axes.append((dotted, [parse_value(v.strip()) for v in values.split(",")]))
+    n = math.prod(len(vals) for _, vals in axes)
+    if n > MAX_POINTS:
+        raise VtraceError(f"--grid: {n} points; at most {MAX_POINTS} (sweep in several runs)")
     points = [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in
               itertools.product(*[vals for _, vals in axes])]  # fmt: skip
     for p in points:  # fail before starting any process, naming the bad value
@@ -49,6 +61,20 @@ def run_point(model: str, base: dict[str, Any], point: dict[str, Any]) -> dict[s
     return {**point, **summary}
 
 
+def check_options(
+    output: str | os.PathLike[str] | None, workers: int | None, force: bool = False
+) -> None:
+    """Fail, before anything runs, on a worker count out of range or an output that cannot
+    be written (a trial file is made and removed; an existing file needs ``force``)."""
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise VtraceError(
+            f"--workers: {workers} is not between 1 and {MAX_WORKERS} "
+            "(each is a Python process of about 100 MB)"
+        )
+    if output is not None:
+        check_new_file(output, force=force)
+
+
 def run_sweep(
     model: str,
     points: list[dict[str, Any]],
@@ -58,14 +84,22 @@ def run_sweep(
     workers: int | None = None,
     executor: Executor | None = None,
     on_point: Callable[[], None] | None = None,
+    force: bool = False,
 ) -> pl.DataFrame:
-    """Run every point; a frame with one row per point (grid order), written to ``output``."""
+    """Run every point; a frame with one row per point (grid order), written to ``output``.
+
+    ``output`` is checked before any point runs; an existing file is replaced only with
+    ``force``, and on any error nothing is left there.
+    """
+    check_options(output, workers, force)
     path = str(model_path(model))
     overrides = parse_assignments(base or [])
     own = executor is None
-    # spawn, not fork: polars' thread pool does not survive a fork
+    # spawn, not fork: polars' thread pool does not survive a fork; never more processes
+    # than points (each one costs a start-up and its memory)
+    n_workers = min(workers or os.cpu_count() or 1, max(len(points), 1))
     pool = executor or ProcessPoolExecutor(
-        max_workers=workers or os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")
+        max_workers=n_workers, mp_context=multiprocessing.get_context("spawn")
     )
     rows: list[dict[str, Any] | None] = [None] * len(points)
     try:
@@ -79,12 +113,9 @@ def run_sweep(
             pool.shutdown(cancel_futures=True)
     frame = pl.DataFrame(rows)
     if output is not None:
-        out = Path(output)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            frame.write_parquet(tmp)
-            os.replace(tmp, out)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise VtraceError(f"{out}: cannot write: {e.strerror}") from None
+        # Whole in memory first (a row per point: small), so a full disk is an OSError
+        # from the file, not an error inside the Parquet writer.
+        buf = io.BytesIO()
+        frame.write_parquet(buf)
+        write_file(output, lambda f: f.write(buf.getvalue()), force=force)
     return frame
