@@ -32,6 +32,7 @@ TOTAL_BUDGET_BYTES = 20 * 1024 * 1024
 LAB_BUDGET_BYTES = 3 * 1024 * 1024
 NOTIFY_PORT = 0x200  # the lab's virtio notify port (docs/lab.md)
 LAB_IRQ_GSI = 5  # the lab's irqfd line (docs/lab.md)
+_NUMBER_INT = r"(\d[\d,]*)"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Entry:
     date: str | None
     host: str | None
     kernel: str | None
+    guest_kernel: str | None
 
 
 def _bullet(section_text: str, label: str) -> str | None:
@@ -62,19 +64,25 @@ def _parse_readme() -> list[Entry]:
         host_line = _bullet(head, "Host") or ""
         host = re.match(r"\s*`([^`]+)`", host_line)  # "- Host: `name`, ..." names it
         kernel = re.search(r"kernel `?(\d[\w.+-]*\w)", host_line)
+        guest = re.search(r"kernel (\d[\w.+-]*\w)", _bullet(head, "Guest") or "")
         for item in items:
             name = item.split("\n", 1)[0].removeprefix("### ").strip()
             block = re.search(r"```sh\n(.*?)\n```", item, re.S)
             command = shlex.split(block.group(1)) if block else []
+            # A trace made later than the rest of its section says so: "Made 2026-12-04 ...
+            # with guest kernel 6.1.0-57-amd64".
+            made = re.search(r"^Made (\d{4}-\d{2}-\d{2})", item, re.M)
+            own_guest = re.search(r"guest kernel\s+(\d[\w.+-]*\w)", item)
             entries.append(
                 Entry(
                     name=name,
                     section=head.split("\n", 1)[0],
                     command=command[1:] if command[:1] == ["sudo"] else command,
                     text=item,
-                    date=date.group(1) if date else None,
+                    date=(made or date).group(1) if made or date else None,
                     host=host.group(1) if host else None,
                     kernel=kernel.group(1) if kernel else None,
+                    guest_kernel=(own_guest or guest).group(1) if own_guest or guest else None,
                 )
             )
     return entries
@@ -176,6 +184,8 @@ def test_meta_has_what_the_readme_claims(entry: Entry, opened) -> None:
         assert meta["host"] == entry.host
     if entry in LAB:  # the lab section names both exactly
         assert (meta["host"], meta["kernel"]) == (entry.host, entry.kernel)
+    if entry.guest_kernel is not None:
+        assert meta["guest_kernel"] == entry.guest_kernel
 
     # The command: every option it gives is the value meta recorded for the run, and its
     # output is this directory.
@@ -216,6 +226,55 @@ def test_regenerate_runs_the_readme_command(entry: Entry) -> None:
     else:  # capture NAME $VTRACE ARGS: appends -o <dir>
         i = readme.index("-o")
         assert argv[3:] == readme[1:i] + readme[i + 2 :]
+
+
+# --- the QEMU virtio-blk traces: the counts and per-request figures their entries state ------
+
+QEMU_BLK = [e for e in ENTRIES if e.name.startswith("qemu-virtio-blk-")]
+_QEMU_COUNTS = re.compile(
+    rf"{_NUMBER_INT}\s+kicks,\s+{_NUMBER_INT}\s+interrupts(?:,\s+{_NUMBER_INT}\s+pops)?;"
+    rf"\s+{_NUMBER_INT}\s+events"
+)
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in QEMU_BLK if _QEMU_COUNTS.search(e.text)], ids=lambda e: e.name
+)
+def test_qemu_blk_trace_has_the_counts_the_readme_states(entry: Entry, opened) -> None:
+    """The entry's "N kicks, N interrupts, N pops; N events" and bold per-request figures."""
+    trace, events = opened[entry.name]
+    summary = trace.meta["qemu_lab"]
+    event = pl.col("event")
+    kicks = events.filter(event == "virtio_queue_notify").height
+    interrupts = events.filter(event.is_in(["virtio_notify", "virtio_notify_irqfd"])).height
+    pops = events.filter(event == "virtqueue_pop").height
+    assert (kicks, interrupts, pops) == (
+        summary["kicks"],
+        summary["interrupts"],
+        summary["virtqueue_pops"],
+    )
+    m = _QEMU_COUNTS.search(entry.text)
+    assert m is not None
+    stated = [None if g is None else int(g.replace(",", "")) for g in m.groups()]
+    assert stated == [kicks, interrupts, pops if stated[2] is not None else None, events.height]
+    requests = summary["requests"]
+    bold = " ".join(b for b in re.findall(r"\*\*(.*?)\*\*", entry.text, re.S) if "per" in b)
+    per_request = re.findall(r"(\d+\.\d+)\s+(kicks|interrupts)\b", bold)
+    assert {kind for _, kind in per_request} == {"kicks", "interrupts"}
+    for figure, kind in per_request:
+        n = kicks if kind == "kicks" else interrupts
+        decimals = len(figure.split(".")[1])
+        assert figure == f"{n / requests:.{decimals}f}", kind
+
+
+def test_every_batched_virtio_blk_depth_states_its_counts() -> None:
+    """The depths the model is checked against (1, 4, 16, 32) are all shipped; the batched
+    ones above depth 1 state their exact counts."""
+    names = {e.name for e in QEMU_BLK}
+    assert {f"qemu-virtio-blk-qd{q}" for q in (1, 4, 16, 32)} <= names
+    for q in (4, 16, 32):
+        entry = next(e for e in QEMU_BLK if e.name == f"qemu-virtio-blk-qd{q}")
+        assert _QEMU_COUNTS.search(entry.text), entry.name
 
 
 # --- the /dev/kvm lab traces: exact counts, and the VMM's own counters ------------------------
