@@ -394,15 +394,34 @@ def calibrate(
     opened = [open_trace(t) for t in traces]
     guests = [t for t, o in zip(traces, opened, strict=True) if o.meta.get("qemu_lab")]
     if guests:
-        # a QEMU guest under TCG shows structure, not KVM's timings: one trace, one shape
-        if len(traces) > 1:
+        # a QEMU guest under TCG shows structure, not KVM's timings: the last trace gives the
+        # shape, and the guest's dispatch splits are pooled over the batch submissions of all
+        if len(guests) != len(traces):
             raise VtraceError(
-                f"{guests[0]}: a QEMU guest trace calibrates alone (its structure), give only it"
+                f"{guests[0]}: QEMU guest traces calibrate together only with other QEMU guest "
+                "traces, not with lab traces"
             )
-        f = qemu_facts(traces[0], opened[0].events, opened[0].meta)
-        values, found = fit_qemu(cfg, f)
+        qfacts = [qemu_facts(t, o.events, o.meta) for t, o in zip(traces, opened, strict=True)]
+        devices = {f.device for f in qfacts}
+        if len(devices) > 1:
+            raise VtraceError(f"calibrate: QEMU guest traces of one device only, got {devices}")
+        values, found = fit_qemu(cfg, qfacts[-1])
+        pooled = [f for f in qfacts if f.batch_submission]
+        if len(qfacts) > 1 and pooled:
+            batches = sum(f.batches for f in pooled)
+            extra = sum(max(0, f.kicks - f.batches) for f in pooled)
+            values["workload.dispatch_splits"] = round(extra / batches, 4)
+            found["workload.dispatch_splits"] = (
+                values["workload.dispatch_splits"],
+                f"{' + '.join(f.name for f in pooled)}: {extra} virtio_queue_notify beyond one "
+                f"per submission over {batches} batch submissions",
+            )
+            if not qfacts[-1].batch_submission:  # the last was depth 1: batches as pooled
+                _, deep = fit_qemu(cfg, pooled[-1])
+                for key in ("workload.submit", "virtqueue.batch"):
+                    values[key], found[key] = deep[key][0], deep[key]
         cfg = cfg.with_overrides(values, where="calibrate")
-        facts: list[TraceFacts] | list[QemuFacts] = [f]
+        facts: list[TraceFacts] | list[QemuFacts] = qfacts
         notes = {k: src for k, (_, src) in found.items()}
         fitted = {
             k: (float(sum(a["count"] for a in v)) if isinstance(v, list) else float(v), src)

@@ -112,6 +112,16 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "guest splits into requests)",
             SUBMIT,
         ),
+        "dispatch_splits": Param(
+            float,
+            0.0,
+            "batch submission: mean number of times (Poisson, at random places) the guest's "
+            "block layer ends the dispatch of one submission early: it kicks what it added and "
+            "the rest wait for the next completion on the queue (blk-mq's restart)",
+            minimum=0.0,
+            maximum=64.0,
+            why="measured guests split a submission a few times at most",
+        ),
         "arrivals": Param(
             str, "poisson", "how requests arrive (backlog: all ready at the start)", ARRIVALS
         ),
@@ -162,16 +172,6 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
         "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
-        "dispatch_stop_probability": Param(
-            float,
-            0.0,
-            "chance after each added request, while more of the same submission are ready, "
-            "that the guest's block layer ends the dispatch there: it kicks, and the rest wait "
-            "for the next completion on the queue (blk-mq's restart)",
-            minimum=0.0,
-            maximum=1.0,
-            why="a probability",
-        ),
     },
     "kvm": {
         "kernel_exit_ns": Param(

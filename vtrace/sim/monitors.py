@@ -74,10 +74,10 @@ class LatencyHistogram:
 class RunMonitor:
     """Per-request records (exact window) and streaming totals (beyond it)."""
 
-    def __init__(self, n: int, warmup: int, exact: int = EXACT_REQUESTS) -> None:
+    def __init__(self, n: int, warmup: int, exact: int | None = None) -> None:
         self.n = n
         self.warmup = warmup
-        self.exact = k = min(n, exact)
+        self.exact = k = min(n, EXACT_REQUESTS if exact is None else exact)
         nan = math.nan
         self.submit_ns = [nan] * k
         self.start_ns = [nan] * k

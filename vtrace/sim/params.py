@@ -25,6 +25,7 @@ class WorkloadParams:
     jobs: int  # closed loop: independent submitters (fio numjobs)
     queue_depth: int  # closed loop: requests each job keeps in flight
     submit: str  # closed loop: each (refill per completion) | batch (queue_depth together)
+    dispatch_splits: float  # batch submission: mean early ends of its dispatch
     think_ns: float
 
 
@@ -52,7 +53,6 @@ class GuestParams:
     polls_completions: bool  # interrupt.completion == "poll"
     room_first: bool  # emulated: the register writes are the submission: room before prep
     drop_when_full: bool  # a finite reference queue loses what does not fit
-    dispatch_stop_probability: float
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ def _workload(cfg: Config, replayed: bool) -> WorkloadParams:
         jobs=w.get("jobs", 1),
         queue_depth=w["queue_depth"],
         submit=w.get("submit", "each"),
+        dispatch_splits=w.get("dispatch_splits", 0.0),
         think_ns=w["think_ns"],
     )
 
@@ -159,7 +160,6 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
                 polls_completions=False,
                 room_first=False,
                 drop_when_full=capacity > 0,
-                dispatch_stop_probability=0.0,
             ),
             ring=RingParams(False, capacity if capacity > 0 else 1 << 62, 1, False, "kernel", 0.0),
             backend=BackendParams(
@@ -205,7 +205,6 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         polls_completions=irq["completion"] == "poll",
         room_first=request_exits.exits > 0,
         drop_when_full=False,
-        dispatch_stop_probability=g.get("dispatch_stop_probability", 0.0),
     )
     backend = BackendParams(
         thread=b["thread"],

@@ -72,6 +72,7 @@ class QemuFacts:
     requests: int
     queue_depth: int  # the capture's --queue-depth (meta config)
     request_bytes: int  # the capture's --request-bytes (meta config)
+    submit: str = "streams"  # the capture's --submit: batch (queue_depth under one plug)
     accesses: dict[tuple[str, int, bool], int] = field(default_factory=dict)  # all, by register
     interrupts: int = 0  # on the request queues (virtio) or rising edges (emulated)
     other_interrupts: int = 0  # virtio: on queues the guest never kicks (virtio-net receive)
@@ -87,6 +88,20 @@ class QemuFacts:
     @property
     def virtio(self) -> bool:
         return self.pops > 0
+
+    @property
+    def batch_submission(self) -> bool:
+        return self.submit == "batch" and self.queue_depth > 1
+
+    @property
+    def batches(self) -> int:
+        """Submissions of ``queue_depth`` requests (batch submission)."""
+        return max(1, self.pops // self.queue_depth)
+
+    @property
+    def dispatch_splits(self) -> float:
+        """Early ends of a submission's dispatch: kicks beyond one per submission."""
+        return round(max(0.0, self.kicks / self.batches - 1.0), 4)
 
 
 def qemu_facts(
@@ -104,6 +119,7 @@ def qemu_facts(
         requests=requests,
         queue_depth=int(config.get("queue_depth") or 1),
         request_bytes=int(config.get("request_bytes") or 0),
+        submit=str(config.get("submit") or "streams"),
     )
     from vtrace.analyze import accesses
 
@@ -241,11 +257,27 @@ def fit_qemu(cfg: Config, f: QemuFacts) -> tuple[dict[str, Any], dict[str, tuple
         max(1, f.descs_per_request),
         f"{f.name}: median in_num + out_num of virtqueue_pop",
     )
-    fitted["virtqueue.batch"] = (
-        max(1, f.max_per_kick),
-        f"{f.name}: most virtqueue_pop after one virtio_queue_notify (mean "
-        f"{f.mean_per_kick:.2f}, {f.kicks / f.pops:.3f} kicks per request)",
+    per_kick = (
+        f"most virtqueue_pop after one virtio_queue_notify {f.max_per_kick} (mean "
+        f"{f.mean_per_kick:.2f}, {f.kicks / f.pops:.3f} kicks per request)"
     )
+    if f.batch_submission:
+        ring = cfg["virtqueue.ring_size"] // max(1, f.descs_per_request)
+        fitted["virtqueue.batch"] = (
+            ring,
+            f"{f.name}: no count: the guest kicks at the end of each dispatch (drain); {per_kick}",
+        )
+        fitted["workload.submit"] = (
+            "batch",
+            f"{f.name}: meta.json config submit batch: queue_depth requests under one plug",
+        )
+        fitted["workload.dispatch_splits"] = (
+            f.dispatch_splits,
+            f"{f.name}: {f.kicks} virtio_queue_notify for {f.batches} submissions of "
+            f"{f.queue_depth}: each dispatched in {f.kicks / f.batches:.2f} pieces on average",
+        )
+    else:
+        fitted["virtqueue.batch"] = (max(1, f.max_per_kick), f"{f.name}: {per_kick}")
     if f.kicks and not total:
         fitted["virtqueue.kick_handler"] = (
             "kernel",

@@ -19,9 +19,9 @@ Batch policies (``virtqueue.batch_policy``):
 - ``timer``: kick ``batch_timer_ns`` after the first unkicked add, or after ``batch``.
 
 A full ring always kicks what is unkicked first, as Linux does before it stops the queue.
-With ``vcpu.dispatch_stop_probability`` the guest's block layer ends a dispatch early after
-an added request: it kicks what it added and leaves the rest queued until the next
-completion on its queue re-runs it (blk-mq's restart).
+With ``workload.dispatch_splits`` the guest's block layer ends the dispatch of a batch
+submission early after some requests: it kicks what it added and leaves the rest queued
+until the next completion on its queue re-runs it (blk-mq's restart).
 
 A polling driver (``interrupt.completion = "poll"``) takes used buffers back only when it
 needs them (room in the ring, or a closed loop's next request), and each time it finds some
@@ -124,7 +124,7 @@ class Vcpu:
         batch, policy = g.batch, g.batch_policy
         whole_batches, poll = g.whole_batches, g.polls_completions
         descs = vq.descs_per_request
-        stop_p = g.dispatch_stop_probability
+        stops = workload.stops
         prepared = False
         while True:
             now = env.now
@@ -207,10 +207,12 @@ class Vcpu:
                     self.kick()
             elif policy == "timer" and self.unkicked == 1:
                 self._start_batch_timer()
-            if stop_p > 0 and more_now and self.rng.random() < stop_p:
-                if self.unkicked:
-                    self.kick()
-                self.held = True
+            if stops and request in stops:
+                stops.discard(request)
+                if more_now:
+                    if self.unkicked:
+                        self.kick()
+                    self.held = True
         if self.unkicked:
             self.kick()
         while poll and vq.in_flight():  # a polling driver waits for its last requests

@@ -127,6 +127,7 @@ class Workload:
         self.closed = p.arrivals == "closed"
         self.job_of: dict[int, int] = {}  # closed loop: in-flight request -> its job
         self.outstanding: list[int] = []  # closed loop, batch submission: per job
+        self.stops: set[int] = set()  # requests after which a dispatch ends early
 
     def attach(self, vcpus: list[Vcpu]) -> None:
         self.vcpus = vcpus
@@ -147,6 +148,13 @@ class Workload:
             self.job_of[request] = job
             v.pending.append((request, at_ns))
         self.outstanding[job] += count
+        splits = self.p.dispatch_splits
+        if splits > 0 and self.p.submit == "batch" and count > 1:
+            cuts = min(int(self.rng.poisson(splits)), count - 1)
+            if cuts:
+                first = self.issued - count
+                places = self.rng.choice(count - 1, cuts, replace=False)
+                self.stops.update((first + places).tolist())
         v.wake()
 
     def refill(self, vcpu: Vcpu) -> bool:
