@@ -5,8 +5,9 @@ The guest submits each lot of ``queue_depth`` requests under one plug; how often
 layer dispatches a lot in pieces (each piece one more kick, and its completions one more
 interrupt) is the one number the calibration takes from the shallow runs; whether a piece's
 kick is needed, and how many completions share an interrupt, come out of the model's timing.
-Real runs of the same command differ a lot here (traces/README.md gives the spread), so the
-bound is loose; the printed table gives the errors.
+Real runs of the same command differ a lot on a shared 2-core host (traces/README.md: eight
+or nine runs per depth, with the host's load), so a prediction is judged against the range
+of those runs, and the printed table gives its error against the shipped run and the median.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
-BOUND = 0.6  # relative error allowed against one real run (the goal is 0.1: not met yet)
+# real runs of the same command (traces/README.md): (min, median, max) per request
+RUNS = {
+    16: {"kicks": (0.069, 0.117, 0.350), "irqs": (0.067, 0.104, 0.244)},
+    32: {"kicks": (0.046, 0.071, 0.095), "irqs": (0.043, 0.059, 0.075)},
+}
 
 
 def measured(depth: int) -> tuple[float, float]:
@@ -57,13 +62,17 @@ def test_deeper_queues_predicted(shallow, depth: int) -> None:
             "workload.warmup_requests": 0}  # fmt: skip
     s = simulate(shallow.with_overrides(over)).summary
     kicks, irqs = measured(depth)
-    err_k = s["kicks_per_request"] / kicks - 1
-    err_i = s["irqs_per_request"] / irqs - 1
-    print(
-        f"\ndepth {depth}: kicks/request model {s['kicks_per_request']:.4f} real {kicks:.4f} "
-        f"({err_k:+.0%}); interrupts/request model {s['irqs_per_request']:.4f} real {irqs:.4f} "
-        f"({err_i:+.0%})"
-    )
+    for name, model, shipped in (
+        ("kicks", s["kicks_per_request"], kicks),
+        ("irqs", s["irqs_per_request"], irqs),
+    ):
+        low, median, high = RUNS[depth][name]
+        print(
+            f"\ndepth {depth} {name}/request: model {model:.4f}, shipped run {shipped:.4f} "
+            f"({model / shipped - 1:+.0%}), median of the runs {median:.3f} "
+            f"({model / median - 1:+.0%}), runs {low:.3f}-{high:.3f}"
+        )
+        assert low <= shipped <= high  # the shipped trace is one of those runs
+        assert low <= model <= high, (name, model, low, high)
     # at least one kick per lot, and never the 0.000 of a model without batch submission
     assert s["kicks_per_request"] >= 1 / depth
-    assert abs(err_k) < BOUND and abs(err_i) < BOUND
