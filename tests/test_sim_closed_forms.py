@@ -1,4 +1,5 @@
-"""The engine against queueing theory: M/M/1, M/D/1 (Pollaczek-Khinchine), M/M/1/K, Little.
+"""The engine against queueing theory: M/M/1, M/D/1 and M/G/1 with lognormal service
+(Pollaczek-Khinchine), M/M/c (Erlang C), M/M/1/K, Little.
 
 Each estimate comes with a 99 % confidence interval from batch means (20 batches of one
 long run after a warm-up); the closed form must fall inside it, and the interval must be
@@ -6,6 +7,8 @@ narrow enough (a few percent) for the check to mean something.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import polars as pl
@@ -53,6 +56,49 @@ def test_md1_mean_sojourn_pollaczek_khinchine(rho: float) -> None:
     expected = s + rho * s / (2 * (1 - rho))  # P-K with a deterministic service time
     assert half < 0.08 * expected
     assert abs(mean - expected) <= half, (mean, expected, half)
+
+
+@pytest.mark.parametrize(
+    ("rho", "cv", "requests"), [(0.5, 0.5, 150_000), (0.7, 0.5, 300_000), (0.3, 1.2, 250_000)]
+)
+def test_mg1_lognormal_mean_sojourn_pollaczek_khinchine(
+    rho: float, cv: float, requests: int
+) -> None:
+    """P-K holds for any service law with mean S and coefficient of variation cv; a lognormal
+    one's heavy tail makes the wait noisy, so the runs are long and the loads moderate."""
+    frame = run_queue("mg1-lognormal", rho, requests, **{"queue.service_cv": cv})
+    mean, half = batch_means_ci(frame["latency_ns"].to_numpy())
+    s = 10_000.0
+    expected = s + rho * s * (1 + cv**2) / (2 * (1 - rho))
+    assert half < 0.03 * expected
+    assert abs(mean - expected) <= min(half, 0.03 * expected), (mean, expected, half)
+
+
+def erlang_c(c: int, a: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with offered load ``a`` (< c)."""
+    top = a**c / math.factorial(c) * c / (c - a)
+    return top / (sum(a**k / math.factorial(k) for k in range(c)) + top)
+
+
+@pytest.mark.parametrize(
+    ("c", "rho", "requests"), [(2, 0.5, 200_000), (4, 0.7, 300_000), (8, 0.7, 200_000)]
+)
+def test_mmc_waiting_probability_and_mean_sojourn_erlang_c(
+    c: int, rho: float, requests: int
+) -> None:
+    """Erlang C: the share of customers that wait, and W = C / (c mu - lambda) + 1 / mu."""
+    # run_queue's rate is its load times mu: an offered load a = rho * c gives lambda.
+    frame = run_queue("mmc", rho * c, requests, **{"queue.servers": c})
+    s, mu, lam = 10_000.0, 1e5, rho * c * 1e5
+    wait_share = erlang_c(c, rho * c)
+    expected = wait_share / (c * mu - lam) * 1e9 + s
+    mean, half = batch_means_ci(frame["latency_ns"].to_numpy())
+    assert half < 0.03 * expected
+    assert abs(mean - expected) <= min(half, 0.03 * expected), (mean, expected, half)
+    waited = (frame["start_ns"] > frame["submit_ns"]).cast(pl.Float64).to_numpy()
+    share, share_half = batch_means_ci(waited)
+    assert share_half < 0.1 * wait_share
+    assert abs(share - wait_share) <= share_half, (share, wait_share, share_half)
 
 
 @pytest.mark.parametrize(("rho", "k"), [(0.5, 3), (0.8, 5), (1.2, 5)])
