@@ -1,8 +1,11 @@
 """The text of kvm tracepoints (what follows `event:` in ftrace and perf output) into columns.
 
 Each parser is a regular expression written from the tracepoint's ``print fmt`` (the copies
-in ``vtrace/formats/kvm``), matched against the start of a whole column of payloads of one
-event at once.
+in ``vtrace/formats/kvm``), matched against a whole column of payloads of one event at once.
+Every field is matched whole, up to the text the format prints after it (or the end): a
+damaged value (``val 0x7#6``) is no value at all, never the digits before the damage, and
+numbers have at most the digits their column can hold. A payload that does not match is a
+malformed event: counted, its text kept in ``raw``, none of its columns filled.
 Column use follows the collector, so an imported trace and a recorded one read the same:
 
 ==================  ==============================================================
@@ -35,7 +38,12 @@ import polars as pl
 
 from vtrace import schema as s
 
-HEX = "[0-9a-fA-F]+"
+# At most 16 hex digits (64 bits) and 18 decimal digits: every matched number converts to
+# Int64/UInt64 without overflow; a value too big for its column is caught by the cast.
+HEX = "[0-9a-fA-F]{1,16}"
+DEC = r"\d{1,18}"
+# What may follow the last field that has a column when the rest of the text stays in raw.
+MORE = r"(?:\s|$)"
 
 
 def hex_u64(e: pl.Expr) -> pl.Expr:
@@ -55,11 +63,13 @@ def field(name: str) -> pl.Expr:
 class PayloadFormat:
     """One tracepoint's text: ``pattern`` and the columns made from its groups.
 
-    ``pattern`` (named groups, no anchors) must match the start of the text; the payload
-    matched when its ``required`` group did. Matching only the start keeps the capturing
-    work short: trailing fields that have no column stay in ``raw``. ``columns`` builds the
-    column expressions over :func:`field` (and the ``payload`` column); ``keep_raw`` keeps
-    the payload text in ``raw`` because the columns do not hold all of it.
+    ``pattern`` (named groups) is matched from the start of the text and ends either with
+    ``$`` (the whole text) or with :data:`MORE` after the last field that has a column, when
+    the fields after it have none (they stay in ``raw``; not capturing them keeps the work
+    short). The payload matched when its ``required`` group did and ``valid`` (if any) holds.
+    ``columns`` builds the column expressions over :func:`field` (and the ``payload``
+    column); ``keep_raw`` keeps the payload text in ``raw`` because the columns do not hold
+    all of it.
     """
 
     pattern: str
@@ -68,6 +78,8 @@ class PayloadFormat:
     keep_raw: bool
     # (group, table): a left join of the group's text with the table's ``key`` column first.
     lookup: tuple[str, Callable[[], pl.DataFrame]] | None = None
+    # A condition beyond the match (a name the lookup table knows).
+    valid: Callable[[], pl.Expr] | None = None
 
 
 def _pio() -> dict[str, pl.Expr]:
@@ -197,20 +209,26 @@ def exit_reason_lookup() -> pl.DataFrame:
     )
 
 
+def _exit_reason() -> pl.Expr:
+    """The reason of the name (:func:`exit_reason_lookup`), or the code printed in hex."""
+    name = field("name")
+    code = pl.when(name.str.starts_with("0x")).then(
+        name.str.strip_prefix("0x").str.to_integer(base=16, dtype=pl.Int64, strict=False)
+    )
+    return pl.coalesce(pl.col("x_reason"), code)
+
+
 def _exit() -> dict[str, pl.Expr]:
     """kvm_exit: the kernel's text, and trace-cmd's kvm plugin text (no vcpu, `info a b`).
 
     Names come from :func:`exit_reason_lookup` (joined on the ``name`` group); a code the
     kernel printed in hex because it has no name keeps that code, with no ISA, name or flags.
+    A name that is neither is malformed.
     """
-    name = field("name")
-    code = pl.when(name.str.starts_with("0x")).then(
-        name.str.strip_prefix("0x").str.to_integer(base=16, dtype=pl.Int64, strict=False)
-    )
     return {
         "vcpu": dec_i64(field("vcpu")),
         "rip": hex_u64(field("rip")),
-        "reason": pl.coalesce(pl.col("x_reason"), code),
+        "reason": _exit_reason(),
         "flags": pl.col("x_flags"),
         "reason_name": pl.col("x_reason_name"),
         "isa": pl.col("x_isa"),
@@ -218,44 +236,54 @@ def _exit() -> dict[str, pl.Expr]:
 
 
 PAYLOADS: dict[str, PayloadFormat] = {
+    # Kernel: "... rip 0x%lx info1 0x%016llx ...", older kernels and trace-cmd: "... info %llx %llx".
     s.KVM_EXIT: PayloadFormat(
-        rf"(?:vcpu (?P<vcpu>\d+) )?reason (?P<name>.+?) rip 0x(?P<rip>{HEX})",
+        rf"(?:vcpu (?P<vcpu>{DEC}) )?reason (?P<name>.+?) rip 0x(?P<rip>{HEX}){MORE}",
         "rip",
         _exit,
         True,
         lookup=("name", exit_reason_lookup),
+        valid=lambda: _exit_reason().is_not_null(),
     ),
-    s.KVM_ENTRY: PayloadFormat(rf"vcpu (?P<vcpu>\d+), rip 0x(?P<rip>{HEX})", "rip", _entry, True),
+    s.KVM_ENTRY: PayloadFormat(
+        rf"vcpu (?P<vcpu>{DEC}), rip 0x(?P<rip>{HEX}){MORE}", "rip", _entry, True
+    ),
+    # "val 0x%x %s": the %s is "(...)" for a string instruction, else empty.
     s.KVM_PIO: PayloadFormat(
-        rf"pio_(?P<dir>read|write) at 0x(?P<port>{HEX}) size (?P<size>-?\d+) "
-        rf"count (?P<count>\d+) val 0x(?P<val>{HEX})",
+        rf"pio_(?P<dir>read|write) at 0x(?P<port>{HEX}) size (?P<size>-?{DEC}) "
+        rf"count (?P<count>{DEC}) val 0x(?P<val>{HEX})(?: \(\.\.\.\))?$",
         "val",
         _pio,
         False,
     ),
     s.KVM_MMIO: PayloadFormat(
-        rf"mmio (?P<type>unsatisfied-read|read|write) len (?P<len>\d+) "
-        rf"gpa 0x(?P<gpa>{HEX}) val 0x(?P<val>{HEX})",
+        rf"mmio (?P<type>unsatisfied-read|read|write) len (?P<len>{DEC}) "
+        rf"gpa 0x(?P<gpa>{HEX}) val 0x(?P<val>{HEX})$",
         "val",
         _mmio,
         False,
     ),
-    s.KVM_FAST_MMIO: PayloadFormat(rf"fast mmio at gpa 0x(?P<gpa>{HEX})", "gpa", _fast_mmio, False),
+    s.KVM_FAST_MMIO: PayloadFormat(
+        rf"fast mmio at gpa 0x(?P<gpa>{HEX})$", "gpa", _fast_mmio, False
+    ),
     s.KVM_USERSPACE_EXIT: PayloadFormat(
-        r"reason (?P<name>\S+) \((?P<code>-?\d+)\)", "code", _userspace_exit, False
+        rf"reason (?P<name>\S+) \((?P<code>-?{DEC})\)$", "code", _userspace_exit, False
     ),
     s.KVM_SET_IRQ: PayloadFormat(
-        r"gsi (?P<gsi>\d+) level (?P<level>-?\d+) source (?P<src>-?\d+)", "src", _set_irq, False
+        rf"gsi (?P<gsi>{DEC}) level (?P<level>-?{DEC}) source (?P<src>-?{DEC})$",
+        "src",
+        _set_irq,
+        False,
     ),
     s.KVM_MSI_SET_IRQ: PayloadFormat(
-        rf"dst (?P<dst>{HEX}) vec (?P<vec>\d+) \((?P<mode>\w+)\|(?P<dest>logical|physical)\|"
-        r"(?P<trig>level|edge)(?P<rh>\|rh)?\)",
+        rf"dst (?P<dst>{HEX}) vec (?P<vec>{DEC}) \((?P<mode>{'|'.join(DELIVERY_MODES)})\|"
+        r"(?P<dest>logical|physical)\|(?P<trig>level|edge)(?P<rh>\|rh)?\)$",
         "trig",
         _msi_set_irq,
         True,
     ),
     s.KVM_INJ_VIRQ: PayloadFormat(
-        rf"(?P<kind>IRQ|Soft/INTn) 0x(?P<vec>{HEX})(?P<re> \[reinjected\])?",
+        rf"(?P<kind>IRQ|Soft/INTn) 0x(?P<vec>{HEX})(?P<re> \[reinjected\])?$",
         "vec",
         _inj_virq,
         False,

@@ -27,7 +27,12 @@ import polars as pl
 
 from vtrace import schema as s
 from vtrace.errors import VtraceError
-from vtrace.ingest.textlines import check_truncated, check_unparsed, first_line_numbers, read_lines
+from vtrace.ingest.textlines import (
+    check_last_line,
+    check_unparsed,
+    first_line_numbers,
+    read_text_lines,
+)
 from vtrace.ingest.tracepoint_text import MAX_SECONDS, NS_PER_S
 
 SECTOR_BYTES = 512
@@ -36,37 +41,44 @@ HEADER = (
     r"^(?:(?P<tid>\d+)@(?P<sec>\d{1,10})\.(?P<usec>\d{1,6}):)?"
     r"(?P<event>[a-z][a-z0-9]*_[a-z0-9_]*)(?: (?P<payload>.*))?$"
 )
-PTR = r"0x[0-9a-fA-F]+|\(nil\)"
-HEX = "[0-9a-fA-F]+"
+PTR = r"0x[0-9a-fA-F]{1,16}|\(nil\)"
+HEX = "[0-9a-fA-F]{1,16}"
+# Every argument is matched whole (the patterns are anchored at both ends) and has at most
+# the digits that convert without overflow; one too big for its column is caught by the
+# cast. Sectors are multiplied by 512: 15 digits keep that inside 64 bits.
+DEC = r"-?\d{1,18}"
+UDEC = r"\d{1,18}"
+SECTORS = r"\d{1,15}"
 
 # Event -> regular expression of its arguments (QEMU 7.2's trace-events format strings).
 PATTERNS: dict[str, str] = {
-    s.VIRTIO_QUEUE_NOTIFY: rf"^vdev (?P<vdev>{PTR}) n (?P<n>-?\d+) vq (?P<vq>{PTR})$",
-    s.VIRTQUEUE_POP: rf"^vq (?P<vq>{PTR}) elem (?P<elem>{PTR}) in_num (?P<in_num>\d+) out_num (?P<out_num>\d+)$",
-    s.VIRTQUEUE_FILL: rf"^vq (?P<vq>{PTR}) elem (?P<elem>{PTR}) len (?P<len>\d+) idx (?P<idx>\d+)$",
-    s.VIRTQUEUE_FLUSH: rf"^vq (?P<vq>{PTR}) count (?P<count>\d+)$",
+    s.VIRTIO_QUEUE_NOTIFY: rf"^vdev (?P<vdev>{PTR}) n (?P<n>{DEC}) vq (?P<vq>{PTR})$",
+    s.VIRTQUEUE_POP: rf"^vq (?P<vq>{PTR}) elem (?P<elem>{PTR}) in_num (?P<in_num>{UDEC}) out_num (?P<out_num>{UDEC})$",
+    s.VIRTQUEUE_FILL: rf"^vq (?P<vq>{PTR}) elem (?P<elem>{PTR}) len (?P<len>{UDEC}) idx (?P<idx>{UDEC})$",
+    s.VIRTQUEUE_FLUSH: rf"^vq (?P<vq>{PTR}) count (?P<count>{UDEC})$",
     s.VIRTIO_NOTIFY: rf"^vdev (?P<vdev>{PTR}) vq (?P<vq>{PTR})$",
     s.VIRTIO_NOTIFY_IRQFD: rf"^vdev (?P<vdev>{PTR}) vq (?P<vq>{PTR})$",
-    "virtio_blk_handle_read": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) sector (?P<sector>\d+) nsectors (?P<nsectors>\d+)$",
-    "virtio_blk_handle_write": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) sector (?P<sector>\d+) nsectors (?P<nsectors>\d+)$",
+    "virtio_blk_handle_read": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) sector (?P<sector>{SECTORS}) nsectors (?P<nsectors>{SECTORS})$",
+    "virtio_blk_handle_write": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) sector (?P<sector>{SECTORS}) nsectors (?P<nsectors>{SECTORS})$",
     "virtio_blk_submit_multireq": (
-        rf"^vdev (?P<vdev>{PTR}) mrb (?P<mrb>{PTR}) start (?P<start>-?\d+) num_reqs (?P<num_reqs>-?\d+) "
-        r"offset (?P<offset>\d+) size (?P<size>\d+) is_write (?P<is_write>\d+)$"
+        rf"^vdev (?P<vdev>{PTR}) mrb (?P<mrb>{PTR}) start (?P<start>{DEC}) num_reqs (?P<num_reqs>{DEC}) "
+        rf"offset (?P<offset>{UDEC}) size (?P<size>{UDEC}) is_write (?P<is_write>{UDEC})$"
     ),
-    "virtio_blk_req_complete": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) status (?P<status>-?\d+)$",
+    "virtio_blk_req_complete": rf"^vdev (?P<vdev>{PTR}) req (?P<req>{PTR}) status (?P<status>{DEC})$",
     s.MEMORY_REGION_OPS_READ: (
-        rf"^cpu (?P<cpu>-?\d+) mr (?P<mr>{PTR}) addr 0x(?P<addr>{HEX}) value 0x(?P<value>{HEX}) "
-        r"size (?P<size>\d+) name '(?P<name>.*)'$"
+        rf"^cpu (?P<cpu>{DEC}) mr (?P<mr>{PTR}) addr 0x(?P<addr>{HEX}) value 0x(?P<value>{HEX}) "
+        rf"size (?P<size>{UDEC}) name '(?P<name>.*)'$"
     ),
     s.MEMORY_REGION_OPS_WRITE: (
-        rf"^cpu (?P<cpu>-?\d+) mr (?P<mr>{PTR}) addr 0x(?P<addr>{HEX}) value 0x(?P<value>{HEX}) "
-        r"size (?P<size>\d+) name '(?P<name>.*)'$"
+        rf"^cpu (?P<cpu>{DEC}) mr (?P<mr>{PTR}) addr 0x(?P<addr>{HEX}) value 0x(?P<value>{HEX}) "
+        rf"size (?P<size>{UDEC}) name '(?P<name>.*)'$"
     ),
-    s.KVM_RUN_EXIT: r"^cpu_index (?P<cpu>-?\d+), reason (?P<reason>\d+)$",
+    s.KVM_RUN_EXIT: rf"^cpu_index (?P<cpu>{DEC}), reason (?P<reason>{UDEC})$",
 }
 # Other events (virtio_blk_rw_complete, virtio_set_status, ...): only a leading device pointer
-# is taken, the rest stays in `raw`.
-VDEV_PREFIX = rf"^vdev (?P<vdev>{PTR})"
+# is taken, the rest stays in `raw`. The pointer too is matched whole: a text that starts
+# with "vdev " and no whole pointer after it is malformed.
+VDEV_PREFIX = rf"^vdev (?P<vdev>{PTR})(?:\s|$)"
 ALL_GROUPS = sorted(
     {g for p in [*PATTERNS.values(), VDEV_PREFIX] for g in re.compile(p).groupindex}
 )
@@ -90,7 +102,12 @@ def _parse_args(events: pl.DataFrame) -> pl.DataFrame:
             pl.col("payload").fill_null("").str.extract_groups(pattern or VDEV_PREFIX).alias("a")
         )
         args = fields.unnest("a")
-        ok = pl.col(args.columns[0]).is_not_null() if pattern else pl.lit(True)
+        matched = pl.col(args.columns[0]).is_not_null()
+        ok = (
+            matched
+            if pattern
+            else matched | ~pl.col("payload").fill_null("").str.starts_with("vdev ")
+        )
         parts.append(pl.concat([part, args], how="horizontal").with_columns(ok=ok))
     frame = pl.concat(parts, how="diagonal_relaxed").sort("lineno")
     return frame.with_columns(
@@ -124,16 +141,16 @@ def _device_names(args: pl.DataFrame) -> pl.DataFrame:
 def read_qemu(path: str | Path, *, strict: bool = False) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Parse a QEMU `log` trace backend file into an events frame and meta."""
     p = Path(path)
-    lines, ends_in_newline = read_lines(p)
+    text = read_text_lines(p)
+    lines = text.lines
+    check_last_line(p, lines, ends_in_newline=text.ends_in_newline, what="QEMU trace log")
     total = lines.height
     fields = lines.with_columns(pl.col("line").str.extract_groups(HEADER).alias("h")).unnest("h")
     timed = fields.get_column("tid").is_not_null().any()
     # In a log with timestamps, a line without one (or with seconds that overflow Int64
-    # nanoseconds) is not an event.
-    in_range = _dec("sec") < MAX_SECONDS
-    is_event = pl.col("event").is_not_null() & (
-        (pl.col("tid").is_not_null() & in_range) if timed else pl.lit(True)
-    )
+    # nanoseconds, or a thread id too big for one) is not an event.
+    in_range = (_dec("sec") < MAX_SECONDS) & _dec("tid").cast(pl.Int32, strict=False).is_not_null()
+    is_event = pl.col("event").is_not_null() & (in_range if timed else pl.lit(True))
     blank = pl.col("line").str.strip_chars() == ""
     events = fields.filter(is_event)
     rest = fields.filter(~is_event & ~blank).select("lineno", "line")
@@ -141,25 +158,12 @@ def read_qemu(path: str | Path, *, strict: bool = False) -> tuple[pl.DataFrame, 
         first = first_line_numbers(rest, 1)
         where = f"{p}:{first[0]}" if first else str(p)
         raise VtraceError(f"{where}: no QEMU trace events in this file (is it a QEMU -D log?)")
-    meta = check_unparsed(
-        p,
-        rest,
-        strict=strict,
-        ends_in_newline=ends_in_newline,
-        total_lines=total,
-        what="QEMU trace log",
-    )
+    meta = check_unparsed(p, rest, strict=strict, what="QEMU trace log")
 
     args = _parse_args(events.select("lineno", "tid", "sec", "usec", "event", "payload"))
-    malformed = args.filter(~pl.col("ok"))
-    check_truncated(
-        p, malformed, ends_in_newline=ends_in_newline, total_lines=total, what="QEMU trace log"
-    )
-    if strict and malformed.height:
-        first = int(malformed.get_column("lineno")[0])
-        raise VtraceError(
-            f"{p}:{first}: {malformed.get_column('event')[0]} arguments do not match QEMU's "
-            f"format ({malformed.height} such lines)"
+    if text.has_nul:  # a NUL (a zero-filled block) in an argument: damaged, not an event
+        args = args.with_columns(
+            ok=pl.col("ok") & ~pl.col("payload").fill_null("").str.contains("\x00", literal=True)
         )
 
     # Queue pointer -> queue index, from virtio_queue_notify; queue pointer -> device
@@ -192,11 +196,7 @@ def read_qemu(path: str | Path, *, strict: bool = False) -> tuple[pl.DataFrame, 
         )
     else:
         ts = pl.col("lineno").cast(pl.Int64)
-    frame = args.select(
-        ts_ns=ts,
-        source=pl.lit(s.SOURCE_QEMU),
-        event=ev,
-        tid=_dec("tid"),
+    columns = dict(
         vcpu=pl.when(cpu >= 0).then(cpu),
         reason=pl.when(ev == s.KVM_RUN_EXIT).then(_dec("reason")),
         reason_name=pl.when(ev == s.KVM_RUN_EXIT).then(
@@ -229,6 +229,29 @@ def read_qemu(path: str | Path, *, strict: bool = False) -> tuple[pl.DataFrame, 
         .then(_dec("num_reqs")),
         queue=pl.when(ev == s.VIRTIO_QUEUE_NOTIFY).then(_dec("n")).otherwise(pl.col("q_index")),
         device=pl.when(mr).then(pl.col("name")).otherwise(pl.col("device")),
+    )
+    typed = {c: e.cast(s.EVENTS_SCHEMA[c], strict=False) for c, e in columns.items()}
+    # A number that matched but does not fit its column is no value: the line is malformed.
+    fits = [
+        columns[c].is_null() | typed[c].is_not_null()
+        for c in columns
+        if s.EVENTS_SCHEMA[c].is_numeric()
+    ]
+    args = args.with_columns(ok=pl.col("ok") & pl.all_horizontal(fits))
+    malformed = args.filter(~pl.col("ok"))
+    if strict and malformed.height:
+        first = int(malformed.get_column("lineno")[0])
+        raise VtraceError(
+            f"{p}:{first}: {malformed.get_column('event')[0]} arguments do not match QEMU's "
+            f"format ({malformed.height} such lines)"
+        )
+    frame = args.select(
+        ts_ns=ts,
+        source=pl.lit(s.SOURCE_QEMU),
+        event=ev,
+        tid=_dec("tid"),
+        # A malformed line has its header and its text, no columns from the text.
+        **{c: pl.when("ok").then(e) for c, e in typed.items()},
         # The arguments that have no column (pointers of elements and requests, ...).
         # A malformed line keeps its whole text.
         raw=pl.when(pl.col("ok").not_())

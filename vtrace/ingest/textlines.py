@@ -2,12 +2,15 @@
 
 The whole file becomes a single polars string column (one row per line) so that every
 parser after this works on whole columns. Bad files fail here with one line naming the
-file: missing, unreadable, empty, binary, not UTF-8.
+file: missing, unreadable, not a regular file (a device or a FIFO would never end), empty,
+binary, not UTF-8; a file cut in the middle of its last line fails in
+:func:`check_last_line`.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +50,15 @@ class TextLines:
     """A text file read as lines: ``lines`` (``lineno: UInt32, line: String``), the bytes.
 
     ``starts`` is the byte offset of every line in ``data`` where each line is exactly its
-    bytes followed by one newline (no carriage returns), else None.
+    bytes followed by one newline (no carriage returns), else None. ``has_nul``: a NUL byte
+    somewhere after the binary probe (damage, such as a zero-filled block after a crash).
     """
 
     lines: pl.DataFrame
     ends_in_newline: bool
     data: bytes
     starts: np.ndarray | None
+    has_nul: bool = False
 
 
 def read_lines(path: str | os.PathLike[str]) -> tuple[pl.DataFrame, bool]:
@@ -79,17 +84,49 @@ def _line_starts(lines: pl.DataFrame, data: bytes, ends_in_newline: bool) -> np.
     return starts
 
 
+# What a file that is not a regular one is, for the message.
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_regular_file(p: Path) -> bytes:
+    """The bytes of ``p``, which must be a regular file (a link to one is fine).
+
+    A device (/dev/zero) or a FIFO would be read without end or block forever: refused,
+    checked on the open descriptor (opened non-blocking, so a FIFO with no writer does not
+    hang the open itself).
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VtraceError(f"{p}: no such file") from None
+    except OSError as e:
+        raise VtraceError(f"{p}: cannot read: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise VtraceError(f"{p}: is a directory, expected a text trace file")
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise VtraceError(
+            f"{p}: not a regular file ({kind}); save the trace text to a file first "
+            "(e.g. `cat trace_pipe > kvm.txt`, then Ctrl-C) and import that"
+        )
+    with open(fd, "rb") as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise VtraceError(f"{p}: cannot read: {e.strerror or e}") from None
+
+
 def read_text_lines(path: str | os.PathLike[str]) -> TextLines:
     """Like :func:`read_lines`, keeping the bytes and where each line starts in them."""
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise VtraceError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise VtraceError(f"{p}: is a directory, expected a text trace file") from None
-    except OSError as e:
-        raise VtraceError(f"{p}: cannot read: {e.strerror or e}") from None
+    data = read_regular_file(p)
     # Cheap checks first; whitespace-only large files fail later as "no events".
     if not data or (len(data) < BINARY_PROBE_BYTES and not data.strip()):
         raise VtraceError(f"{p}: empty file")
@@ -118,7 +155,10 @@ def read_text_lines(path: str | os.PathLike[str]) -> TextLines:
             _raise_not_utf8(p, data)
             raise VtraceError(f"{p}: cannot be read as lines of text: {e}") from None
     lines = lines.with_row_index("lineno", offset=1)
-    return TextLines(lines, ends_in_newline, data, _line_starts(lines, data, ends_in_newline))
+    starts = _line_starts(lines, data, ends_in_newline)
+    # One memchr over the bytes: the parsers look for NULs in lines only when there are any.
+    has_nul = data.find(b"\0", BINARY_PROBE_BYTES) >= 0
+    return TextLines(lines, ends_in_newline, data, starts, has_nul)
 
 
 def first_line_numbers(frame: pl.DataFrame, n: int = FIRST_UNPARSED) -> list[int]:
@@ -126,39 +166,35 @@ def first_line_numbers(frame: pl.DataFrame, n: int = FIRST_UNPARSED) -> list[int
     return [int(x) for x in frame.get_column("lineno").head(n).to_list()]
 
 
-def check_unparsed(
-    path: Path,
-    unparsed: pl.DataFrame,
-    *,
-    strict: bool,
-    ends_in_newline: bool,
-    total_lines: int,
-    what: str,
-) -> dict[str, Any]:
-    """Meta entries for unparsed lines; raise where they make the input unusable.
+def check_last_line(path: Path, lines: pl.DataFrame, *, ends_in_newline: bool, what: str) -> None:
+    """A last line without its newline: the file was cut off, maybe inside a value.
 
-    ``unparsed`` has ``lineno`` and ``line`` columns. A last line cut off without its newline
-    is a truncated file, an error even without ``strict``; with ``strict`` any unparsed line
-    is an error naming its file and line.
+    Every tool these importers read ends each line with a newline, and a line cut inside
+    a field can still look whole (``val 0x4`` of ``val 0x41``): such a file is refused,
+    even without ``strict``. Blanks after the last newline do not count.
+    """
+    if ends_in_newline or lines.height == 0:
+        return
+    last = lines.get_column("line")[-1]
+    if last.strip():
+        raise VtraceError(
+            f"{path}:{lines.height}: truncated: the file ends in the middle of a {what} line "
+            "(no newline after it)"
+        )
+
+
+def check_unparsed(
+    path: Path, unparsed: pl.DataFrame, *, strict: bool, what: str
+) -> dict[str, Any]:
+    """Meta entries for unparsed lines; with ``strict`` any unparsed line is an error.
+
+    ``unparsed`` has ``lineno`` and ``line`` columns; the error names the file and the first
+    of them.
     """
     count = unparsed.height
-    check_truncated(
-        path, unparsed, ends_in_newline=ends_in_newline, total_lines=total_lines, what=what
-    )
     if count and strict:
         first = int(unparsed.get_column("lineno")[0])
         text = unparsed.get_column("line")[0]
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise VtraceError(f"{path}:{first}: not a {what} line ({count} unparsed in all): {shown!r}")
     return {"unparsed": count, "unparsed_first_lines": first_line_numbers(unparsed)}
-
-
-def check_truncated(
-    path: Path, bad: pl.DataFrame, *, ends_in_newline: bool, total_lines: int, what: str
-) -> None:
-    """A last line without its newline that did not parse: the file was cut off."""
-    if ends_in_newline or bad.height == 0:
-        return
-    last = int(bad.get_column("lineno")[-1])
-    if last == total_lines:
-        raise VtraceError(f"{path}:{last}: truncated: the file ends in the middle of a {what} line")

@@ -23,7 +23,7 @@ from vtrace.errors import VtraceError
 from vtrace.ingest.kvm_payloads import PAYLOADS, field
 from vtrace.ingest.textlines import (
     TextLines,
-    check_truncated,
+    check_last_line,
     check_unparsed,
     first_line_numbers,
     read_text_lines,
@@ -174,7 +174,10 @@ def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
     sec = pl.col("sec").str.to_integer(dtype=pl.Int64, strict=False)
     # Seconds that would overflow Int64 nanoseconds are not a timestamp (the line is unparsed).
     sec = pl.when(sec < MAX_SECONDS).then(sec)
-    frac_ns = frac.str.pad_end(9, "0").str.slice(0, 9).str.to_integer(dtype=pl.Int64, strict=False)
+    # Up to 9 decimals (ns): more would be cut off, a value that is not what was printed.
+    frac_ns = pl.when(frac.str.len_bytes() <= 9).then(
+        frac.str.pad_end(9, "0").str.to_integer(dtype=pl.Int64, strict=False)
+    )
     tid = pre.str.extract(fmt.tid, 1).str.to_integer(dtype=pl.Int32, strict=False)
     cpu = cpu_text.str.slice(0, cpu_text.str.find("]", literal=True))
     cpu = cpu.str.to_integer(dtype=pl.Int16, strict=False)
@@ -184,11 +187,15 @@ def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
         # Seconds with up to 9 decimals -> ns exactly (no float on the way); an integer
         # timestamp (counter clocks) is kept as it is.
         ts_ns=pl.when(frac.is_null()).then(sec).otherwise(sec * NS_PER_S + frac_ns),
+        pid_text=pid,
         pid=pid.str.to_integer(dtype=pl.Int32, strict=False),
         tid=tid,
         cpu=cpu,
     )
-    whole = pl.all_horizontal(pl.col("tid", "cpu", "ts_ns").is_not_null())
+    # Every header field whole: a printed pid that does not fit is no pid, not a null one.
+    whole = pl.all_horizontal(pl.col("tid", "cpu", "ts_ns").is_not_null()) & (
+        pl.col("pid_text").is_null() | pl.col("pid").is_not_null()
+    )
     return cut.select(
         "lineno",
         "line",
@@ -206,15 +213,17 @@ HEADER_COLUMNS = ("ts_ns", "event", "pid", "tid", "cpu")
 PAYLOAD_COLUMNS = tuple(c for c in s.COLUMNS if c not in (*HEADER_COLUMNS, "source", "raw"))
 
 
-def parse_event_lines(events: pl.DataFrame) -> pl.DataFrame:
+def parse_event_lines(events: pl.DataFrame, *, nul: bool = False) -> pl.DataFrame:
     """Event lines (``lineno``, ``payload`` and the header columns, in line order) -> rows.
 
     The payload of each event name is parsed with that event's pattern, for all its lines at
     once; the event names are independent queries that polars runs in parallel. Each yields
     only its own numeric and name columns plus ``ok`` (the text matched) and ``keep`` (the
     text goes to ``raw``); putting them back in line order moves those narrow columns, and
-    the wide ones (header, ``raw``) never leave their place. A payload that does not match
-    is kept whole in ``raw`` with ``ok`` false.
+    the wide ones (header, ``raw``) never leave their place. A payload that does not match,
+    or has a number too big for its column, is kept whole in ``raw`` with ``ok`` false and
+    none of its columns filled. ``nul``: the file has NUL bytes; a payload with one (a
+    zero-filled block, say) is malformed too.
     """
     # One pass splits the lines by event name.
     by_name = events.select("lineno", "event", "payload").partition_by(
@@ -231,16 +240,24 @@ def parse_event_lines(events: pl.DataFrame) -> pl.DataFrame:
         if spec.lookup is not None:
             group, table = spec.lookup
             part = part.join(table().lazy(), left_on=field(group), right_on="key", how="left")
-        ok = field(spec.required).is_not_null()
+        columns = spec.columns()
+        typed = {c: expr.cast(s.EVENTS_SCHEMA[c], strict=False) for c, expr in columns.items()}
+        # A number that matched but does not fit its column (count 3000000000) is no value.
+        fits = [
+            columns[c].is_null() | typed[c].is_not_null()
+            for c in columns
+            if s.EVENTS_SCHEMA[c].is_numeric()
+        ]
+        ok = pl.all_horizontal(field(spec.required).is_not_null(), *fits)
+        if spec.valid is not None:
+            ok &= spec.valid().fill_null(False)
+        part = part.with_columns(ok=ok)
         parts.append(
             part.select(
                 "lineno",
-                ok.alias("ok"),
-                (pl.lit(spec.keep_raw) | ~ok).alias("keep"),
-                *[
-                    expr.cast(s.EVENTS_SCHEMA[c], strict=False).alias(c)
-                    for c, expr in spec.columns().items()
-                ],
+                "ok",
+                (pl.lit(spec.keep_raw) | ~pl.col("ok")).alias("keep"),
+                *[pl.when("ok").then(expr).alias(c) for c, expr in typed.items()],
             )
         )
     # Events with no pattern: every column null, the text in raw.
@@ -256,12 +273,15 @@ def parse_event_lines(events: pl.DataFrame) -> pl.DataFrame:
         ],
     )
     header = events.lazy().select("lineno", *HEADER_COLUMNS, "payload")
-    return (
-        pl.concat([header, parsed], how="horizontal")
-        .with_columns(raw=pl.when("keep").then("payload"))
-        .drop("payload", "keep")
-        .collect()
-    )
+    rows = pl.concat([header, parsed], how="horizontal")
+    if nul:
+        damaged = pl.col("payload").str.contains("\x00", literal=True)
+        rows = rows.with_columns(
+            [pl.when(~damaged).then(pl.col(c)).alias(c) for c in PAYLOAD_COLUMNS],
+            ok=pl.col("ok") & ~damaged,
+            keep=pl.col("keep") | damaged,
+        )
+    return rows.with_columns(raw=pl.when("keep").then("payload")).drop("payload", "keep").collect()
 
 
 def event_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -288,11 +308,12 @@ def read_tracepoint_text(
     """Parse one text file of tracepoint lines into an events frame and its meta."""
     p = Path(path)
     text = read_text_lines(p)
-    lines, ends_in_newline = text.lines, text.ends_in_newline
+    lines = text.lines
+    check_last_line(p, lines, ends_in_newline=text.ends_in_newline, what=fmt.name)
     total = lines.height
     line = pl.col("line")
     events, rest = event_lines(text, fmt)
-    parsed = parse_event_lines(events) if events.height else None
+    parsed = parse_event_lines(events, nul=text.has_nul) if events.height else None
 
     is_ignored = line.str.contains(fmt.ignore)
     ignored = rest.filter(is_ignored).height
@@ -307,11 +328,8 @@ def read_tracepoint_text(
         first = first_line_numbers(rest, 1)
         where = f"{p}:{first[0]}" if first else str(p)
         raise VtraceError(f"{where}: no {fmt.name} events in this file (is it {fmt.name} output?)")
-    meta = check_unparsed(
-        p, rest, strict=strict, ends_in_newline=ends_in_newline, total_lines=total, what=fmt.name
-    )
+    meta = check_unparsed(p, rest, strict=strict, what=fmt.name)
     malformed = parsed.filter(~pl.col("ok"))
-    check_truncated(p, malformed, ends_in_newline=ends_in_newline, total_lines=total, what=fmt.name)
     if strict and malformed.height:
         first = int(malformed.get_column("lineno")[0])
         raise VtraceError(
