@@ -185,5 +185,60 @@ plots.sensitivity(
     title=f"{MODEL}: interrupts per request against offered load",
 )
 
+# %% [markdown]
+# ## More queues: what they buy, at which depth and vCPU count
+#
+# A multi-queue virtio-blk (blk-mq: one hardware queue per vCPU) gives each queue its own
+# ring, suppression state and interrupt vector; vCPU v submits to queue v mod queues. Here
+# eight jobs (fio `numjobs`) spread over the vCPUs, the back end runs a thread per queue
+# (QEMU's iothread-vq-mapping, or a vhost worker per queue) and the device serves up to 64
+# requests at once. With one queue every vCPU's requests meet in one ring and one back-end
+# thread; more queues pay off once that thread, not the device, is what limits.
+
+# %%
+VCPUS = [1, 2, 4, 8]
+QUEUES = [1, 2, 4, 8]
+queue_base = [
+    *base,
+    "workload.jobs=8",
+    "backend.threads=per_queue",
+    "device.max_outstanding=64",
+    "device.service_ns=20000.0",
+]
+if QUICK:
+    VCPUS, QUEUES = [1, 4], [1, 4]
+queues = run_sweep(
+    MODEL,
+    parse_grid(
+        MODEL,
+        [
+            "vm.vcpus=" + ",".join(map(str, VCPUS)),
+            "virtqueue.queues=" + ",".join(map(str, QUEUES)),
+            "workload.queue_depth=" + ",".join(map(str, QUEUE_DEPTHS)),
+        ],
+        queue_base,
+    ),
+    queue_base,
+    executor=pool,
+).filter(pl.col("virtqueue.queues") <= pl.col("vm.vcpus"))  # a queue without a vCPU idles
+plots.sweep_heatmap(
+    queues.filter(pl.col("workload.queue_depth") == max(QUEUE_DEPTHS)),
+    x="vm.vcpus",
+    y="virtqueue.queues",
+    z="throughput_rps",
+    title=f"{MODEL}: throughput by vCPUs and queues, 8 jobs at depth {max(QUEUE_DEPTHS)}",
+)
+
+# %%
+plots.sensitivity(
+    queues.filter(pl.col("vm.vcpus") == max(VCPUS)).with_columns(
+        pl.format("{} queues", pl.col("virtqueue.queues")).alias("queues")
+    ),
+    x="workload.queue_depth",
+    y="throughput_rps",
+    color="queues",
+    title=f"{MODEL}: throughput against queue depth, {max(VCPUS)} vCPUs",
+)
+
 # %%
 pool.shutdown()
