@@ -86,7 +86,8 @@ def erlang_c(c: int, a: float) -> float:
 def test_mmc_waiting_probability_and_mean_sojourn_erlang_c(
     c: int, rho: float, requests: int
 ) -> None:
-    """Erlang C: the share of customers that wait, and W = C / (c mu - lambda) + 1 / mu."""
+    """Erlang C: the share of customers that wait, the mean wait Wq = C / (c mu - lambda)
+    and the mean sojourn W = Wq + 1 / mu."""
     # run_queue's rate is its load times mu: an offered load a = rho * c gives lambda.
     frame = run_queue("mmc", rho * c, requests, **{"queue.servers": c})
     s, mu, lam = 10_000.0, 1e5, rho * c * 1e5
@@ -99,6 +100,10 @@ def test_mmc_waiting_probability_and_mean_sojourn_erlang_c(
     share, share_half = batch_means_ci(waited)
     assert share_half < 0.1 * wait_share
     assert abs(share - wait_share) <= share_half, (share, wait_share, share_half)
+    # the wait alone is noisier (most customers wait 0): its interval is wider
+    wait, wait_half = batch_means_ci((frame["start_ns"] - frame["submit_ns"]).to_numpy())
+    assert wait_half < 0.2 * (expected - s)
+    assert abs(wait - (expected - s)) <= wait_half, (wait, expected - s, wait_half)
 
 
 @pytest.mark.parametrize(("rho", "k"), [(0.5, 3), (0.8, 5), (1.2, 5)])
