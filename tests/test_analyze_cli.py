@@ -73,4 +73,4 @@ def test_summary_of_a_damaged_part_names_it(trace_dir: Path, tmp_path: Path) -> 
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith(f"vtrace: error: {second}: cannot read events: ")
+    assert lines[0].startswith(f"vtrace: error: {second}: not a whole Parquet part")

@@ -122,3 +122,81 @@ sys.stdin.read()
     assert trace.meta["complete"] is False
     assert trace.events.collect().height == 300
     assert json.loads((out / "meta.json").read_text())["importer"] == "kill-test"
+
+
+# --- a trace that lacks parts, or has a damaged one ----------------------------------------------
+
+
+def _seven_parts(out: Path) -> None:
+    with TraceWriter(out, {"importer": "test"}, part_rows=100) as w:
+        for i in range(7):
+            w.append(_events(100, start=i * 1000))
+        w.close()
+
+
+def test_missing_part_is_named(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    _seven_parts(out)
+    (out / "part-000003.parquet").unlink()
+    trace = open_trace(out)
+    assert trace.missing_parts == ["part-000003.parquet"]
+    problem = trace.problem(trace.events_on_disk())
+    assert problem == (
+        "part-000003.parquet missing; meta.json says 7 parts with 700 events, "
+        "the directory has 6 parts with 600 events"
+    )
+    with pytest.raises(VtraceError, match=r"t: incomplete trace: part-000003\.parquet missing"):
+        open_trace(out, strict=True)
+
+
+def test_last_part_missing_is_found_from_meta(tmp_path: Path) -> None:
+    """No gap in the numbering: only meta's count shows it."""
+    out = tmp_path / "t"
+    _seven_parts(out)
+    (out / "part-000006.parquet").unlink()
+    assert open_trace(out).missing_parts == ["part-000006.parquet"]
+
+
+def test_fewer_events_than_meta(tmp_path: Path) -> None:
+    """A part replaced by a smaller one: the names agree, the counts do not."""
+    out = tmp_path / "t"
+    _seven_parts(out)
+    pl.read_parquet(out / "part-000002.parquet").head(10).write_parquet(out / "part-000002.parquet")
+    trace = open_trace(out)
+    assert trace.missing_parts == []
+    assert trace.problem(trace.events_on_disk()) == (
+        "meta.json says 7 parts with 700 events, the directory has 7 parts with 610 events"
+    )
+    with pytest.raises(VtraceError, match=r"incomplete trace: meta\.json says 7 parts"):
+        open_trace(out, strict=True)
+
+
+def test_complete_trace_has_no_problem(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    _seven_parts(out)
+    trace = open_trace(out, strict=True)
+    assert trace.missing_parts == [] and trace.problem(trace.events_on_disk()) is None
+
+
+def test_strict_refuses_a_trace_its_writer_did_not_close(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    w = TraceWriter(out, {"importer": "test"}, part_rows=10)
+    w.append(_events(25))  # two parts written, meta still says 0 of them: no problem yet
+    trace = open_trace(out)
+    assert trace.problem(trace.events_on_disk()) is None
+    with pytest.raises(VtraceError, match="incomplete trace: its writer did not close it"):
+        open_trace(out, strict=True)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("keep", [0, 100, 4], ids=["empty", "cut", "no-header"])
+def test_truncated_part_is_one_line_naming_it(tmp_path: Path, which: int, keep: int) -> None:
+    out = tmp_path / "t"
+    _seven_parts(out)
+    part = out / f"part-{which:06d}.parquet"
+    data = part.read_bytes()
+    part.write_bytes(data[:keep] if keep != 4 else b"junk" + data[4:])
+    with pytest.raises(VtraceError) as err:
+        open_trace(out)
+    message = str(err.value)
+    assert message.startswith(f"{part}: not a whole Parquet part") and "\n" not in message

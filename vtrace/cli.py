@@ -123,6 +123,9 @@ def summary_command(
     top: int = typer.Option(
         10, "--top", min=1, help="Rows in the accesses, kicks and interrupts tables."
     ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail on a trace that is not complete (parts or events missing)."
+    ),
 ) -> None:
     """Summarise a trace: events, exits and user-space exits by reason, accesses, kicks,
     requests, batching, interrupts, lost and unparsed counts.
@@ -137,7 +140,7 @@ def summary_command(
 
     from vtrace.analyze import summary
 
-    data = summary(trace_dir, top=top)
+    data = summary(trace_dir, top=top, strict=strict)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return

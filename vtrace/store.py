@@ -19,10 +19,11 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -314,13 +315,26 @@ def write_trace(
         return writer.close()
 
 
+# The name the writer gives part n; a reader finds numbering gaps from it.
+PART_NAME = re.compile(r"part-(\d{6,})\.parquet")
+# Parquet files start and end with these 4 bytes; a file cut short lacks the last ones.
+PARQUET_MAGIC = b"PAR1"
+# How many missing part names one message lists.
+MISSING_SHOWN = 3
+
+
 @dataclass
 class Trace:
-    """An opened trace directory: ``events`` is a LazyFrame over every complete part."""
+    """An opened trace directory: ``events`` is a LazyFrame over every complete part.
+
+    ``missing_parts``: names of parts that should be there and are not (a gap in the
+    numbering, or fewer parts than meta counts).
+    """
 
     path: Path
     meta: dict[str, Any]
     parts: list[Path]
+    missing_parts: list[str] = field(default_factory=list)
 
     @property
     def events(self) -> pl.LazyFrame:
@@ -332,14 +346,111 @@ class Trace:
     def name(self) -> str:
         return self.path.name
 
+    def events_on_disk(self) -> int:
+        """Rows in the parts, from their footers (no data is read)."""
+        if not self.parts:
+            return 0
+        try:
+            return int(pl.scan_parquet(self.parts).select(pl.len()).collect().item())
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise VtraceError(
+                f"{self.path}: cannot read the parts' footers: {_first_line(e)}"
+            ) from None
+
+    def problem(self, events_on_disk: int | None = None) -> str | None:
+        """One line saying what this trace lacks against its meta, or None when nothing.
+
+        Parts missing from the numbering or from meta's count; with ``events_on_disk``,
+        fewer events than meta counts (or, once the writer closed the trace, a different
+        number). A writer that has not closed the trace writes meta now and then, so parts
+        and events beyond meta's counts are no problem then.
+        """
+        meta_parts, meta_events = _count(self.meta, "parts"), _count(self.meta, "events")
+        complete = self.meta.get("complete") is True
+        short = (
+            events_on_disk is not None
+            and meta_events is not None
+            and (events_on_disk < meta_events or (complete and events_on_disk != meta_events))
+        )
+        extra = complete and meta_parts is not None and len(self.parts) > meta_parts
+        if not (self.missing_parts or short or extra):
+            return None
+        what = []
+        if self.missing_parts:
+            names = self.missing_parts[:MISSING_SHOWN]
+            more = len(self.missing_parts) - len(names)
+            what.append(
+                ", ".join(names)
+                + (f" and {more} more" if more else "")
+                + (" missing" if len(self.missing_parts) == 1 else " are missing")
+            )
+        said = f"{META_NAME} says {_n(meta_parts, 'part')}"
+        said += f" with {_n(meta_events, 'event')}" if meta_events is not None else ""
+        has = f"the directory has {_n(len(self.parts), 'part')}"
+        has += f" with {_n(events_on_disk, 'event')}" if events_on_disk is not None else ""
+        what.append(f"{said}, {has}")
+        return "; ".join(what)
+
     def __repr__(self) -> str:
         return (
             f"Trace({str(self.path)!r}, parts={len(self.parts)}, events={self.meta.get('events')})"
         )
 
 
-def open_trace(path: str | os.PathLike[str]) -> Trace:
-    """Open a trace directory; a clear :class:`VtraceError` when it is not one."""
+def _count(meta: dict[str, Any], key: str) -> int | None:
+    value = meta.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _n(count: int | None, noun: str) -> str:
+    if count is None:
+        return f"an unknown number of {noun}s"
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's text, printable ASCII only (one-line messages)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in text)
+
+
+def _check_part_ends(part: Path) -> None:
+    """A part must start and end with Parquet's magic bytes: one cut short (a copy that
+    stopped, a full disk elsewhere) is named here, not met later as a reader's traceback."""
+    try:
+        with part.open("rb") as f:
+            head = f.read(len(PARQUET_MAGIC))
+            size = f.seek(0, os.SEEK_END)
+            if size >= 2 * len(PARQUET_MAGIC):
+                f.seek(size - len(PARQUET_MAGIC))
+            tail = f.read(len(PARQUET_MAGIC))
+    except OSError as e:
+        raise VtraceError(f"{part}: cannot read: {e.strerror or e}") from None
+    if size < 3 * len(PARQUET_MAGIC) or head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise VtraceError(
+            f"{part}: not a whole Parquet part ({size:,} bytes, no Parquet "
+            f"{'header' if head != PARQUET_MAGIC else 'footer'}): truncated or overwritten; "
+            "move it out of the trace to read the rest"
+        )
+
+
+def _missing_parts(meta: dict[str, Any], parts: list[Path]) -> list[str]:
+    """Part names absent from the numbering 0..n-1, n the larger of meta's count and the
+    highest number on disk + 1."""
+    numbers = {int(m.group(1)) for x in parts if (m := PART_NAME.fullmatch(x.name))}
+    expected = max(_count(meta, "parts") or 0, max(numbers, default=-1) + 1)
+    return [f"part-{n:06d}.parquet" for n in range(expected) if n not in numbers]
+
+
+def open_trace(path: str | os.PathLike[str], *, strict: bool = False) -> Trace:
+    """Open a trace directory; a clear :class:`VtraceError` when it is not one.
+
+    Every part must be a whole Parquet file (an error names the one that is not). Parts
+    missing against meta are in ``missing_parts`` (see :meth:`Trace.problem`). With
+    ``strict`` a trace that is not complete is an error: parts or events missing against
+    meta, a writer that did not close it, parts left half-written, events it could not
+    write.
+    """
     p = Path(path)
     if not p.exists():
         raise VtraceError(f"{p}: no such trace directory")
@@ -359,7 +470,29 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
     leftovers = sorted(x.name for x in p.glob(".part-*.tmp"))
     if leftovers:
         meta = {**meta, "incomplete_parts": leftovers}
+    for part in parts:
+        _check_part_ends(part)
     if parts:
-        schema = pl.read_parquet_schema(parts[0])
+        try:
+            schema = pl.read_parquet_schema(parts[0])
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise VtraceError(f"{parts[0]}: cannot read its schema: {_first_line(e)}") from None
         validate(pl.DataFrame(schema=schema), where=str(parts[0]))
-    return Trace(path=p, meta=meta, parts=parts)
+    trace = Trace(path=p, meta=meta, parts=parts, missing_parts=_missing_parts(meta, parts))
+    if strict:
+        _check_complete(trace)
+    return trace
+
+
+def _check_complete(trace: Trace) -> None:
+    """Raise a one-line :class:`VtraceError` when ``trace`` is not complete (strict readers)."""
+    meta = trace.meta
+    problem = trace.problem(trace.events_on_disk())
+    if problem is None and meta.get("complete") is not True:
+        problem = "its writer did not close it (stopped early)"
+    if problem is None and meta.get("incomplete_parts"):
+        problem = f"half-written parts left: {', '.join(meta['incomplete_parts'])}"
+    if problem is None and _count(meta, "events_not_written"):
+        problem = f"{meta['events_not_written']:,} events were not written ({meta.get('error')})"
+    if problem is not None:
+        raise VtraceError(f"{trace.path}: incomplete trace: {problem}")

@@ -96,6 +96,8 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
     console.print(
         f"[{style}]lost events: {lost:,}{detail}; unparsed lines: {unparsed:,}[/]", highlight=False
     )
+    if data.get("integrity"):
+        console.print(f"[bold red]incomplete trace: {data['integrity']}[/]", highlight=False)
     if t.get("complete") is False:
         console.print("[bold red]the trace was not closed: its writer stopped early[/]")
     if data.get("error"):

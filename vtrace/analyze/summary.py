@@ -194,7 +194,9 @@ def _unreadable(t: Trace, error: Exception) -> str:
     return f"{where}: cannot read events: {text}"
 
 
-def summary(trace: Trace | str | os.PathLike[str], top: int = 10) -> dict[str, Any]:
+def summary(
+    trace: Trace | str | os.PathLike[str], top: int = 10, *, strict: bool = False
+) -> dict[str, Any]:
     """Summarise a trace (a :class:`~vtrace.store.Trace` or its directory) as plain data.
 
     Keys: `trace` (path, event count, parts, host, kernel, first/last timestamps,
@@ -206,8 +208,16 @@ def summary(trace: Trace | str | os.PathLike[str], top: int = 10) -> dict[str, A
     `interrupts`, `histograms` (log2 buckets of exit durations, user-space exit times and
     request latencies), and `missing` (analysis -> why it is empty). Times are integers in
     nanoseconds; shares are fractions.
+
+    `missing_parts` and `integrity` say what the trace lacks against its meta (parts absent
+    from the numbering or the count, fewer events than meta counts): the part names, and
+    one line (None when nothing is missing). With ``strict`` a trace that is not complete
+    is a :class:`VtraceError` instead (:func:`~vtrace.store.open_trace`).
     """
-    t = trace if isinstance(trace, Trace) else open_trace(trace)
+    if strict:
+        t = open_trace(trace.path if isinstance(trace, Trace) else trace, strict=True)
+    else:
+        t = trace if isinstance(trace, Trace) else open_trace(trace)
     try:
         tables = summary_tables(t.events, top)
     except (pl.exceptions.PolarsError, OSError) as e:
@@ -226,11 +236,14 @@ def summary(trace: Trace | str | os.PathLike[str], top: int = 10) -> dict[str, A
     first = by_name.get_column("first_ts_ns").min()
     last = by_name.get_column("last_ts_ns").max()
     meta = t.meta
+    events = int(by_name.get_column("count").sum())
     return {
         "trace": {
             "path": str(t.path),
-            "events": int(by_name.get_column("count").sum()),
+            "events": events,
             "parts": len(t.parts),
+            "meta_events": meta.get("events"),
+            "meta_parts": meta.get("parts"),
             "host": meta.get("host"),
             "kernel": meta.get("kernel"),
             "importer": meta.get("importer"),
@@ -245,6 +258,8 @@ def summary(trace: Trace | str | os.PathLike[str], top: int = 10) -> dict[str, A
         "error": meta.get("error"),
         "unparsed": int(meta.get("unparsed", 0) or 0),
         "incomplete_parts": meta.get("incomplete_parts", []),
+        "missing_parts": t.missing_parts,
+        "integrity": t.problem(events),
         **{
             name: _rows(tables[name])
             for name in (
