@@ -383,6 +383,10 @@ def qemu_lab_run(
     ),
     timeout: float = typer.Option(180.0, help="Hard limit for the whole run, in seconds."),
     raw_log: str | None = typer.Option(None, help="Also keep QEMU's raw trace log here."),
+    vcpus: int = typer.Option(
+        1, help="Guest vCPUs (-smp); block workloads run one stream per vCPU, pinned to it."
+    ),
+    queues: int = typer.Option(1, help="virtio-blk hardware queues (num-queues), at most VCPUS."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Boot a Linux guest, run one workload on DEVICE, print what each request cost."""
@@ -402,6 +406,8 @@ def qemu_lab_run(
         accel=accel,
         kernel=kernel,
         timeout_s=timeout,
+        vcpus=vcpus,
+        queues=queues,
     )
     trace, summary = run_qemu_lab(config, out, raw_log=raw_log)
     if json_out:
@@ -415,6 +421,7 @@ def qemu_lab_run(
     table = Table(title=f"qemu-lab: {device} under {summary['accel']}", show_header=False)
     for key, value in (
         ("requests", f"{requests} x {request_bytes} B, queue depth {queue_depth}"),
+        ("vCPUs x queues", f"{vcpus} x {queues}"),
         ("duration", fmt(summary["duration_s"], " s")),
         (f"trapping accesses per {unit}", fmt(summary["device_accesses_per_request"])),
         (f"kicks per {unit}", fmt(summary["kicks_per_request"])),
@@ -424,6 +431,11 @@ def qemu_lab_run(
         ("trace", str(trace.path)),
     ):  # fmt: skip
         table.add_row(key, value)
+    for q in summary["per_queue"] if len(summary["per_queue"]) > 1 else ():
+        table.add_row(
+            f"queue {q['queue']}",
+            f"{q['requests']} requests, {q['kicks']} kicks, {q['interrupts']} interrupts",
+        )
     console.print(table)
     console.print(
         "Trapping accesses: register accesses that reached QEMU's device model, counted "
@@ -487,11 +499,20 @@ def calibrate_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing output file.")
     ] = False,
+    requests: Annotated[
+        int | None,
+        typer.Option(
+            "--requests",
+            min=1,
+            help="Requests each trace covers, for traces of kernel events alone (no lab_pop "
+            "or QEMU events): what the guest's iostat or fio counted.",
+        ),
+    ] = None,
 ) -> None:
     """Fit the costs a trace can show and write a model whose comments say where each came from."""
     from vtrace.sim.calibrate import calibrate
 
-    fit = calibrate(traces, model, output, force=force)
+    fit = calibrate(traces, model, output, force=force, requests=requests)
     for key, (value, source) in fit.fitted.items():
         console.print(f"{key} = {value:.6g}  [dim]# {source}[/dim]")
     console.print(f"wrote {output}")

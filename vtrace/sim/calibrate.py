@@ -97,8 +97,13 @@ def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
     )
 
 
-def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
-    """Read one trace (through ``open_trace`` and ``vtrace.analyze``) into what calibration needs."""
+def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> TraceFacts:
+    """Read one trace (through ``open_trace`` and ``vtrace.analyze``) into what calibration needs.
+
+    The request count comes from the lab back end's ``lab_pop`` events, else from
+    ``requests`` (what the guest's iostat or fio said): a production host's trace has the
+    kernel's events alone, and then the back end's own timings keep the base model's values.
+    """
     from vtrace import open_trace
 
     trace = open_trace(path)
@@ -110,20 +115,22 @@ def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
         .sort("ts_ns")
         .collect()
     )
-    if pops.height == 0:
+    if pops.height == 0 and not requests:
         raise VtraceError(
-            f"{path}: no {LAB_POP} events and no QEMU request count: record a lab run "
-            "(vtrace lab run --record) or a QEMU guest (vtrace qemu-lab run)"
+            f"{path}: no request count: no {LAB_POP} events (vtrace lab run --record), no QEMU "
+            "guest events (vtrace qemu-lab run): give --requests N (what the guest's iostat said)"
         )
     acc = _vcpu_accesses(events)
     if acc.height < 2:
         raise VtraceError(f"{path}: no kvm_pio/kvm_mmio events on a vCPU thread: record kvm events")
-    requests = pops.height
+    requests = pops.height or int(requests or 0)
     duration = float(acc["ts_ns"][-1] - acc["ts_ns"][0])
     user = acc.filter(pl.col("handled").cast(pl.String) == "user")
     kick_rows = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
     kicks = kick_rows.height
-    batch = int(lab.get("batch") or 1)
+    # the guest's batch: the lab's own record of it, else requests per kick (each batch kicks
+    # once unless the back end suppressed it, which only lowers the kicks)
+    batch = int(lab.get("batch") or max(1, round(requests / kicks)) if kicks else 1)
     facts = TraceFacts(
         name=Path(path).name,
         requests=requests,
@@ -142,11 +149,20 @@ def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
         for addr, write, gap, n in per_port.iter_rows():  # a handful of registers, not events
             facts.access_gap_ns[(int(addr), bool(write))] = float(gap)
             facts.access_count[(int(addr), bool(write))] = round(n / requests)
-        starts = pops.join_asof(
-            user.select("ts_ns", "addr", "write"), on="ts_ns", strategy="backward"
-        ).group_by("addr", "write").len().sort("len", descending=True)  # fmt: skip
-        if starts.height:
-            facts.start_port = (int(starts["addr"][0]), bool(starts["write"][0]))
+        if pops.height:
+            starts = pops.join_asof(
+                user.select("ts_ns", "addr", "write"), on="ts_ns", strategy="backward"
+            ).group_by("addr", "write").len().sort("len", descending=True)  # fmt: skip
+            if starts.height:
+                facts.start_port = (int(starts["addr"][0]), bool(starts["write"][0]))
+        elif facts.access_gap_ns:
+            # kernel events alone: the access that starts the device's work is the write
+            # followed by the longest interval (the device works before the vCPU re-enters)
+            writes = {k: g for k, g in facts.access_gap_ns.items() if k[1]}
+            if writes:
+                facts.start_port = max(writes, key=writes.__getitem__)
+        return facts
+    if pops.height == 0:  # kernel events alone: no back-end timings to read
         return facts
     # a virtio device: the back end's own events
     backend_tid = pops["tid"][0]
@@ -194,7 +210,10 @@ def trace_facts(path: str | os.PathLike[str]) -> TraceFacts:
 def _trimmed_mean(samples: list[np.ndarray]) -> float:
     """Mean below the 99th percentile: throughput follows mean costs, but a rare preemption
     of milliseconds (a shared host) would swamp a few hundred samples."""
-    joined = np.concatenate([s for s in samples if s is not None and s.size])
+    present = [s for s in samples if s is not None and s.size]
+    if not present:
+        return math.nan
+    joined = np.concatenate(present)
     if not joined.size:
         return math.nan
     return float(joined[joined <= np.percentile(joined, 99)].mean())
@@ -379,9 +398,11 @@ def calibrate(
     output: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
+    requests: int | None = None,
 ) -> Calibration:
     """Fit ``model``'s costs to ``traces``; write the config to ``output`` (atomically,
-    checked first; an existing file is replaced only with ``force``)."""
+    checked first; an existing file is replaced only with ``force``). ``requests`` is each
+    trace's request count where the trace has no request events (kernel events alone)."""
     if not traces:
         raise VtraceError("calibrate: give at least one trace")
     if output is not None:
@@ -429,7 +450,7 @@ def calibrate(
             if isinstance(v, list | int | float) and not isinstance(v, bool)
         }
     else:
-        facts = [trace_facts(t) for t in traces]
+        facts = [trace_facts(t, requests) for t in traces]
         cfg, fitted = fit(cfg, facts)
         notes = {k: src for k, (_, src) in fitted.items()}
         notes["backend.publish"] = "the lab back end publishes used.idx once per pass"
