@@ -22,10 +22,10 @@ import platform
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -35,6 +35,9 @@ from vtrace import __version__
 from vtrace.errors import VtraceError
 from vtrace.output import OutputDir, OutputError
 from vtrace.schema import EVENTS_SCHEMA, conform, empty_events, validate
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 META_NAME = "meta.json"
 PART_GLOB = "part-*.parquet"
@@ -315,6 +318,27 @@ def write_trace(
         return writer.close()
 
 
+# The most events Trace.to_pandas converts unless told otherwise: pandas holds about 100 bytes
+# an event with every column (a few times that while converting), and a trace can hold 10^8.
+PANDAS_MAX_ROWS = 10_000_000
+
+
+def pandas_types(arrow_type: pa.DataType) -> pd.ArrowDtype | None:
+    """pyarrow's ``types_mapper`` for pandas: integers and booleans as pyarrow-backed pandas
+    dtypes (64-bit values exact, nulls as ``<NA>``; numpy would turn a column with a null into
+    float64 or object), everything else pandas' default (dictionaries as ``category``, strings
+    as ``str``, floats as float64).
+
+    What :meth:`Trace.to_pandas` uses; pass it to polars' own conversion of any result,
+    ``frame.to_pandas(types_mapper=pandas_types)``.
+    """
+    if pa.types.is_integer(arrow_type) or pa.types.is_boolean(arrow_type):
+        import pandas as pd  # here: it adds to every `vtrace` start-up otherwise
+
+        return pd.ArrowDtype(arrow_type)
+    return None
+
+
 # The name the writer gives part n; a reader finds numbering gaps from it.
 PART_NAME = re.compile(r"part-(\d{6,})\.parquet")
 # Parquet files start and end with these 4 bytes; a file cut short lacks the last ones.
@@ -356,6 +380,62 @@ class Trace:
             raise VtraceError(
                 f"{self.path}: cannot read the parts' footers: {_first_line(e)}"
             ) from None
+
+    def to_pandas(
+        self,
+        columns: Sequence[str] | None = None,
+        events: str | Sequence[str] | None = None,
+        *,
+        max_rows: int = PANDAS_MAX_ROWS,
+        datetime: bool = False,
+    ) -> pd.DataFrame:
+        """The events as a pandas DataFrame: ``columns`` (default all, in schema order) of the
+        events named in ``events`` (default all), in time order.
+
+        Categorical columns are ``category``, integers and booleans pyarrow-backed with their
+        own width and sign (``ts_ns`` ``int64[pyarrow]``), ``raw`` ``str``
+        (:func:`pandas_types`). ``datetime`` adds ``time``, ``ts_ns`` as ``datetime64[ns]``
+        (the same nanoseconds on the trace's clock), after ``ts_ns`` or first. More than
+        ``max_rows`` matching events is a :class:`VtraceError`, counted before any other
+        column is read.
+        """
+        names = list(EVENTS_SCHEMA.names()) if columns is None else columns
+        if isinstance(names, str) or not names:
+            raise VtraceError(f"{self.path}: columns must be a non-empty list of column names")
+        seen: set[str] = set()
+        for name in names:
+            if name not in EVENTS_SCHEMA:
+                known = ", ".join(EVENTS_SCHEMA.names())
+                raise VtraceError(f"{self.path}: no column {name!r} in the events ({known})")
+            if name in seen:
+                raise VtraceError(f"{self.path}: column {name!r} named twice")
+            seen.add(name)
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise VtraceError(f"{self.path}: max_rows must be a positive integer, not {max_rows!r}")
+        frame = self.events
+        if events is not None:
+            wanted = [events] if isinstance(events, str) else list(events)
+            if not all(isinstance(e, str) for e in wanted):
+                raise VtraceError(f"{self.path}: events must be event names, not {events!r}")
+            frame = frame.filter(pl.col("event").cast(pl.String).is_in(wanted))
+        try:
+            # Without a filter the parts' footers hold the count; with one only `event` is read.
+            rows = int(frame.select(pl.len()).collect().item())
+            if rows > max_rows:
+                which = "events" if events is None else f"events named {', '.join(wanted)}"
+                raise VtraceError(
+                    f"{self.path}: {rows:,} {which}, more than max_rows={max_rows:,} to convert "
+                    "to pandas; choose events=, filter trace.events in polars first, or raise "
+                    "max_rows (about 100 bytes of memory an event with every column)"
+                )
+            selected = [pl.col(n) for n in names]
+            if datetime:
+                at = names.index("ts_ns") + 1 if "ts_ns" in names else 0
+                selected.insert(at, pl.col("ts_ns").cast(pl.Datetime("ns")).alias("time"))
+            result = frame.select(selected).collect()
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise VtraceError(f"{self.path}: cannot read events: {_first_line(e)}") from None
+        return result.to_pandas(types_mapper=pandas_types)
 
     def problem(self, events_on_disk: int | None = None) -> str | None:
         """One line saying what this trace lacks against its meta, or None when nothing.
