@@ -141,3 +141,30 @@ plots.timeline(
     title=f"{trace.name}: events per thread",
     max_events=5_000 if QUICK else plots.TIMELINE_MAX_EVENTS,
 )
+
+# %% [markdown]
+# ## Handing over to pandas
+#
+# Every table here is a polars DataFrame, and `.to_pandas()` (polars' own) hands it to
+# pandas, seaborn or statsmodels. With `types_mapper=pandas_types` integers keep their
+# width, sign and nulls (without it a column with a null becomes float64); categoricals stay
+# categoricals either way. The events themselves come with
+# `trace.to_pandas(columns=[...], events=[...])`. Below, a pandas `groupby` on the returns
+# to user space gives the numbers of the polars table by reason above.
+
+# %%
+from vtrace.store import pandas_types
+
+by_pandas = (
+    user.to_pandas(types_mapper=pandas_types)
+    .groupby("reason_name", observed=True)["until_next_ns"]
+    .agg(count="size", timed="count", total_ns="sum", max_ns="max")
+)
+by_polars = (
+    by_reason(user, "until_next_ns")
+    .select("reason_name", *by_pandas.columns)
+    .to_pandas(types_mapper=pandas_types)
+    .set_index("reason_name")
+)
+assert by_pandas.to_dict() == by_polars.to_dict(), "pandas and polars disagree"
+by_pandas

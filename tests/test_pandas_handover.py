@@ -11,6 +11,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import polars as pl
 import pyarrow as pa
@@ -216,6 +217,42 @@ def test_a_pandas_groupby_matches_the_polars_one():
     assert [str(r) for r in by_pandas.index] == by_polars["reason_name"].cast(str).to_list()
     assert by_pandas["exits"].tolist() == by_polars["exits"].to_list()
     assert by_pandas["total_ns"].tolist() == by_polars["total_ns"].to_list()
+
+
+@pytest.mark.slow  # a kernel
+def test_notebook_01_hands_a_table_to_pandas_with_the_polars_numbers(tmp_path: Path):
+    """The hand-over cell as shipped, run in a kernel after the cells it builds on (the whole
+    notebook runs in test_demo.py)."""
+    import jupytext
+
+    from vtrace.report import PARAMETERS_TAG, execute_notebook
+
+    nb = jupytext.read(ROOT / "notebooks" / "01-explore-a-trace.py")
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    handover = [c for c in code if ".groupby(" in c.source]
+    assert len(handover) == 1 and "to_pandas(" in handover[0].source
+    needed = [
+        next(c for c in code if PARAMETERS_TAG in c.metadata.get("tags", [])),
+        next(c for c in code if "vtrace.open_trace(" in c.source),
+        next(c for c in code if "user = user_exits(" in c.source),
+        handover[0],
+    ]
+    nb.cells = needed
+    source = tmp_path / "01-handover.ipynb"
+    nbformat.write(nb, source)
+    trace = "lab-emulated"
+    run = execute_notebook(
+        source, tmp_path / "out", {"TRACES": str(ROOT / "traces"), "TRACE": trace}
+    )
+    assert run.error is None, run.error
+    cells = nbformat.read(run.ipynb, as_version=4).cells
+    shown = cells[-1].outputs[-1]["data"]
+    assert "text/html" in shown  # a pandas DataFrame, as JupyterLab shows one
+    user = analyze.user_exits(vtrace.open_trace(ROOT / "traces" / trace).events)
+    table = analyze.by_reason(user, "until_next_ns")
+    for reason, count, total in table.select("reason_name", "count", "total_ns").rows():
+        assert reason in shown["text/plain"] and str(count) in shown["text/plain"]
+        assert str(total) in shown["text/plain"]
 
 
 # -- the directory for other readers -----------------------------------------------------------
