@@ -7,8 +7,9 @@ used element), publishes used.idx once per pass, raises the irqfd interrupt unle
 guest set ``VRING_AVAIL_F_NO_INTERRUPT``, then clears NO_NOTIFY and looks once more for
 descriptors added meanwhile, as a vhost worker or QEMU iothread does.
 
-Every step is recorded with CLOCK_MONOTONIC timestamps in plain lists; one events frame
-is built when the run ends.
+Every step is recorded with CLOCK_MONOTONIC timestamps in plain lists, folded every
+``records.CHUNK_REQUESTS`` requests into the latency statistics and the event log, so memory
+stays the same however many requests a run takes (vtrace/lab/records.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ import polars as pl
 from vtrace import schema
 from vtrace.errors import VtraceError
 from vtrace.lab import layout as L
-from vtrace.lab.result import (
-    DEVICE_NAMES,
-    LabResult,
-    events_frame,
-    latency_summary,
-    reason_names,
-)
+from vtrace.lab import records
+from vtrace.lab.records import EventLog, LatencyStats, as_array
+from vtrace.lab.result import DEVICE_NAMES, LabResult, events_frame, reason_names
 from vtrace.lab.virtqueue import DeviceQueue, ring_layout
 from vtrace.lab.vmm import Vm, guest_program
 
@@ -45,19 +42,27 @@ SPIN_LIMIT = 2_000_000
 class Backend(threading.Thread):
     """The back-end thread of one virtqueue."""
 
-    def __init__(self, queue: DeviceQueue, kick_fd: int, irq_fd: int | None) -> None:
+    def __init__(
+        self, queue: DeviceQueue, kick_fd: int, irq_fd: int | None, pid: int, log: EventLog
+    ) -> None:
         super().__init__(name="vtrace-lab-backend", daemon=True)
         self.queue = queue
         self.kick_fd = kick_fd
         self.irq_fd = irq_fd
+        self.pid = pid
+        self.log = log
+        self.latency = LatencyStats()
+        self.chunk = records.CHUNK_REQUESTS
         self.tid = 0
         self.kicks = 0
         self.interrupts = 0
+        self.popped = 0  # requests taken, over the whole run (the lists hold the latest)
         self.error: BaseException | None = None
         # A locked read-modify-write (taking a lock) is a full barrier on x86: it keeps the
         # store that clears NO_NOTIFY ahead of the load that re-reads avail.idx.
         self._fence = threading.Lock()
-        # Event record: kicks (wake-ups), pops (one per request), completes (one per pass).
+        # Event record since the last fold: kicks (wake-ups), pops (one per request),
+        # completes (one per pass); pop_pass indexes this fold's passes.
         self.kick_ns: list[int] = []
         self.kick_count: list[int] = []
         self.pop_ns: list[int] = []
@@ -78,6 +83,8 @@ class Backend(threading.Thread):
 
     def _serve(self) -> None:
         while True:
+            if len(self.kick_ns) >= self.chunk:  # wake-ups that found nothing to take
+                self.fold()  # here, before the wake-up's time is taken: outside any latency
             value = os.eventfd_read(self.kick_fd)
             wake_ns = time.monotonic_ns()
             stop = value >= STOP_VALUE
@@ -120,6 +127,10 @@ class Backend(threading.Thread):
                 if self.irq_fd is not None and q.interrupts_wanted():
                     os.eventfd_write(self.irq_fd, 1)
                     self.interrupts += 1
+                # Between passes, while NO_NOTIFY is still set: the guest adds without
+                # kicking, and the next pass's latency starts after the fold.
+                if len(self.pop_ns) >= self.chunk:
+                    self.fold()
             q.set_no_notify(False)
             with self._fence:
                 pass
@@ -128,59 +139,74 @@ class Backend(threading.Thread):
                 return
             q.set_no_notify(True)
 
-    def events(self, pid: int) -> pl.DataFrame:
-        """The back end's kicks, pops and completes as one events frame (source=lab)."""
-        name = DEVICE_NAMES["virtio"]
+    def fold(self) -> None:
+        """Fold the records since the last fold (whole passes only) into the latency
+        statistics and the event log, and empty the lists."""
+        # Per request: from the start of the pass that took it to that pass's used.idx
+        # publish. The first pass of a drain starts at the eventfd wake-up; a later one at
+        # the re-read of avail.idx that found the request (added while NO_NOTIFY was set).
+        per_pass = as_array(self.complete_ns) - as_array(self.pass_start_ns)
+        self.latency.add(per_pass[as_array(self.pop_pass)])
+        rows = len(self.kick_ns) + len(self.pop_ns) + len(self.complete_ns)
+        self.log.add(rows, self._frame)
+        self.popped += len(self.pop_ns)
+        for records_list in (
+            self.kick_ns, self.kick_count, self.pop_ns, self.pop_head, self.pop_bytes,
+            self.pop_pass, self.pass_start_ns, self.complete_ns, self.complete_count,
+            self.complete_used,
+        ):  # fmt: skip
+            records_list.clear()
+
+    def _frame(self) -> pl.DataFrame:
+        """The kicks, pops and completes since the last fold as one events frame."""
+        name, pid, tid = DEVICE_NAMES["virtio"], self.pid, self.tid
         pops = len(self.pop_ns)
         return pl.concat(
             [
                 events_frame(
                     event=schema.LAB_KICK,
-                    ts_ns=np.asarray(self.kick_ns),
+                    ts_ns=as_array(self.kick_ns),
                     pid=pid,
-                    tid=self.tid,
+                    tid=tid,
                     device=name,
-                    count=np.asarray(self.kick_count),
+                    count=as_array(self.kick_count),
                 ),
                 events_frame(
                     event=schema.LAB_POP,
-                    ts_ns=np.asarray(self.pop_ns),
+                    ts_ns=as_array(self.pop_ns),
                     pid=pid,
-                    tid=self.tid,
+                    tid=tid,
                     device=name,
-                    addr=np.asarray(self.pop_head),
-                    size=np.asarray(self.pop_bytes),
-                    value=np.arange(pops),
+                    addr=as_array(self.pop_head),
+                    size=as_array(self.pop_bytes),
+                    value=np.arange(self.popped, self.popped + pops),
                 ),
                 events_frame(
                     event=schema.LAB_COMPLETE,
-                    ts_ns=np.asarray(self.complete_ns),
+                    ts_ns=as_array(self.complete_ns),
                     pid=pid,
-                    tid=self.tid,
+                    tid=tid,
                     device=name,
-                    count=np.asarray(self.complete_count),
-                    value=np.asarray(self.complete_used),
+                    count=as_array(self.complete_count),
+                    value=as_array(self.complete_used),
                 ),
             ]
         ).sort("ts_ns", maintain_order=True)
 
-    def latency_ns(self) -> np.ndarray:
-        """Per request: from the start of the pass that took it to that pass's used.idx
-        publish. The first pass of a drain starts at the eventfd wake-up; a later one at the
-        re-read of avail.idx that found the request (added while NO_NOTIFY was set)."""
-        if not self.pop_ns:
-            return np.zeros(0, dtype=np.int64)
-        per_pass = np.asarray(self.complete_ns, dtype=np.int64) - np.asarray(
-            self.pass_start_ns, dtype=np.int64
-        )
-        return per_pass[np.asarray(self.pop_pass)]
-
 
 def run_virtio(
-    requests: int, batch: int, ring_size: int, request_bytes: int, wait: str, timeout_s: float
+    requests: int,
+    batch: int,
+    ring_size: int,
+    request_bytes: int,
+    wait: str,
+    timeout_s: float,
+    log: EventLog | None = None,
 ) -> LabResult:
-    """Run the virtio guest against the back end and return what was measured."""
+    """Run the virtio guest against the back end and return what was measured; ``log``
+    gets the events as they are made (default: keep the first ones for the result)."""
     pid = os.getpid()
+    log = log if log is not None else EventLog()
     ring = ring_layout(ring_size, request_bytes)
     irq = wait == "irq"
     fds: list[int] = []
@@ -209,7 +235,7 @@ def run_virtio(
                 fds.append(irq_fd)
                 vm.add_irqfd(irq_fd, L.LAB_IRQ)
             queue = DeviceQueue(vm.memory, ring)
-            backend = Backend(queue, kick_fd, irq_fd)
+            backend = Backend(queue, kick_fd, irq_fd, pid, log)
             done = vm.stop_on(L.PORT_DONE, L.PORT_STALL)
             backend.start()
             run_error: VtraceError | None = None
@@ -254,8 +280,9 @@ def run_virtio(
             f"completed, {guest['R_KICKS']} kicks, {guest['R_SUPPRESSED']} skipped, "
             f"{guest['R_BAD_USED']} bad used elements; ring: avail.idx {avail_idx}, "
             f"used.idx {used_idx}, used.flags {used_flags}; back end: took "
-            f"{len(backend.pop_ns)}, consumed {backend.kicks} kicks"
+            f"{backend.popped + len(backend.pop_ns)}, consumed {backend.kicks} kicks"
         )
+    backend.fold()  # the last records (the back end has stopped: every pass is whole)
     duration_s = (t1 - t0) / 1e9
     return LabResult(
         pid=pid,
@@ -274,9 +301,10 @@ def run_virtio(
         kicks_suppressed=guest["R_SUPPRESSED"],
         interrupts=guest["R_INTERRUPTS"],
         completed=guest["R_COMPLETED"],
-        latency_ns=latency_summary(backend.latency_ns()),
+        latency_ns=backend.latency.summary(),
         exit_reasons=reason_names(reasons),
-        events=backend.events(pid),
+        events=log.frame(),
+        events_total=log.total,
         interrupts_sent=backend.interrupts,
         polls=guest["R_POLLS"],
         used_idx=used_idx,

@@ -10,6 +10,7 @@ DMA-ing data in), so the status read that follows always finds the request done.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -18,13 +19,9 @@ import polars as pl
 from vtrace import schema
 from vtrace.errors import VtraceError
 from vtrace.lab import layout as L
-from vtrace.lab.result import (
-    DEVICE_NAMES,
-    LabResult,
-    events_frame,
-    latency_summary,
-    reason_names,
-)
+from vtrace.lab import records
+from vtrace.lab.records import EventLog, LatencyStats, as_array
+from vtrace.lab.result import DEVICE_NAMES, LabResult, events_frame, reason_names
 from vtrace.lab.vmm import Vm, guest_program
 
 # Register accesses per request: ADDR, LEN, CMD writes and the STATUS read.
@@ -36,14 +33,22 @@ class RegisterFileDevice:
 
     Per request it keeps three CLOCK_MONOTONIC timestamps: the first register access
     (``start_ns``), the command write (``pop_ns``, where the work starts) and the status
-    read (``complete_ns``).
+    read (``complete_ns``); every ``records.CHUNK_REQUESTS`` requests they are folded into
+    the latency statistics and the event log.
     """
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, pid: int, log: EventLog) -> None:
         self.memory = np.frombuffer(vm.memory, dtype=np.uint8)
         self.addr = 0
         self.length = 0
         self.status = 0
+        self.pid = pid
+        self.tid = 0  # the vCPU thread, which runs these handlers
+        self.log = log
+        self.latency = LatencyStats()
+        self.chunk = records.CHUNK_REQUESTS
+        self.commands = 0  # command writes over the whole run (the lists hold the latest)
+        self.folded = 0  # requests folded so far
         self.start_ns: list[int] = []
         self.pop_ns: list[int] = []
         self.pop_addr: list[int] = []
@@ -55,6 +60,10 @@ class RegisterFileDevice:
         vm.in_handlers[L.PORT_DEV_STATUS] = self.read_status
 
     def write_addr(self, value: int) -> None:
+        if len(self.complete_ns) >= self.chunk:  # between requests: fold before timing one
+            self.fold()
+        if not self.tid:
+            self.tid = threading.get_native_id()
         self.start_ns.append(time.monotonic_ns())
         self.addr = value
         self.status = 0
@@ -64,13 +73,14 @@ class RegisterFileDevice:
 
     def write_cmd(self, value: int) -> None:
         self.pop_ns.append(time.monotonic_ns())
+        self.commands += 1
         if value != L.DEV_CMD_READ or self.addr + self.length > self.memory.size:
             self.status = 0  # a bad command or buffer: the guest sees a failed status
             self.pop_addr.append(self.addr)
             self.pop_bytes.append(0)
             return
         # The request's work: fill the buffer, tagged with the request's sequence number.
-        self.memory[self.addr : self.addr + self.length] = len(self.pop_ns) & 0xFF
+        self.memory[self.addr : self.addr + self.length] = self.commands & 0xFF
         self.pop_addr.append(self.addr)
         self.pop_bytes.append(self.length)
         self.status = L.DEV_STATUS_DONE
@@ -79,14 +89,58 @@ class RegisterFileDevice:
         self.complete_ns.append(time.monotonic_ns())
         return self.status
 
+    def fold(self) -> None:
+        """Fold the requests since the last fold into the statistics and the event log."""
+        n = len(self.complete_ns)
+        start = as_array(self.start_ns[:n])
+        complete = as_array(self.complete_ns)
+        self.latency.add(complete - start)
+        self.log.add(len(self.pop_ns) + n, self._frame)
+        self.folded += n
+        for records_list in (
+            self.start_ns, self.pop_ns, self.pop_addr, self.pop_bytes, self.complete_ns
+        ):  # fmt: skip
+            records_list.clear()
+
+    def _frame(self) -> pl.DataFrame:
+        """The requests since the last fold: a pop and a complete each, in time order."""
+        name, seq = DEVICE_NAMES["emulated"], np.arange(self.folded, self.folded + len(self.pop_ns))
+        return pl.concat(
+            [
+                events_frame(
+                    event=schema.LAB_POP,
+                    ts_ns=as_array(self.pop_ns),
+                    pid=self.pid,
+                    tid=self.tid,
+                    device=name,
+                    addr=as_array(self.pop_addr),
+                    size=as_array(self.pop_bytes),
+                    value=seq,
+                ),
+                events_frame(
+                    event=schema.LAB_COMPLETE,
+                    ts_ns=as_array(self.complete_ns),
+                    pid=self.pid,
+                    tid=self.tid,
+                    device=name,
+                    count=np.ones(len(self.complete_ns)),
+                    value=seq[: len(self.complete_ns)] + 1,
+                ),
+            ]
+        ).sort("ts_ns", maintain_order=True)
+
     def release(self) -> None:
         """Drop the view of guest memory so the VM can unmap it."""
         del self.memory
 
 
-def run_emulated(requests: int, request_bytes: int, timeout_s: float) -> LabResult:
-    """Run the emulated-device guest: one buffer, one request at a time."""
+def run_emulated(
+    requests: int, request_bytes: int, timeout_s: float, log: EventLog | None = None
+) -> LabResult:
+    """Run the emulated-device guest: one buffer, one request at a time; ``log`` gets the
+    events as they are made (default: keep the first ones for the result)."""
     pid = os.getpid()
+    log = log if log is not None else EventLog()
     data_addr = L.RING_BASE
     with Vm(data_addr + request_bytes) as vm:
         vm.load(guest_program("emulated"))
@@ -96,7 +150,7 @@ def run_emulated(requests: int, request_bytes: int, timeout_s: float) -> LabResu
             L.P_DATA: data_addr,
         }.items():
             vm.write_u32(L.PARAM_BASE + offset, value)
-        device = RegisterFileDevice(vm)
+        device = RegisterFileDevice(vm, pid, log)
         done = vm.stop_on(L.PORT_DONE, L.PORT_STALL)
         c0, t0 = time.process_time_ns(), time.monotonic_ns()
         try:
@@ -106,39 +160,11 @@ def run_emulated(requests: int, request_bytes: int, timeout_s: float) -> LabResu
         t1, c1 = time.monotonic_ns(), time.process_time_ns()
         completed = vm.read_u32(L.PARAM_BASE + L.R_COMPLETED)
         exits, reasons = vm.userspace_exits, dict(vm.exit_reasons)
-        tid = vm.vcpu_tid
     if done != [0] or completed != requests:
         raise VtraceError(
             f"emulated guest stopped early: {completed} of {requests} requests completed"
         )
-    start = np.asarray(device.start_ns, dtype=np.int64)
-    pop = np.asarray(device.pop_ns, dtype=np.int64)
-    complete = np.asarray(device.complete_ns, dtype=np.int64)
-    seq = np.arange(requests, dtype=np.uint64)
-    name = DEVICE_NAMES["emulated"]
-    events = pl.concat(
-        [
-            events_frame(
-                event=schema.LAB_POP,
-                ts_ns=pop,
-                pid=pid,
-                tid=tid,
-                device=name,
-                addr=np.asarray(device.pop_addr),
-                size=np.asarray(device.pop_bytes),
-                value=seq,
-            ),
-            events_frame(
-                event=schema.LAB_COMPLETE,
-                ts_ns=complete,
-                pid=pid,
-                tid=tid,
-                device=name,
-                count=np.ones(requests),
-                value=seq + 1,
-            ),
-        ]
-    ).sort("ts_ns", maintain_order=True)
+    device.fold()  # the last requests
     duration_s = (t1 - t0) / 1e9
     return LabResult(
         pid=pid,
@@ -157,7 +183,8 @@ def run_emulated(requests: int, request_bytes: int, timeout_s: float) -> LabResu
         kicks_suppressed=0,
         interrupts=0,
         completed=completed,
-        latency_ns=latency_summary(complete - start),
+        latency_ns=device.latency.summary(),
         exit_reasons=reason_names(reasons),
-        events=events,
+        events=log.frame(),
+        events_total=log.total,
     )

@@ -36,7 +36,10 @@ class LabResult:
     completed: int  # requests the guest saw completed (used elements / status reads)
     latency_ns: dict[str, float]  # mean, p50, p99; see docs/lab.md for what is timed
     exit_reasons: dict[str, int]  # userspace_exits by KVM_EXIT_* name
-    events: pl.DataFrame = field(repr=False)  # the lab's events (source=lab)
+    # The lab's first events (source=lab), at most records.KEEP_EVENTS rows: memory stays
+    # bounded at any run length; a recording (record=) gets every one.
+    events: pl.DataFrame = field(repr=False)
+    events_total: int = 0  # lab events the run made, kept or not
     interrupts_sent: int = 0  # irqfd signals the back end sent
     polls: int = 0  # guest reads of used.idx that found nothing new
     used_idx: int = 0  # used.idx at the end (virtio; modulo 2^16)
@@ -44,18 +47,11 @@ class LabResult:
     recording: dict[str, Any] | None = None  # the collector's summary with --record
 
     def to_json(self) -> dict[str, Any]:
-        """The result without the events frame, as plain JSON types."""
-        out = {k: v for k, v in self.__dict__.items() if k != "events"}
-        out["events"] = self.events.height
+        """The result without the events frame (``events``: how many the run made), as
+        plain JSON types."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("events", "events_total")}
+        out["events"] = self.events_total
         return out
-
-
-def latency_summary(latency_ns: np.ndarray) -> dict[str, float]:
-    """Mean, median and 99th percentile in nanoseconds (NaN-free: zeros when empty)."""
-    if latency_ns.size == 0:
-        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
-    p50, p99 = np.percentile(latency_ns, [50, 99])
-    return {"mean": float(latency_ns.mean()), "p50": float(p50), "p99": float(p99)}
 
 
 def events_frame(
@@ -71,16 +67,7 @@ def events_frame(
     value: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """One lab event type as an events frame (source=lab, queue 0), columns from arrays."""
-    n = len(ts_ns)
-    cols: dict[str, Any] = {
-        "ts_ns": np.asarray(ts_ns, dtype=np.int64),
-        "source": [schema.SOURCE_LAB] * n,
-        "event": [event] * n,
-        "pid": np.full(n, pid, dtype=np.int32),
-        "tid": np.full(n, tid, dtype=np.int32),
-        "queue": np.full(n, QUEUE_INDEX, dtype=np.int32),
-        "device": [device] * n,
-    }
+    cols: dict[str, Any] = {"ts_ns": np.asarray(ts_ns, dtype=np.int64)}
     for name, arr, dtype in (
         ("addr", addr, np.uint64),
         ("size", size, np.int32),
@@ -89,7 +76,18 @@ def events_frame(
     ):
         if arr is not None:
             cols[name] = np.asarray(arr, dtype=dtype)
-    return schema.conform(pl.DataFrame(cols))  # type: ignore[return-value]
+    # The same value on every row: literals, not a Python list per column (this runs on
+    # every fold of a run, in the thread that serves the guest).
+    constants = {
+        "source": schema.SOURCE_LAB,
+        "event": event,
+        "pid": pid,
+        "tid": tid,
+        "queue": QUEUE_INDEX,
+        "device": device,
+    }
+    frame = pl.DataFrame(cols).with_columns(pl.lit(v).alias(k) for k, v in constants.items())
+    return schema.conform(frame)  # type: ignore[return-value]
 
 
 def reason_names(reasons: dict[int, int]) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 :func:`run_lab` is the API the CLI (`vtrace lab run`), the benchmarks and the model's
 calibration use. It returns a :class:`LabResult` with the VMM's own counters, latency
-percentiles and the device's events as one events frame (``source="lab"``).
+percentiles and the device's first events as one events frame (``source="lab"``); a
+recording gets every event as it is made. Memory stays the same at any ``requests``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from vtrace.errors import VtraceError
 from vtrace.lab.backend import run_virtio
 from vtrace.lab.emulated import ACCESSES_PER_REQUEST, run_emulated
+from vtrace.lab.records import EventLog
 from vtrace.lab.result import LabResult
 
 DEVICES = ("emulated", "virtio")
@@ -105,11 +109,12 @@ def _run(
     request_bytes: int,
     wait: str,
     timeout_s: float,
+    log: EventLog | None = None,
 ) -> LabResult:
     if device == "emulated":
-        return run_emulated(requests, request_bytes, timeout_s)
+        return run_emulated(requests, request_bytes, timeout_s, log)
 
-    return run_virtio(requests, batch, ring_size, request_bytes, wait, timeout_s)
+    return run_virtio(requests, batch, ring_size, request_bytes, wait, timeout_s, log)
 
 
 def _recorded(
@@ -137,8 +142,14 @@ def _recorded(
         }
     }
     with Recording(out_dir, pids=[os.getpid()], meta_extra=meta_extra) as rec:
-        result = _run(device, requests, batch, ring_size, request_bytes, wait, timeout_s)
-        rec.add_events(result.events)
+
+        def to_trace(frame: pl.DataFrame) -> None:
+            if rec.failure is not None:  # a failed write stopped the recording: stop too
+                raise rec.failure
+            rec.add_events(frame)
+
+        log = EventLog(sink=to_trace)  # every event goes to the trace as it is made
+        result = _run(device, requests, batch, ring_size, request_bytes, wait, timeout_s, log)
         # The counters exist only now. The collector keeps meta_extra's values (this
         # "lab" dict itself) and writes meta.json when the block ends, so they land there;
         # a test reads them back from the trace.
