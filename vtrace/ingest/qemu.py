@@ -230,14 +230,16 @@ def read_qemu(path: str | Path, *, strict: bool = False) -> tuple[pl.DataFrame, 
         queue=pl.when(ev == s.VIRTIO_QUEUE_NOTIFY).then(_dec("n")).otherwise(pl.col("q_index")),
         device=pl.when(mr).then(pl.col("name")).otherwise(pl.col("device")),
     )
-    typed = {c: e.cast(s.EVENTS_SCHEMA[c], strict=False) for c, e in columns.items()}
+    # Each column once, as computed (replacing the argument of the same name, if any).
+    args = args.with_columns(**columns)
+    typed = {c: pl.col(c).cast(s.EVENTS_SCHEMA[c], strict=False) for c in columns}
     # A number that matched but does not fit its column is no value: the line is malformed.
     fits = [
-        columns[c].is_null() | typed[c].is_not_null()
+        pl.col(c).is_null() | typed[c].is_not_null()
         for c in columns
-        if s.EVENTS_SCHEMA[c].is_numeric()
+        if args.schema[c] != s.EVENTS_SCHEMA[c] and s.EVENTS_SCHEMA[c].is_numeric()
     ]
-    args = args.with_columns(ok=pl.col("ok") & pl.all_horizontal(fits))
+    args = args.with_columns(ok=pl.all_horizontal("ok", *fits))
     malformed = args.filter(~pl.col("ok"))
     if strict and malformed.height:
         first = int(malformed.get_column("lineno")[0])

@@ -241,19 +241,23 @@ def parse_event_lines(events: pl.DataFrame, *, nul: bool = False) -> pl.DataFram
             group, table = spec.lookup
             part = part.join(table().lazy(), left_on=field(group), right_on="key", how="left")
         columns = spec.columns()
-        typed = {c: expr.cast(s.EVENTS_SCHEMA[c], strict=False) for c, expr in columns.items()}
-        # A number that matched but does not fit its column (count 3000000000) is no value.
-        fits = [
-            columns[c].is_null() | typed[c].is_not_null()
-            for c in columns
-            if s.EVENTS_SCHEMA[c].is_numeric()
-        ]
-        ok = pl.all_horizontal(field(spec.required).is_not_null(), *fits)
+        checks = [field(spec.required).is_not_null()]
         if spec.valid is not None:
-            ok &= spec.valid().fill_null(False)
-        part = part.with_columns(ok=ok)
+            checks.append(spec.valid().fill_null(False))
+        # Each column once, as computed; then cast to the schema's types.
+        part = part.select("lineno", pl.all_horizontal(checks).alias("ok"), **columns)
+        have = part.collect_schema()
+        typed = {c: pl.col(c).cast(s.EVENTS_SCHEMA[c], strict=False) for c in columns}
+        # A number that matched but does not fit a narrower column (count 3000000000 in
+        # Int32, level -1 in UInt64) is no value: the payload is malformed.
+        narrowed = [
+            c for c in columns if have[c] != s.EVENTS_SCHEMA[c] and s.EVENTS_SCHEMA[c].is_numeric()
+        ]
+        ok = pl.all_horizontal(
+            "ok", *[pl.col(c).is_null() | typed[c].is_not_null() for c in narrowed]
+        )
         parts.append(
-            part.select(
+            part.with_columns(ok=ok).select(
                 "lineno",
                 "ok",
                 (pl.lit(spec.keep_raw) | ~pl.col("ok")).alias("keep"),
