@@ -15,19 +15,23 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from vtrace import open_trace
 from vtrace.errors import VtraceError
 from vtrace.ingest import read_events
 from vtrace.lab import initramfs
 from vtrace.lab.qemu import (
     QemuLabConfig,
+    check_guest_shape,
     choose_accel,
     device_events,
     find_qemu,
+    qemu_command,
     run_qemu_lab,
     summarize,
 )
 
 QEMU_LOGS = Path(__file__).resolve().parent / "data" / "qemu"
+TRACES = Path(__file__).resolve().parent.parent / "traces"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -126,11 +130,59 @@ def test_unknown_device_is_a_clear_error() -> None:
         (QemuLabConfig(device="virtio-blk", vhost=True), "--vhost applies to --device virtio-net"),
         (QemuLabConfig(accel="hvf"), "--accel 'hvf'"),
         (QemuLabConfig(device="virtio-net", request_bytes=56, vhost=True), "--vhost: "),
+        (QemuLabConfig(vcpus=0), "--vcpus 0: between 1 and 64"),
+        (QemuLabConfig(vcpus=65), "--vcpus 65: between 1 and 64"),
+        (QemuLabConfig(vcpus=2, queues=3), "--queues 3: between 1 and --vcpus 2"),
+        (QemuLabConfig(queues=0), "--queues 0: between 1 and --vcpus 1"),
+        (QemuLabConfig(device="ide", vcpus=2, queues=2), "--queues applies to virtio-blk only"),
+        (
+            QemuLabConfig(device="virtio-net", request_bytes=56, vcpus=2, queues=2),
+            "--queues with virtio-net: QEMU's user network has one queue pair",
+        ),
+        (QemuLabConfig(requests=63, vcpus=2), "--requests 63: a multiple of --vcpus 2"),
+        (
+            QemuLabConfig(requests=72, queue_depth=8, vcpus=2),
+            "--requests 72: a multiple of --queue-depth 8 x --vcpus 2",
+        ),
+        (
+            QemuLabConfig(requests=32, queue_depth=32, vcpus=2, submit="streams"),
+            "--queue-depth 32: more than --requests 32 / --vcpus 2",
+        ),
     ],
 )
 def test_bad_options(config: QemuLabConfig, message: str) -> None:
     with pytest.raises(VtraceError, match=message.replace("(", r"\(")):
         config.check()
+
+
+def test_command_has_the_vcpus_and_queues(tmp_path: Path) -> None:
+    kernel = initramfs.GuestKernel("6.1.0-test", tmp_path / "vmlinuz", tmp_path)
+
+    def command(**kw) -> list[str]:
+        return qemu_command(
+            QemuLabConfig(requests=64, **kw), qemu="qemu", accel="tcg", kernel=kernel,
+            initrd=tmp_path / "i", log_path=tmp_path / "l", qmp_path=tmp_path / "q",
+            disk_path=tmp_path / "d",
+        )  # fmt: skip
+
+    one = command()
+    assert one[one.index("-smp") + 1] == "1"
+    assert "virtio-blk-pci,drive=disk0" in one  # as before: QEMU's default, one queue
+    two = command(vcpus=2, queues=2, queue_depth=4)
+    assert two[two.index("-smp") + 1] == "2"
+    assert "virtio-blk-pci,drive=disk0,num-queues=2" in two
+    assert "vtrace_streams=2" in two[two.index("-append") + 1]
+    # two vCPUs sharing one queue: the count is said, not left to QEMU's one per vCPU
+    assert "virtio-blk-pci,drive=disk0,num-queues=1" in command(vcpus=2)
+
+
+def test_guest_with_fewer_cpus_or_queues_is_refused() -> None:
+    config = QemuLabConfig(vcpus=2, queues=2, requests=64)
+    check_guest_shape(config, {"cpus": "2", "hw_queues": "2"})
+    with pytest.raises(VtraceError, match=r"--vcpus 2: the guest brought up 1 CPUs"):
+        check_guest_shape(config, {"cpus": "1", "hw_queues": "2"})
+    with pytest.raises(VtraceError, match=r"--queues 2: the guest's virtio-blk has 1 hardware"):
+        check_guest_shape(config, {"cpus": "2", "hw_queues": "1"})
 
 
 def test_accel_follows_the_cpu_flags() -> None:
@@ -189,6 +241,36 @@ def test_virtio_blk_qd16_log_batches_kicks() -> None:
     assert s["max_requests_per_kick"] == 16
 
 
+def test_two_queue_trace_counts_per_queue() -> None:
+    """The shipped 2 vCPU x 2 queue run: each queue's requests, kicks and interrupts, from
+    QEMU's virtqueue events, add up to the device's totals."""
+    trace = open_trace(TRACES / "qemu-virtio-blk-qd4-2x2")
+    s = summarize(trace.events, "virtio-blk", 4096)
+    assert [q["queue"] for q in s["per_queue"]] == [0, 1]
+    assert [q["requests"] for q in s["per_queue"]] == [2048, 2048]  # one stream per vCPU
+    assert sum(q["kicks"] for q in s["per_queue"]) == s["kicks"] == 1524
+    assert sum(q["interrupts"] for q in s["per_queue"]) == s["interrupts"] == 1386
+    for q in s["per_queue"]:
+        assert q["kicks_per_request"] == q["kicks"] / q["requests"]
+    stored = trace.meta["qemu_lab"]
+    assert (stored["vcpus"], stored["queues"]) == (2, 2)
+    assert stored["per_queue"] == s["per_queue"]
+    assert trace.meta["guest_info"]["queue_cpus"] == "0:0 1:1"  # blk-mq: vCPU v -> queue v
+
+
+def test_one_queue_logs_list_one_queue() -> None:
+    blk = _fixture_summary("virtio-blk-qd1.log", "virtio-blk", 32)
+    assert [(q["queue"], q["requests"], q["kicks"], q["interrupts"]) for q in blk["per_queue"]] == [
+        (0, 32, 32, 32)
+    ]
+    vnet = _fixture_summary("virtio-net.log", "virtio-net", 16)
+    assert [(q["queue"], q["requests"], q["kicks"]) for q in vnet["per_queue"]] == [
+        (0, 16, 0),  # receive: never kicked
+        (1, 16, 16),
+    ]
+    assert _fixture_summary("ide.log", "ide", 32, pins=(14, 15))["per_queue"] == []
+
+
 def test_nic_logs_accesses_vs_kicks_per_packet() -> None:
     e1000 = _fixture_summary("e1000.log", "e1000", 16, pins=(10,))
     vnet = _fixture_summary("virtio-net.log", "virtio-net", 16)
@@ -233,6 +315,29 @@ def test_virtio_blk_depth_1_vs_16(tmp_path: Path) -> None:
     assert qd16["kicks_per_request"] < 0.5 * qd1["kicks_per_request"]
     assert 1 < qd16["max_requests_per_kick"] <= 16
     assert qd16["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_virtio_blk_two_vcpus_two_queues(tmp_path: Path) -> None:
+    # Through the CLI: the JSON keeps today's keys and adds vcpus, queues and per_queue.
+    out = subprocess.run(
+        [str(VENV_BIN / "vtrace"), "qemu-lab", "run", "--device", "virtio-blk", "--requests",
+         "64", "--queue-depth", "4", "--vcpus", "2", "--queues", "2", "-o",
+         str(tmp_path / "mq"), "--json"],
+        capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert (s["vcpus"], s["queues"], s["virtqueue_pops"]) == (2, 2, 64)
+    assert [(q["queue"], q["requests"]) for q in s["per_queue"]] == [(0, 32), (1, 32)]
+    assert all(q["kicks"] >= 8 and q["interrupts"] >= 1 for q in s["per_queue"])  # 8 lots each
+    assert s["max_requests_per_kick"] <= 4
+    meta = open_trace(tmp_path / "mq").meta
+    info = meta["guest_info"]
+    assert (info["cpus"], info["hw_queues"], info["queue_cpus"]) == ("2", "2", "0:0 1:1")
+    assert s["interrupts"] == int(info["guest_interrupts"])
+    assert "num-queues=2" in " ".join(meta["qemu_command"])
 
 
 @pytest.mark.qemu
@@ -282,6 +387,36 @@ def test_guest_that_cannot_boot_shows_qemu_output(tmp_path: Path) -> None:
     with pytest.raises(VtraceError, match=r"guest did not come up: QEMU exited .*last console"):
         run_qemu_lab(QemuLabConfig(device="virtio-blk", kernel=str(bad)), tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_qemu_gone_after_accepting_qmp_is_qemu_exited(tmp_path: Path) -> None:
+    """QEMU that accepts the QMP connection and exits (the socket reset before its greeting)
+    is reported as an exited QEMU, whose console says why, not as a lost contact."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    from vtrace.lab.qemu import _QemuExited, _Qmp
+
+    path = tmp_path / "qmp.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def accept_and_reset() -> None:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    t = threading.Thread(target=accept_and_reset)
+    t.start()
+    try:
+        with pytest.raises(_QemuExited):
+            _Qmp(path, time.monotonic() + 5, alive=lambda: False)
+    finally:
+        t.join()
+        server.close()
 
 
 @pytest.mark.qemu

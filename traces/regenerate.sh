@@ -44,6 +44,8 @@ capture qemu-virtio-blk-qd16 $VTRACE qemu-lab run --device virtio-blk --requests
     --request-bytes 4096 --queue-depth 16
 capture qemu-virtio-blk-qd32 $VTRACE qemu-lab run --device virtio-blk --requests 4096 \
     --request-bytes 4096 --queue-depth 32
+capture qemu-virtio-blk-qd4-2x2 $VTRACE qemu-lab run --device virtio-blk --requests 4096 \
+    --request-bytes 4096 --queue-depth 4 --vcpus 2 --queues 2
 capture qemu-virtio-blk-qd16-streams $VTRACE qemu-lab run --device virtio-blk --requests 1024 \
     --request-bytes 4096 --queue-depth 16 --submit streams
 capture qemu-e1000 $VTRACE qemu-lab run --device e1000 --requests 1024 --request-bytes 56

@@ -9,7 +9,8 @@
 # the traced window holds the workload and nothing else.
 #
 # Parameters come from the kernel command line: vtrace_op=read|write|ping,
-# vtrace_requests=N, vtrace_bytes=N, vtrace_qd=N, vtrace_submit=batch|streams.
+# vtrace_requests=N, vtrace_bytes=N, vtrace_qd=N, vtrace_submit=batch|streams,
+# vtrace_streams=N (block: N streams, stream i pinned to CPU i, each 1/N of the requests).
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -34,6 +35,7 @@ requests=32
 bytes=4096
 qd=1
 submit=streams
+streams=1
 for kv in $(cat /proc/cmdline); do
     # Only digits and letters reach the variables: the values are used in arithmetic.
     case "$kv" in
@@ -42,6 +44,7 @@ for kv in $(cat /proc/cmdline); do
         vtrace_bytes=[0-9]*) bytes=${kv#*=} ;;
         vtrace_qd=[0-9]*) qd=${kv#*=} ;;
         vtrace_submit=streams | vtrace_submit=batch) submit=${kv#*=} ;;
+        vtrace_streams=[0-9]*) streams=${kv#*=} ;;
     esac
 done
 
@@ -107,11 +110,79 @@ else
         fi
     fi
     say "info scheduler=$(cat /sys/block/$blk/queue/scheduler)"
+    # blk-mq's hardware queues and the CPUs each serves ("0:0 1:1"): one per vCPU when the
+    # device has as many queues as the guest has CPUs.
+    mq=
+    for q in /sys/block/$blk/mq/*; do
+        [ -e "$q/cpu_list" ] && mq="$mq${mq:+ }${q##*/}:$(cat "$q/cpu_list" | tr -d ' ')"
+    done
+    say "info hw_queues=$(ls /sys/block/$blk/mq | wc -l)"
+    say "info queue_cpus=$mq"
     # One warm-up request: the first access pays for one-time driver work.
     dd if="$disk" of=/dev/null bs="$bytes" count=1 iflag=direct 2>/dev/null ||
         die "warm-up read of $disk failed"
 fi
 
+# pinned CPU COMMAND...: run COMMAND on CPU (busybox taskset takes a hexadecimal mask);
+# a single stream runs unpinned, as the scheduler places it.
+pinned() {
+    cpu=$1
+    shift
+    if [ "$streams" -gt 1 ]; then
+        taskset "$(printf %x $((1 << cpu)))" "$@"
+    else
+        "$@"
+    fi
+}
+
+# block_stream CPU COUNT FIRST: COUNT requests of $bytes on CPU, over the range that starts
+# FIRST requests into the disk (after the warm-up's first block). Exit status: 0 if all
+# succeeded.
+block_stream() {
+    cpu=$1
+    count=$2
+    first=$3
+    if [ "$submit" = batch ]; then
+        # O_DIRECT transfers of qd*bytes; the block layer splits each transfer into qd
+        # requests of $bytes (max_sectors_kb) and submits them together under one plug.
+        # skip/seek in transfers, +1: the first transfer-sized block holds the warm-up read.
+        if [ "$op" = read ]; then
+            pinned "$cpu" dd if="$disk" of=/dev/null bs=$((bytes * qd)) count=$((count / qd)) \
+                iflag=direct skip=$((first / qd + 1)) 2>/dev/null
+        else
+            pinned "$cpu" dd if=/dev/zero of="$disk" bs=$((bytes * qd)) count=$((count / qd)) \
+                oflag=direct seek=$((first / qd + 1)) conv=notrunc 2>/dev/null
+        fi
+        return
+    fi
+    # qd concurrent O_DIRECT streams over disjoint ranges; together they issue COUNT.
+    per=$((count / qd))
+    extra=$((count % qd))
+    offset=$((first + 1)) # block 0 was read by the warm-up
+    spids=
+    j=0
+    while [ $j -lt "$qd" ]; do
+        n=$per
+        [ $j -lt $extra ] && n=$((n + 1))
+        if [ "$op" = read ]; then
+            pinned "$cpu" dd if="$disk" of=/dev/null bs="$bytes" count=$n skip=$offset \
+                iflag=direct 2>/dev/null &
+        else
+            pinned "$cpu" dd if=/dev/zero of="$disk" bs="$bytes" count=$n seek=$offset \
+                oflag=direct conv=notrunc 2>/dev/null &
+        fi
+        spids="$spids $!"
+        offset=$((offset + n))
+        j=$((j + 1))
+    done
+    rc=0
+    for p in $spids; do
+        wait "$p" || rc=1
+    done
+    return $rc
+}
+
+say "info cpus=$(nproc)"
 say "info ioapic_pins=$(ioapic_pins)"
 say ready
 read -r _go
@@ -121,36 +192,15 @@ status=0
 if [ "$op" = ping ]; then
     # -A: send the next request as soon as the reply arrives (one packet in flight).
     ping -q -A -c "$requests" -s "$bytes" 10.0.2.2 >/tmp/ping.out 2>&1 || status=1
-elif [ "$submit" = batch ]; then
-    # One O_DIRECT stream of qd*bytes transfers; the block layer splits each transfer into
-    # qd requests of $bytes (max_sectors_kb) and submits them together under one plug.
-    # skip/seek=1: the first transfer-sized block holds the warm-up read.
-    if [ "$op" = read ]; then
-        dd if="$disk" of=/dev/null bs=$((bytes * qd)) count=$((requests / qd)) iflag=direct \
-            skip=1 2>/dev/null || status=1
-    else
-        dd if=/dev/zero of="$disk" bs=$((bytes * qd)) count=$((requests / qd)) oflag=direct \
-            seek=1 conv=notrunc 2>/dev/null || status=1
-    fi
 else
-    # qd concurrent O_DIRECT streams over disjoint ranges; together they issue $requests.
-    per=$((requests / qd))
-    extra=$((requests % qd))
-    offset=1 # block 0 was read by the warm-up
+    # $streams streams (one per vCPU, stream i pinned to CPU i when there are several),
+    # each issuing its share of the requests over its own range of the disk.
+    per_stream=$((requests / streams))
     pids=
     i=0
-    while [ $i -lt "$qd" ]; do
-        count=$per
-        [ $i -lt $extra ] && count=$((count + 1))
-        if [ "$op" = read ]; then
-            dd if="$disk" of=/dev/null bs="$bytes" count=$count skip=$offset iflag=direct \
-                2>/dev/null &
-        else
-            dd if=/dev/zero of="$disk" bs="$bytes" count=$count seek=$offset oflag=direct \
-                conv=notrunc 2>/dev/null &
-        fi
+    while [ $i -lt "$streams" ]; do
+        block_stream $i $per_stream $((i * per_stream)) &
         pids="$pids $!"
-        offset=$((offset + count))
         i=$((i + 1))
     done
     for p in $pids; do

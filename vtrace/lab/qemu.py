@@ -3,7 +3,9 @@
 :func:`run_qemu_lab` boots the distribution's kernel with an initramfs built by
 :mod:`vtrace.lab.initramfs`, attaches one device (``ide``, ``virtio-blk``, ``e1000`` or
 ``virtio-net``) and runs one workload in the guest: direct-I/O block reads or writes at a
-queue depth, or echo requests to the gateway of QEMU's user network. QEMU's ``log`` trace
+queue depth, or echo requests to the gateway of QEMU's user network. With several vCPUs
+(``-smp``) the block workload runs one stream per vCPU, each pinned to its vCPU, and
+virtio-blk gets ``num-queues`` hardware queues (blk-mq maps each vCPU to one). QEMU's ``log`` trace
 backend writes the events (``-D file``, ``-msg timestamp=on``); they are switched on over
 QMP only between the guest's ``start`` and ``end`` console markers, so every counted event
 belongs to the workload. The log is imported into a trace directory and summarised per
@@ -97,6 +99,7 @@ DEVICE_EVENTS: dict[str, tuple[str, ...]] = {
     "virtio-net": VIRTIO_EVENTS,
 }
 
+MAX_VCPUS = 64  # TCG runs them all on the host's cores; more only slows the boot
 _MARK = "vtrace-guest: "
 _CONSOLE_TAIL = 15
 
@@ -117,6 +120,8 @@ class QemuLabConfig:
     memory_mib: int = 256
     timeout_s: float = 180.0  # hard limit for the whole run, boot included
     qemu: str = QEMU_BINARY
+    vcpus: int = 1  # -smp; block workloads run one stream per vCPU
+    queues: int = 1  # virtio-blk num-queues (blk-mq hardware queues)
 
     def check(self) -> None:
         """Raise :class:`VtraceError` naming the first bad option."""
@@ -124,6 +129,23 @@ class QemuLabConfig:
             raise VtraceError(f"--device {self.device!r}: one of {', '.join(DEVICES)}")
         if self.requests < 1 or self.requests > 1_000_000:
             raise VtraceError(f"--requests {self.requests}: between 1 and 1000000")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise VtraceError(f"--vcpus {self.vcpus}: between 1 and {MAX_VCPUS}")
+        if not 1 <= self.queues <= self.vcpus:
+            # Linux's virtio drivers use at most one queue (pair) per possible CPU.
+            raise VtraceError(
+                f"--queues {self.queues}: between 1 and --vcpus {self.vcpus} (the guest's "
+                "driver uses at most one queue per vCPU)"
+            )
+        if self.queues > 1 and self.device in ("ide", "e1000"):
+            raise VtraceError(f"--queues applies to virtio-blk only ({self.device} has one)")
+        if self.queues > 1 and self.device == "virtio-net":
+            # virtio-net takes its queue pairs from the back end's queues; QEMU's user
+            # network has one (-netdev user takes no queues=), only tap / vhost-user have more.
+            raise VtraceError(
+                "--queues with virtio-net: QEMU's user network has one queue pair (-netdev user "
+                "takes no queues=); more need a tap back end, which this lab does not set up"
+            )
         if self.device in BLOCK_DEVICES:
             if self.request_bytes < 512 or self.request_bytes % 512:
                 raise VtraceError(
@@ -133,9 +155,16 @@ class QemuLabConfig:
                 raise VtraceError(f"--request-bytes {self.request_bytes}: at most 1048576")
             if not 1 <= self.queue_depth <= 256:
                 raise VtraceError(f"--queue-depth {self.queue_depth}: between 1 and 256")
-            if self.queue_depth > self.requests:
+            if self.vcpus > 1 and self.requests % self.vcpus:
+                raise VtraceError(
+                    f"--requests {self.requests}: a multiple of --vcpus {self.vcpus} "
+                    "(one stream per vCPU)"
+                )
+            per_stream = self.requests // self.vcpus
+            if self.queue_depth > per_stream:
                 raise VtraceError(
                     f"--queue-depth {self.queue_depth}: more than --requests {self.requests}"
+                    + (f" / --vcpus {self.vcpus}" if self.vcpus > 1 else "")
                 )
             if self.submit not in ("batch", "streams"):
                 raise VtraceError(f"--submit {self.submit!r}: one of batch, streams")
@@ -146,10 +175,11 @@ class QemuLabConfig:
                         f"--request-bytes {self.request_bytes}: a multiple of 4096 with "
                         "--submit batch and --queue-depth above 1"
                     )
-                if self.requests % self.queue_depth:
+                if per_stream % self.queue_depth:
+                    per_vcpu = f" x --vcpus {self.vcpus}" if self.vcpus > 1 else ""
                     raise VtraceError(
                         f"--requests {self.requests}: a multiple of --queue-depth "
-                        f"{self.queue_depth} with --submit batch"
+                        f"{self.queue_depth}{per_vcpu} with --submit batch"
                     )
         else:
             if not 1 <= self.request_bytes <= 65000:
@@ -238,13 +268,13 @@ def kernel_command_line(config: QemuLabConfig) -> str:
         "console=ttyS0 panic=-1 quiet loglevel=3 "
         f"vtrace_op={op} vtrace_requests={config.requests} "
         f"vtrace_bytes={config.request_bytes} vtrace_qd={config.queue_depth} "
-        f"vtrace_submit={config.submit}"
+        f"vtrace_submit={config.submit} vtrace_streams={config.vcpus}"
     )
 
 
 def disk_bytes(config: QemuLabConfig) -> int:
     """A disk large enough for the workload's ranges (after the warm-up's first block)."""
-    need = (config.requests + config.queue_depth) * config.request_bytes
+    need = (config.requests + config.queue_depth * config.vcpus) * config.request_bytes
     return max(64 << 20, -(-need // (1 << 20)) * (1 << 20))
 
 
@@ -272,7 +302,7 @@ def qemu_command(
         "-cpu",
         "host" if accel == "kvm" else "qemu64",
         "-smp",
-        "1",
+        str(config.vcpus),
         "-m",
         str(config.memory_mib),
         "-display",
@@ -303,7 +333,12 @@ def qemu_command(
         if config.device == "ide":
             cmd += ["-device", "ide-hd,drive=disk0,bus=ide.0"]
         else:
-            cmd += ["-device", "virtio-blk-pci,drive=disk0"]
+            blk = "virtio-blk-pci,drive=disk0"
+            if config.vcpus > 1 or config.queues > 1:
+                # QEMU's default is one queue per vCPU: say how many. The vectors follow
+                # (one per queue and one for configuration changes).
+                blk += f",num-queues={config.queues}"
+            cmd += ["-device", blk]
     else:
         # restrict=on: the guest reaches nothing outside QEMU; echo requests to the gateway
         # are answered by QEMU's user network itself.
@@ -337,8 +372,20 @@ class _Qmp:
                     raise VtraceError(f"QEMU did not open its QMP socket {path}") from None
                 time.sleep(0.05)
         self._file = self._sock.makefile("rwb")
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
+        try:
+            self._read()  # greeting
+            self.execute("qmp_capabilities")
+        except (OSError, VtraceError):
+            # QEMU accepted the connection and then exited (a kernel it cannot load): its
+            # own words on the console say why, not the reset socket. The socket closes
+            # before the process has ended: give it a moment.
+            self.close()
+            until = time.monotonic() + 2.0
+            while alive() and time.monotonic() < until:
+                time.sleep(0.02)
+            if not alive():
+                raise _QemuExited from None
+            raise
 
     def _read(self) -> dict[str, Any]:
         while True:
@@ -645,7 +692,9 @@ def summarize(
 
     ``requests`` is what the guest issued (block requests or echo round trips). Kicks are
     ``virtio_queue_notify``; interrupts are ``virtio_notify``/``_irqfd`` for virtio devices
-    and rising edges of the device's IOAPIC pins for emulated ones.
+    and rising edges of the device's IOAPIC pins for emulated ones. ``per_queue`` lists, for
+    each virtqueue the events name, its requests (``virtqueue_pop``), kicks and interrupts
+    (empty for emulated devices).
     """
     frame = events.lazy().with_row_index("_order").collect()
     ev = pl.col("event")
@@ -682,6 +731,7 @@ def summarize(
         .len()
     )
     max_per_kick = int(per_kick["len"].max()) if per_kick.height else None
+    per_queue = per_queue_counts(frame) if is_virtio else []
 
     def per_request(n: int | None) -> float | None:
         return None if n is None else n / requests
@@ -702,8 +752,56 @@ def summarize(
         "interrupts": interrupts,
         "virtqueue_pops": int(counts["pops"]) if is_virtio else None,
         "ide_commands": int(counts["ide_commands"]) if device == "ide" else None,
+        "per_queue": per_queue,
         "note": TRAPPING_NOTE,
     }
+
+
+def per_queue_counts(events: pl.DataFrame) -> list[dict[str, Any]]:
+    """Requests (``virtqueue_pop``), kicks and interrupts of each virtqueue, by index.
+
+    QEMU names the queue of every one of these events (the importer turns its
+    ``VirtQueue`` pointer into the index), so the counts add up to the device's totals.
+    """
+    ev = pl.col("event")
+    rows = (
+        events.filter(pl.col("queue").is_not_null())
+        .group_by("queue")
+        .agg(
+            requests=(ev == s.VIRTQUEUE_POP).sum(),
+            kicks=(ev == s.VIRTIO_QUEUE_NOTIFY).sum(),
+            interrupts=ev.is_in(_VIRTIO_INTERRUPTS).sum(),
+        )
+        .filter((pl.col("requests") + pl.col("kicks") + pl.col("interrupts")) > 0)
+        .sort("queue")
+    )
+    return [
+        {
+            "queue": int(q),
+            "requests": int(n),
+            "kicks": int(k),
+            "interrupts": int(i),
+            "kicks_per_request": k / n if n else None,
+            "interrupts_per_request": i / n if n else None,
+        }
+        for q, n, k, i in rows.select("queue", "requests", "kicks", "interrupts").iter_rows()
+    ]  # one row per queue: a handful
+
+
+def check_guest_shape(config: QemuLabConfig, guest_info: dict[str, str]) -> None:
+    """The guest saw the vCPUs and (virtio-blk) the hardware queues it was given.
+
+    A guest kernel that brings up fewer CPUs (``nr_cpus=``, a CPU that failed to start) or
+    maps fewer blk-mq queues would make a run that is not the one asked for.
+    """
+    cpus = guest_info.get("cpus", "")
+    if cpus.isdigit() and int(cpus) != config.vcpus:
+        raise VtraceError(f"--vcpus {config.vcpus}: the guest brought up {cpus} CPUs")
+    hw_queues = guest_info.get("hw_queues", "")
+    if config.device == "virtio-blk" and hw_queues.isdigit() and int(hw_queues) != config.queues:
+        raise VtraceError(
+            f"--queues {config.queues}: the guest's virtio-blk has {hw_queues} hardware queues"
+        )
 
 
 def run_qemu_lab(
@@ -729,6 +827,7 @@ def run_qemu_lab(
         if raw_log is not None:
             shutil.copyfile(log_path, raw_log)
         raw_events, import_meta = read_events("qemu", log_path)
+    check_guest_shape(config, run.guest_info)
     pins = ioapic_pins(run.guest_info)
     events, dropped = device_events(raw_events, config.device, pins)
     # Every event comes from the one QEMU process: the VM (the log names threads only).
@@ -736,7 +835,7 @@ def run_qemu_lab(
     summary = summarize(
         events, config.device, config.requests, timed=import_meta.get("clock") == "realtime"
     )
-    summary = {"accel": run.accel, **summary}
+    summary = {"accel": run.accel, "vcpus": config.vcpus, "queues": config.queues, **summary}
     guest_irqs = run.guest_info.get("guest_interrupts")
     summary["guest_interrupts_per_request"] = (
         int(guest_irqs) / config.requests if guest_irqs and guest_irqs.isdigit() else None

@@ -73,6 +73,8 @@ class QemuFacts:
     queue_depth: int  # the capture's --queue-depth (meta config)
     request_bytes: int  # the capture's --request-bytes (meta config)
     submit: str = "streams"  # the capture's --submit: batch (queue_depth under one plug)
+    vcpus: int = 1  # the capture's --vcpus: one stream per vCPU (block)
+    pop_threads: int = 0  # host threads that popped requests (QEMU's main loop: one)
     accesses: dict[tuple[str, int, bool], int] = field(default_factory=dict)  # all, by register
     interrupts: int = 0  # on the request queues (virtio) or rising edges (emulated)
     other_interrupts: int = 0  # virtio: on queues the guest never kicks (virtio-net receive)
@@ -120,6 +122,7 @@ def qemu_facts(
         queue_depth=int(config.get("queue_depth") or 1),
         request_bytes=int(config.get("request_bytes") or 0),
         submit=str(config.get("submit") or "streams"),
+        vcpus=int(config.get("vcpus") or 1),
     )
     from vtrace.analyze import accesses
 
@@ -160,6 +163,12 @@ def qemu_facts(
             .collect()
         )
         pops = flow.filter(pl.col("ev") == VIRTQUEUE_POP)
+        facts.pop_threads = (
+            events.filter(_event(VIRTQUEUE_POP) & on_queue)
+            .select(pl.col("tid").n_unique())
+            .collect()
+            .item()
+        )
         facts.descs_per_request = int(pops["count"].median() or 1)
         # pops before the window's first kick belong to a kick the window did not see
         per_kick = pops.filter(pl.col("kick_id") > 0).group_by("queue", "kick_id").len()["len"]
@@ -278,6 +287,21 @@ def fit_qemu(cfg: Config, f: QemuFacts) -> tuple[dict[str, Any], dict[str, tuple
         )
     else:
         fitted["virtqueue.batch"] = (max(1, f.max_per_kick), f"{f.name}: {per_kick}")
+    if len(f.queues) > 1 or f.vcpus > 1:
+        # a multi-queue guest: one stream per vCPU, blk-mq maps vCPU v to queue v mod queues
+        fitted["vm.vcpus"] = (f.vcpus, f"{meta_src} vcpus")
+        fitted["virtqueue.queues"] = (
+            max(1, len(f.queues)),
+            f"{f.name}: virtqueues with virtio_queue_notify: {','.join(map(str, f.queues))}",
+        )
+        if f.device in ("ide", "virtio-blk"):
+            fitted["workload.jobs"] = (f.vcpus, f"{meta_src} vcpus: one stream per vCPU")
+        if f.pop_threads == 1 and len(f.queues) > 1:
+            fitted["backend.threads"] = (
+                "shared",
+                f"{f.name}: every virtqueue_pop of queues {','.join(map(str, f.queues))} in "
+                "one host thread (QEMU's main loop)",
+            )
     if f.kicks and not total:
         fitted["virtqueue.kick_handler"] = (
             "kernel",

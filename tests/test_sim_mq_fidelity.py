@@ -1,0 +1,114 @@
+"""Calibrated on a 1-vCPU, 1-queue QEMU virtio-blk run, the model predicts 2 vCPUs x 2 queues,
+a run it never saw: kicks and interrupts per request against the shipped 2 x 2 trace.
+
+Both runs read 4096 blocks of 4 KiB in batches of 4 under one plug; the 2 x 2 guest runs one
+such stream per vCPU, blk-mq maps vCPU v to queue v, and QEMU's main loop serves both queues.
+The calibration takes the path's structure and the guest's dispatch splits from the 1 x 1
+run; the prediction sets ``vm.vcpus``, ``virtqueue.queues`` and ``workload.jobs`` to 2.
+Real runs differ a lot on a shared 2-core host (traces/README.md: 4 runs, load average 8 to
+12), so a prediction is judged against the range of those runs; the printed lines give its
+error against the shipped run and the median (the goal: within 10 %).
+
+The model misses today, and the checks are strict expected failures (they turn into
+failures, to remove the mark, once the model predicts within the range):
+
+- kicks: its shared back-end thread turns kicks off on every queue it serves while it is
+  awake, where QEMU's virtio-blk turns them off only on the queue it is draining
+  (``virtio_queue_set_notification`` per queue), so most of the guest's kicks on the other
+  queue are predicted suppressed (0.085 per request against 0.34 to 0.41);
+- interrupts: the model gives one interrupt per kick it serves, where QEMU often completes
+  the requests of two kicks under one: the calibrated model gives 0.457 interrupts per
+  request for its own 1 x 1 run, which had 0.350, and 0.51 for 2 x 2 (0.32 to 0.37).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from vtrace import open_trace
+from vtrace.sim import simulate
+from vtrace.sim.calibrate import calibrate
+
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+ONE = TRACES / "qemu-virtio-blk-qd4"
+TWO_BY_TWO = TRACES / "qemu-virtio-blk-qd4-2x2"
+# real 2 x 2 runs of the same command (traces/README.md): (min, median, max) per request
+RUNS = {"kicks": (0.339, 0.363, 0.407), "irqs": (0.319, 0.330, 0.368)}
+SHAPE = {"vm.vcpus": 2, "virtqueue.queues": 2, "workload.jobs": 2}
+KICKS_MISS = pytest.mark.xfail(
+    strict=True,
+    reason="the model's shared back-end thread suppresses kicks on every queue while awake; "
+    "QEMU's only on the queue it drains",
+)
+IRQS_MISS = pytest.mark.xfail(
+    strict=True,
+    reason="the model interrupts once per kick served; QEMU often completes two kicks' "
+    "requests under one interrupt (the 1 x 1 calibration run: 0.350 per request, model 0.457)",
+)
+
+
+def measured(path: Path) -> dict[str, float]:
+    """Kicks and interrupts per request of a shipped trace, and its pops per queue."""
+    counts = dict(
+        open_trace(path)
+        .events.group_by(pl.col("event").cast(pl.String))
+        .len()
+        .collect()
+        .iter_rows()
+    )
+    pops = counts["virtqueue_pop"]
+    return {
+        "kicks": counts["virtio_queue_notify"] / pops,
+        "irqs": counts["virtio_notify_irqfd"] / pops,
+    }
+
+
+@pytest.fixture(scope="module")
+def one_queue(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("mq") / "qd4.toml"
+    return calibrate([ONE], "virtio-blk", out).config
+
+
+@pytest.fixture(scope="module")
+def predicted(one_queue) -> dict[str, float]:
+    over = {**SHAPE, "workload.requests": 16_384, "workload.warmup_requests": 0}
+    s = simulate(one_queue.with_overrides(over)).summary
+    return {"kicks": s["kicks_per_request"], "irqs": s["irqs_per_request"]}
+
+
+def test_one_queue_calibration_is_one_vcpu_one_queue(one_queue) -> None:
+    assert (one_queue["vm.vcpus"], one_queue["virtqueue.queues"]) == (1, 1)
+    assert one_queue["workload.submit"] == "batch"
+    assert one_queue["backend.threads"] == "shared"  # QEMU's main loop
+
+
+def test_two_by_two_trace_calibrates_to_its_shape(tmp_path: Path) -> None:
+    """A multi-queue trace sets vCPUs, queues and jobs, and one back-end thread for all."""
+    cal = calibrate([TWO_BY_TWO], "virtio-blk", tmp_path / "2x2.toml")
+    cfg = cal.config
+    assert {k: cfg[k] for k in SHAPE} == SHAPE
+    assert cfg["backend.threads"] == "shared"
+    assert cfg["workload.queue_depth"] == 4 and cfg["workload.submit"] == "batch"
+    # 1524 kicks for 1024 lots of 4 (512 per stream)
+    assert cfg["workload.dispatch_splits"] == pytest.approx(1524 / 1024 - 1, abs=1e-3)
+    text = (tmp_path / "2x2.toml").read_text()
+    assert "vcpus = 2  # fitted: qemu-virtio-blk-qd4-2x2: meta.json config vcpus" in text
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param("kicks", marks=KICKS_MISS), pytest.param("irqs", marks=IRQS_MISS)]
+)
+def test_two_vcpus_two_queues_predicted(predicted: dict[str, float], name: str) -> None:
+    shipped = measured(TWO_BY_TWO)[name]
+    model = predicted[name]
+    low, median, high = RUNS[name]
+    print(
+        f"\n2 vCPUs x 2 queues {name}/request: model {model:.4f}, shipped run {shipped:.4f} "
+        f"({model / shipped - 1:+.0%}), median of the runs {median:.3f} "
+        f"({model / median - 1:+.0%}), runs {low:.3f}-{high:.3f}"
+    )
+    assert low <= shipped <= high  # the shipped trace is one of those runs
+    assert low <= model <= high, (name, model, low, high)
