@@ -149,6 +149,53 @@ def summary_command(
     print_summary(data, console)
 
 
+# --- export -----------------------------------------------------------------------------------
+
+export_app = typer.Typer(
+    help="Write a trace in another tool's format.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command(
+    "perfetto",
+    epilog="Examples:\n\n"
+    "  vtrace export perfetto traces/qemu-virtio-blk-qd4 -o qd4.pftrace\n\n"
+    "  vtrace export perfetto mytrace -o mytrace.pftrace --force    replace an older export\n\n"
+    "Open the file in the Perfetto UI (ui.perfetto.dev, 'Open trace file'); it is read in "
+    "the browser, nothing is uploaded.",
+)
+def export_perfetto_cmd(
+    trace_dir: str = typer.Argument(..., metavar="DIR", help="A trace directory."),
+    out: str = typer.Option(..., "-o", "--out", help="Timeline file to write (.pftrace)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Write a trace as a Perfetto timeline (protobuf trace format).
+
+    A process per VM; per vCPU thread its exits and user-space handling; per back-end
+    thread its passes; per queue each request from kick to completion; flows from a kick to
+    the pass it woke and from a completion to its interrupt; ring occupancy and kicks per
+    second as counters. What the trace did not record is left out."""
+    from vtrace.export import export_perfetto
+
+    result = export_perfetto(trace_dir, out, force=force)
+    counts = ", ".join(f"{n:,} {what}" for what, n in result.counts.items() if n)
+    console.print(
+        f"wrote {result.path}: {result.packets:,} packets, {result.bytes / 1e6:.1f} MB from "
+        f"{result.events:,} events in {result.seconds:.1f} s",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+    console.print(f"  {counts or 'nothing to draw'}", soft_wrap=True, markup=False, highlight=False)
+    console.print(
+        "  open it at ui.perfetto.dev (Open trace file): the browser reads it locally",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+
+
 # --- capture: record / doctor / stat -----------------------------------------------------------
 
 
