@@ -24,9 +24,20 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from vtrace import plots
 from vtrace.errors import VtraceError
 from vtrace.notebook import NOTEBOOKS, ShippedTrace, notebooks_dir, shipped_traces, traces_dir
-from vtrace.report import NotebookRun, Section, execute_notebook, notebook_links, write_index
+from vtrace.report import (
+    NotebookRun,
+    Section,
+    execute_notebook,
+    notebook_links,
+    timeline_links,
+    write_index,
+)
 
 DEFAULT_OUT = Path("vtrace-demo")
+# The script that captures the shipped traces again (relative to the repository).
+REGENERATE_SCRIPT = "traces/regenerate.sh"
+# Where the report keeps each shipped trace's Perfetto timeline.
+TIMELINES_DIR = "timelines"
 # Model pairs compared side by side: (emulated, virtio) and what they stand for.
 MODEL_PAIRS = (
     ("ide-emulated", "virtio-blk", "disk"),
@@ -177,6 +188,37 @@ def trace_for(notebook: str, traces: list[ShippedTrace]) -> ShippedTrace | None:
     return picked[0] if picked else None
 
 
+def timelines_section(traces: list[ShippedTrace], out_dir: Path) -> Section:
+    """Each shipped trace exported as a Perfetto timeline into ``out_dir``/timelines, linked."""
+    from vtrace.export import export_perfetto
+
+    section = Section(
+        "Timelines",
+        "Each trace as a Perfetto timeline: a process per VM; per vCPU thread its exits and "
+        "their handling in user space; per back-end thread its passes over the ring; per "
+        "queue each request from its kick to its completion; arrows from a kick to the pass "
+        "it woke and from a completion to its interrupt; ring occupancy and kicks per second "
+        "as counters. What a trace did not record is not drawn.",
+    )
+    section.raw(
+        "<p>To open one: download it, go to <code>ui.perfetto.dev</code> in a browser and "
+        "choose <em>Open trace file</em> (or drop the file on the page); the page reads the "
+        "file locally. Expand a process to see its threads; click a slice for its details "
+        "and its flows. Make one for any trace with <code>vtrace export perfetto DIR -o "
+        "FILE.pftrace</code>.</p>"
+    )
+    made = []
+    for t in traces:
+        path = out_dir / TIMELINES_DIR / f"{t.name}.pftrace"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = export_perfetto(t.path, path, force=True)
+        shown = [f"{n:,} {what}" for what, n in result.counts.items() if n]
+        made.append((t.name, path, ", ".join(shown) or "nothing to draw"))
+    if made:
+        section.raw(timeline_links(made, out_dir))
+    return section
+
+
 def _comparison_section(traces: list[ShippedTrace], missing: list[str]) -> Section:
     from vtrace.compare import PER_REQUEST, model_costs, traces_costs
     from vtrace.sim import model_names
@@ -324,12 +366,13 @@ def run_demo(
     if not traces:
         missing.append(
             f"no traces in {root}: the figures from real traces are left out "
-            "(scripts/make-traces.sh captures them)"
+            f"({REGENERATE_SCRIPT} captures them)"
         )
     sections: list[Section] = [_about_section(), _traces_section(traces)]
     steps: list[tuple[str, Callable[[], Section]]] = []
     if traces:
         steps.append(("summarising the traces", lambda: _summary_section(traces)))
+        steps.append(("exporting timelines", lambda: timelines_section(traces, out_dir)))
     steps.append(("emulated vs virtio", lambda: _comparison_section(traces, missing)))
     steps.append(("a small sweep", lambda: _sweep_section(missing)))
 

@@ -355,3 +355,20 @@ def notebook_links(runs: Sequence[NotebookRun], out_dir: Path) -> str:
         "<table><thead><tr><th>notebook</th><th>status</th><th>figures</th>"
         "<th>run time (s)</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
+
+
+def timeline_links(exports: Sequence[tuple[str, Path, str]], out_dir: Path) -> str:
+    """A table linking each exported timeline file: (trace name, file, what is in it)."""
+    rows = []
+    for name, path, what in exports:
+        href = html.escape(os.path.relpath(path, out_dir))
+        size = path.stat().st_size / 1e6
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td><a href='{href}' download>"
+            f"{html.escape(path.name)}</a></td><td class='num'>{size:.1f}</td>"
+            f"<td>{html.escape(what)}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>trace</th><th>timeline</th><th>MB</th><th>what it shows</th>"
+        "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
