@@ -98,8 +98,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "jobs": Param(
             int,
             1,
-            "closed loop: independent submitters (fio numjobs), each keeping queue_depth in "
-            "flight",
+            "closed loop: independent submitters (fio numjobs), each keeping queue_depth in flight",
             minimum=1,
             maximum=4096,
             why="far beyond the jobs a benchmark runs per VM",
@@ -375,7 +374,15 @@ SCHEMA: dict[str, dict[str, Param]] = {
 # name cannot be silently ignored.
 KIND_TABLES: dict[str, tuple[str, ...]] = {
     "virtio": (
-        "model", "vm", "workload", "vcpu", "kvm", "virtqueue", "backend", "device", "interrupt",
+        "model",
+        "vm",
+        "workload",
+        "vcpu",
+        "kvm",
+        "virtqueue",
+        "backend",
+        "device",
+        "interrupt",
     ),
     "emulated": ("model", "vm", "workload", "vcpu", "kvm", "backend", "device", "interrupt"),
     "queue": ("model", "workload", "queue"),
