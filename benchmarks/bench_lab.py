@@ -4,8 +4,8 @@ kernel through ioeventfd, and a request through the emulated device vs the virti
     .venv/bin/python benchmarks/bench_lab.py [--repeats 5] [--requests 5000]
 
 Prints medians over the repeats and ratios against the anchors measured on this machine
-kind (HOST.md: about 9.6 us per user-space PIO round trip, about 1.9 us per ioeventfd PIO
-write), plus the anchors' own ratio measured in the same run.
+kind (about 9.6 us per user-space PIO round trip, about 1.9 us per ioeventfd PIO write:
+docs/sources.md), plus the anchors' own ratio measured in the same run.
 """
 
 from __future__ import annotations

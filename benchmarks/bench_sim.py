@@ -1,6 +1,7 @@
 """Model speed: simulated requests per second of the virtio model against a bare SimPy M/M/1.
 
-The anchor (ANCHORS.md: about 100-115 k M/M/1 customers/s with SimPy here) is measured in
+The anchor (about 100-115 k M/M/1 customers/s with SimPy on the development machines,
+docs/sources.md) is measured in
 the same run: a Resource with one server, one process per customer, exponential
 inter-arrival and service times at rho = 0.5. Goal: the single-queue models at least 40 % of
 the anchor's rate, and 1M-request runs (one queue; 4 vCPUs x 4 queues) in under a minute.

@@ -21,7 +21,7 @@ if ! mountpoint -q /sys/kernel/tracing; then
     mount -t tracefs nodev /sys/kernel/tracing || echo "setup-host: could not mount tracefs"
 fi
 # bcc compiles against the running kernel's headers. This kernel ships none; Debian's
-# linux-headers-amd64 works for tracepoint programs (HOST.md), so link it in.
+# linux-headers-amd64 (6.1) compiles tracepoint programs for it (docs/sources.md), so link it in.
 mod=/lib/modules/$(uname -r)
 if [ ! -e "$mod/build/include" ]; then
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)

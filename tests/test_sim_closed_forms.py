@@ -168,7 +168,8 @@ def zero_cost_virtio(rho: float, distribution: str = "exponential") -> dict[str,
 
 def test_zero_cost_virtio_path_is_an_mm1_and_kicks_only_when_idle() -> None:
     """Through the whole virtqueue path (EVENT_IDX, interrupts): W = 1/(mu - lambda), and with
-    Poisson arrivals the share of requests that kick is 1 - rho (ANCHORS.md)."""
+    Poisson arrivals the share of requests that kick is 1 - rho (arrivals see time averages:
+    Wolff 1982; docs/sources.md)."""
     result = simulate(load_config("virtio-blk", zero_cost_virtio(0.6)))
     frame = result.requests.slice(2000)
     mean, half = batch_means_ci(frame["latency_ns"].to_numpy())

@@ -1,6 +1,6 @@
 """The events table: one schema for every part of vtrace, and the tables that name exit reasons.
 
-Column names and types are a contract (DESIGN.md section 2): importers, the collector, the
+Column names and types are a contract (docs/events.md): importers, the collector, the
 lab, analyses, the model and notebooks all rely on them.
 
 Exit-reason tables come from the kernel's own definitions: the print fmt of the

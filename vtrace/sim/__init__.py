@@ -1,4 +1,4 @@
-"""The what-if model: a SimPy replay of emulated and virtio I/O paths (DESIGN.md section 4).
+"""The what-if model: a SimPy replay of emulated and virtio I/O paths (docs/model.md).
 
 ``load_config(name_or_path, overrides)`` reads and validates a model from ``models/``;
 ``simulate(config)`` runs it; ``replay(model, trace=..., overrides=...)`` does both, with
