@@ -3,6 +3,10 @@
 vtrace is installed editable from its repository, so `notebooks/`, `traces/` and
 `models/` sit next to the `vtrace` package. ``VTRACE_TRACES`` and ``VTRACE_NOTEBOOKS``
 point elsewhere when set (a copy of the traces on a shared disk, say).
+
+JupyterLab gets vtrace's Jupyter settings (`vtrace/jupyter/`) through
+``JUPYTER_CONFIG_PATH``: jupytext's notebook view is the default viewer of Python files,
+so a paired `.py` notebook opens as a notebook from the file browser, not as text.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,10 @@ from vtrace.errors import VtraceError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 META_NAME = "meta.json"
+# A Jupyter config directory vtrace ships: labconfig/default_setting_overrides.json (the file
+# `jupytext-config set-default-viewer` writes in ~/.jupyter) makes "Jupytext Notebook" the
+# default viewer of Python files. Defaults only: a user's own JupyterLab settings still win.
+JUPYTER_CONFIG_DIR = Path(__file__).resolve().parent / "jupyter"
 
 # The notebooks, in reading order.
 NOTEBOOKS = (
@@ -136,24 +144,35 @@ def jupyterlab_command(
     return [*cmd, *extra]
 
 
+def jupyterlab_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment JupyterLab runs in: ``base`` (default this process's) with this
+    Python's directory first on ``PATH`` and vtrace's Jupyter settings first on
+    ``JUPYTER_CONFIG_PATH`` (the paired `.py` notebooks open as notebooks)."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    config = [str(JUPYTER_CONFIG_DIR), env.get("JUPYTER_CONFIG_PATH", "")]
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(p for p in config if p)
+    return env
+
+
 def start_jupyterlab(
     directory: Path | None = None, *, port: int | None = None, open_browser: bool = True
 ) -> int:
     """Run JupyterLab on the notebooks until it is stopped; returns its exit status.
 
-    JupyterLab opens `.py` notebooks as notebooks through jupytext's contents manager,
-    and the kernel is this Python, so `import vtrace` works in every cell.
+    JupyterLab opens `.py` notebooks as notebooks through jupytext's contents manager and,
+    from the file browser, with jupytext's notebook view (:func:`jupyterlab_env`); the
+    kernel is this Python, so `import vtrace` works in every cell.
     """
     import subprocess
 
     directory = directory or notebooks_dir()
     if not directory.is_dir():
         raise VtraceError(f"{directory}: no notebooks directory")
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     try:
         return subprocess.call(
             jupyterlab_command(directory, port=port, open_browser=open_browser),
-            env={**os.environ, "PATH": path},
+            env=jupyterlab_env(),
         )
     except KeyboardInterrupt:
         return 130
