@@ -318,8 +318,8 @@ def write_trace(
         return writer.close()
 
 
-# The most events Trace.to_pandas converts unless told otherwise: pandas holds about 100 bytes
-# an event with every column (a few times that while converting), and a trace can hold 10^8.
+# The most events Trace.to_pandas converts unless told otherwise: pandas holds about 90 bytes
+# an event with every column (3 to 4 times that while converting), and a trace can hold 10^8.
 PANDAS_MAX_ROWS = 10_000_000
 
 
@@ -426,7 +426,8 @@ class Trace:
                 raise VtraceError(
                     f"{self.path}: {rows:,} {which}, more than max_rows={max_rows:,} to convert "
                     "to pandas; choose events=, filter trace.events in polars first, or raise "
-                    "max_rows (about 100 bytes of memory an event with every column)"
+                    "max_rows (about 90 bytes an event with every column, 3 to 4 times that "
+                    "while converting)"
                 )
             selected = [pl.col(n) for n in names]
             if datetime:
