@@ -78,6 +78,7 @@ CATEGORIES = (
     "exit", "user-space", "pass", "request", "kick", "pop", "completion", "interrupt", "access",
 )  # fmt: skip
 CATEGORY_IID = {name: i + 1 for i, name in enumerate(CATEGORIES)}
+CATEGORY = pl.Enum(CATEGORIES)  # a small Enum: grouping and interning on it are integer work
 # Debug annotation names (the args of a slice in the UI's details pane).
 ARGS = ("seq", "count", "queue", "addr", "gsi", "vector", "level", "pops", "reason", "value")
 ARG_IID = {name: i + 1 for i, name in enumerate(ARGS)}
@@ -97,7 +98,7 @@ ROW_SCHEMA = pl.Schema(
         "ts": pl.Int64,
         "rank": pl.Int16,
         "type": pl.UInt8,
-        "cat": pl.String,
+        "cat": CATEGORY,
         "name": pl.String,
         "value": pl.Int64,
         "flow_out": pl.UInt64,
@@ -760,8 +761,10 @@ def build_timeline(events: pl.LazyFrame | pl.DataFrame) -> Timeline:
     # Processes and threads: every (pid, tid) with rows, named by what happens on it.
     roles = (
         bound.filter(pl.col("type") != SLICE_END)
+        .select("pid", "tid", "cat")
+        .unique()
         .group_by("pid", "tid")
-        .agg(pl.col("cat").unique())
+        .agg(pl.col("cat").cast(pl.String))
         .sort("pid", "tid", nulls_last=True)
     )
     vcpus = (
@@ -892,15 +895,19 @@ def build_timeline(events: pl.LazyFrame | pl.DataFrame) -> Timeline:
     names = rows.get_column("name").drop_nulls().unique().sort().to_list()
     rows = rows.with_columns(
         (pl.col("name").cast(pl.Enum(names)).to_physical().cast(pl.UInt64) + 1).alias("name_iid"),
-        pl.col("cat")
-        .replace_strict(CATEGORY_IID, default=None, return_dtype=pl.UInt64)
-        .alias("cat_iid"),
+        # CATEGORY_IID follows the Enum's order: iid = physical code + 1.
+        (pl.col("cat").to_physical().cast(pl.UInt64) + 1).alias("cat_iid"),
     )
     begin_or_instant = rows.filter(pl.col("type").is_in([SLICE_BEGIN, INSTANT]))
     by_cat = begin_or_instant.group_by("cat", "type").len()
-    for cat, typ, n in by_cat.iter_rows():
-        kind = "slices" if typ == SLICE_BEGIN else "instants"
-        counts[f"{cat} {kind}"] = n
+    found = {
+        (cat, typ): n
+        for cat, typ, n in by_cat.with_columns(pl.col("cat").cast(pl.String)).iter_rows()
+    }
+    for cat in CATEGORIES:  # a fixed order: the command prints them
+        for typ, kind in ((SLICE_BEGIN, "slices"), (INSTANT, "instants")):
+            if (cat, typ) in found:
+                counts[f"{cat} {kind}"] = found[(cat, typ)]
     counts["counter values"] = int((rows.get_column("type") == COUNTER).sum())
     counts["flows"] = int(rows.get_column("flow_out").is_not_null().sum())
     return Timeline(tracks, rows, names, counts)
