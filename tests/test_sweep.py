@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -63,3 +65,41 @@ def test_a_grid_with_too_many_points_is_refused_before_building_it() -> None:
     grid = [f"queue.arrival_rate_per_s={axis}", f"queue.service_mean_ns={axis}"]
     with pytest.raises(VtraceError, match=f"--grid: 1000000 points; at most {MAX_POINTS}"):
         parse_grid("mm1", grid)
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(c) for c in text.split()}
+
+
+def test_an_interrupted_sweep_stops_its_workers_at_once(tmp_path: Path) -> None:
+    # Points long enough (seconds each) that waiting for them would show.
+    out = tmp_path / "s.parquet"
+    args = ["--grid", "batch=1,2,4,8", "--set", "requests=300000", "-o", str(out), "-j", "2"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vtrace.cli", "sweep", "--model", "virtio-blk", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(_children(p.pid)) < 3 and time.monotonic() < deadline:  # 2 workers + tracker
+        time.sleep(0.2)
+    time.sleep(2)  # the workers are inside their first points
+    workers = _children(p.pid)
+    # To the parent only: a signal any of its threads may take (as a terminal's may).
+    start = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    # Before: it waited for the running points to finish (tens of seconds here).
+    assert time.monotonic() - start < 5, err
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    deadline = time.monotonic() + 5
+    while (left := [w for w in workers if Path(f"/proc/{w}").exists()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not left, [Path(f"/proc/{w}/cmdline").read_bytes() for w in left]

@@ -13,7 +13,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from typing import Any
 
 import polars as pl
@@ -75,6 +75,13 @@ def check_options(
         check_new_file(output, force=force)
 
 
+def _stop_workers(pool: Executor) -> None:
+    """Terminate a process pool's workers now: a point may run for minutes, and shutdown
+    waits for the running ones (no public way to stop them before Python 3.14)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+
+
 def run_sweep(
     model: str,
     points: list[dict[str, Any]],
@@ -104,10 +111,19 @@ def run_sweep(
     rows: list[dict[str, Any] | None] = [None] * len(points)
     try:
         futures = {pool.submit(run_point, path, overrides, p): i for i, p in enumerate(points)}
-        for fut in as_completed(futures):
-            rows[futures[fut]] = fut.result()
-            if on_point:
-                on_point()
+        pending = set(futures)
+        while pending:
+            # Timed waits: a Ctrl-C that another thread takes is seen within half a second
+            # (an untimed wait would sleep through it until the next point ends).
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                rows[futures[fut]] = fut.result()
+                if on_point:
+                    on_point()
+    except BaseException:  # Ctrl-C, SIGTERM's exit, a failed point: the rest is wasted
+        if own:
+            _stop_workers(pool)
+        raise
     finally:
         if own:
             pool.shutdown(cancel_futures=True)
