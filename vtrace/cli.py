@@ -6,6 +6,8 @@ Each command parses, calls the library, and renders with rich or prints `--json`
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Annotated
 
@@ -677,6 +679,15 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("vtrace: interrupted")
         sys.exit(130)
+    except OSError as e:
+        # A write without a file name is standard output's (files go through
+        # vtrace.output, whose errors are VtraceErrors): a full disk under `> file`.
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # What print() left buffered would fail again at exit, with a second message.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        err_console.print(f"vtrace: error: standard output: cannot write: {e.strerror}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
