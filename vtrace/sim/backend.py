@@ -52,17 +52,20 @@ class BackendThread:
         self.wakeups = wakeups
         self.monitor = monitor
         self.polling = params.mode == "poll"
-        self.signalled = False  # an eventfd it serves is readable
         self.wait_event: simpy.Event | None = None
         self.done: list[tuple[int, QueuePath]] = []  # device completions not yet handled
         self.next_path = 0
+        self.current: QueuePath | None = None  # the queue whose handler runs
+        if self.polling:  # a polling thread keeps kicks off on every queue for good
+            for path in paths:
+                path.vq.disable_notification()
         for path in paths:
             path.thread = self
 
     # -- what wakes it ---------------------------------------------------------------------
-    def signal(self) -> None:
-        """A kick: the queue's eventfd is signalled."""
-        self.signalled = True
+    def signal(self, path: QueuePath) -> None:
+        """A kick: ``path``'s eventfd is signalled."""
+        path.eventfd = True
         self._wake()
 
     def poke(self) -> None:
@@ -78,69 +81,90 @@ class BackendThread:
         if wait is not None and not wait.triggered:
             wait.succeed()
 
-    def has_work(self) -> bool:
-        if self.done:
-            return True
-        return any(path.vq.avail_pending() for path in self.paths)
+    def _next_path(self) -> QueuePath | None:
+        """The queue to serve: the one whose handler is running, until it runs dry or spends
+        its ``max_per_pass``; then, round robin, one whose eventfd is readable or that spent
+        its weight (a polling thread: round robin over those with avail entries)."""
+        if self.current is not None:
+            return self.current
+        paths = self.paths
+        n = len(paths)
+        for k in range(n):
+            path = paths[(self.next_path + k) % n]
+            ready = path.vq.avail_pending() if self.polling else path.eventfd or path.draining
+            if ready:
+                self.next_path = (self.next_path + k + 1) % n
+                return path
+        return None
+
+    def _others_wait(self, path: QueuePath) -> bool:
+        return any(p is not path and (p.eventfd or p.draining) for p in self.paths)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> Generator[simpy.Event, None, None]:
-        paths = self.paths
         while True:
-            if not self.has_work():
-                yield from self._idle()
-                continue
             if self.done:
                 yield from self._complete()
                 continue
-            n = len(paths)
-            for k in range(n):  # round robin over the queues it serves
-                path = paths[(self.next_path + k) % n]
-                if path.vq.avail_pending():
-                    self.next_path = (self.next_path + k + 1) % n
-                    yield from self._serve(path)
-                    break
+            path = self._next_path()
+            if path is None:
+                yield from self._idle()
+                continue
+            if self.polling:
+                yield from self._serve(path)
+                continue
+            # the queue's handler (QEMU's virtio_blk_handle_vq, vhost's handle_tx): kicks off
+            # on this queue only, drain, kicks back on and look once more
+            vq = path.vq
+            if not path.draining:
+                path.eventfd = False
+                path.draining = True
+                vq.disable_notification()
+            self.current = path
+            if vq.avail_pending():
+                spent = yield from self._serve(path)
+                if spent:  # vhost's weight: requeue itself, kicks still off, next queue's turn
+                    self.current = None
+                elif self._others_wait(path):
+                    # another queue's eventfd is readable: this handler returns with kicks
+                    # back on, and the main loop comes back to it (its avail entries pending)
+                    vq.enable_notification()
+                    path.draining = False
+                    path.eventfd = path.eventfd or vq.avail_pending()
+                    self.current = None
+                continue
+            vq.enable_notification()
+            if vq.avail_pending():  # the driver added just before: keep draining
+                vq.disable_notification()
+                continue
+            path.draining = False
+            self.current = None
 
     def _idle(self) -> Generator[simpy.Event, None, None]:
-        """Nothing to do: ask for kicks, look once more, flush held interrupts, sleep."""
+        """Nothing to serve: flush held interrupts, then sleep until a kick or a completion."""
         env = self.env
-        paths = self.paths
-        if not self.polling:
-            for path in paths:
-                path.vq.enable_notification()
-            if self.has_work():
-                for path in paths:
-                    path.vq.disable_notification()
-                return
-        for path in paths:
+        for path in self.paths:
             if path.unsignalled and path.irq.coalesce_ns <= 0:
                 yield from inject_interrupt(path, path.last_used_request)
-        if self.has_work():
+        if self.done or self._next_path() is not None:  # work came during the flush
             return
-        if self.polling:  # spin until something shows up, then notice it
-            self.wait_event = env.event()
-            yield self.wait_event
-            self.wait_event = None
+        self.wait_event = env.event()
+        yield self.wait_event
+        self.wait_event = None
+        if self.polling:  # it spins: it notices an add ``poll_ns`` later
             if self.p.poll_ns > 0:
                 yield env.timeout(self.p.poll_ns)
             return
-        if self.signalled:  # a kick came while it was running: the eventfd is readable
-            self.signalled = False
-        else:
-            self.wait_event = env.event()
-            yield self.wait_event
-            self.wait_event = None
-            self.signalled = False
+        # woken from its poll loop by an eventfd: a kick or a completion
         wake_ns = self.wakeups.next()
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:
             self.monitor.backend_busy_ns += wake_ns
             yield env.timeout(wake_ns)
-        for path in paths:
-            path.vq.disable_notification()
 
-    def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, None]:
-        """Serve what ``path`` has available, at most ``max_per_pass`` requests."""
+    def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, bool]:
+        """Serve what ``path`` has available, at most ``max_per_pass`` requests; True when
+        that weight is spent."""
         vq = path.vq
         limit = self.p.max_per_pass
         available = vq.avail_idx - vq.last_avail_idx
@@ -150,7 +174,13 @@ class BackendThread:
         elif self.p.publish_per_pass:
             yield from self._serve_pass(path, take)
         else:
+            take = 1
             yield from self._serve_one(path)
+        path.served_in_turn = 0 if limit <= 0 else path.served_in_turn + take
+        if limit > 0 and path.served_in_turn >= limit:
+            path.served_in_turn = 0
+            return True
+        return False
 
     def _serve_one(self, path: QueuePath) -> Generator[simpy.Event, None, None]:
         """Pop one request, serve it, put it on the used ring, decide on an interrupt."""

@@ -54,6 +54,9 @@ class QueuePath:
         self.irq_timeline = irq_timeline
         self.vcpus: list[Vcpu] = []
         self.thread: BackendThread | None = None
+        self.eventfd = False  # signalled by a kick, read by the back end's handler
+        self.draining = False  # the back end runs this queue's handler (kicks off on it)
+        self.served_in_turn = 0  # requests served since the handler last gave way
         # the interrupt path's state
         self.unsignalled = 0  # completions put on the used ring and not yet signalled
         self.last_used_request = 0
@@ -79,7 +82,7 @@ class QueuePath:
             if self.ring.kick_handler == "user":
                 self.monitor.exit(request, 0, 1)
             timeline.exit(env.now, self.ring.kick_exit_ns)
-        self.thread.signal()
+        self.thread.signal(self)
 
     def added(self) -> None:
         """A request was published on the avail ring: a polling back end sees it."""
