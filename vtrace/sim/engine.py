@@ -18,7 +18,7 @@ ring, eventfd and vector) and a :class:`VcpuTimeline` per vCPU. The run's record
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,10 +97,16 @@ class SimResult:
     config: Config
 
 
-def simulate(cfg: Config, arrivals_ns: Sequence[float] | None = None) -> SimResult:
-    """Run ``cfg``; ``arrivals_ns`` replays given request arrival times (open loop)."""
+def simulate(
+    cfg: Config,
+    arrivals_ns: Sequence[float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimResult:
+    """Run ``cfg``; ``arrivals_ns`` replays given request arrival times (open loop);
+    ``progress(completed, requests)`` is called every 65,536 completions."""
     env = simpy.Environment()
     m = Machine(env, cfg, arrivals_ns)
+    m.monitor.progress = progress
     guests = [env.process(v.run()) for v in m.vcpus]
     for thread in m.threads:
         env.process(thread.run())

@@ -10,6 +10,7 @@ and :meth:`RunMonitor.tail`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ EXACT_REQUESTS = 1_000_000
 HIST_BASE = 1.01  # relative width of a latency bin
 HIST_BINS = 3600  # 1.01 ** 3600 ns is far beyond any simulated latency
 FOLD_EVERY = 65_536  # latencies gathered before they are folded into the histogram
+PROGRESS_EVERY = 1 << 16  # completions between two progress reports
 
 
 @dataclass
@@ -99,6 +101,7 @@ class RunMonitor:
         self.backend_busy_ns = 0.0
         self.completed = 0
         self.end_ns = 0.0
+        self.progress: Callable[[int, int], None] | None = None  # (completed, requests)
 
     def _measured_tail(self, request: int) -> bool:
         return request >= self.exact and request >= self.warmup
@@ -118,6 +121,8 @@ class RunMonitor:
 
     def completed_at(self, request: int, at_ns: float) -> None:
         self.completed += 1
+        if self.progress is not None and not self.completed % PROGRESS_EVERY:
+            self.progress(self.completed, self.n)
         if at_ns > self.end_ns:
             self.end_ns = at_ns
         if request < self.exact:

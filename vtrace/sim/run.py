@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from vtrace.sim.config import Config, load_config
@@ -17,6 +18,7 @@ def replay(
     requests: int | None = None,
     seed: int | None = None,
     arrival_event: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SimResult:
     """Run ``model``; with ``trace``, its request arrivals (open loop) drive the guest."""
     cfg = model if isinstance(model, Config) else load_config(model)
@@ -32,7 +34,7 @@ def replay(
     if extra:
         cfg = cfg.with_overrides(extra, where="--requests/--seed")
     if trace is None:
-        return simulate(cfg)
+        return simulate(cfg, progress=progress)
     from vtrace import open_trace
     from vtrace.sim.workloads import trace_arrivals_ns
 
@@ -43,7 +45,7 @@ def replay(
         cfg = cfg.with_overrides(
             {"workload.requests": n, "workload.warmup_requests": warmup}, where=str(trace)
         )
-    result = simulate(cfg, arrivals)
+    result = simulate(cfg, arrivals, progress)
     result.summary["trace"] = str(trace)
     result.summary["arrival_event"] = event
     return result
