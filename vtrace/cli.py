@@ -522,10 +522,27 @@ def replay_cmd(
     """Run a model (optionally replaying a trace's request arrivals) and summarise it."""
     import json
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from vtrace.sim import replay
     from vtrace.sim.report import summary_table
 
-    result = replay(model, trace, set_ or [], requests=requests, seed=seed)
+    # long runs show how far they are on stderr (it stays clean of --json's stdout)
+    bar = Progress(
+        "simulating", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    )  # fmt: skip
+    task = bar.add_task("requests", total=None)
+
+    def progress(completed: int, total: int) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=completed, total=total)
+
+    try:
+        result = replay(model, trace, set_ or [], requests=requests, seed=seed, progress=progress)
+    finally:
+        bar.stop()
     if json_out:
         print(json.dumps(result.summary))
     else:
