@@ -161,7 +161,11 @@ def test_disk_full_while_recording_stops_it_and_counts_what_was_not_written(smal
     assert summary.returncode == 0, summary.stderr
     data = json.loads(summary.stdout)
     assert data["lost_events"] == meta["lost"] >= 6001
+    assert data["events_not_written"] == meta["events_not_written"]
     assert "No space left on device" in data["error"]
+    text = subprocess.run([*VTRACE, "summary", str(out)], capture_output=True, text=True)
+    assert f"{meta['events_not_written']:,} not written" in text.stdout, text.stdout
+    assert "()" not in text.stdout
 
 
 @pytest.mark.kvm

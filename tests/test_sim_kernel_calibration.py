@@ -19,7 +19,7 @@ from vtrace import open_trace
 from vtrace.errors import VtraceError
 from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
-from vtrace.store import write_trace
+from vtrace.store import TraceWriter, write_trace
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 
@@ -96,3 +96,26 @@ def test_kernel_events_without_a_request_count_is_one_line(tmp_path: Path) -> No
     text = out.read_text()
     assert "request_prep_ns" in text and "wakeup_ns = " in text
     assert json.loads(json.dumps(open_trace(trace).meta))  # the stripped trace still reads
+
+
+def test_a_trace_with_a_part_missing_is_refused_by_calibrate_and_replay(tmp_path: Path) -> None:
+    t = open_trace(TRACES / "lab-virtio-b8")
+    events = t.events.sort("ts_ns").collect()
+    thirds = [events.slice(i * events.height // 3, events.height // 3 + 1) for i in range(3)]
+    path = tmp_path / "three-parts"
+    with TraceWriter(path, dict(t.meta)) as writer:
+        for third in thirds:
+            writer.append(third)
+            writer.flush()  # a part each
+        writer.close()
+    parts = sorted(path.glob("part-*.parquet"))
+    assert len(parts) == 3
+    parts[1].unlink()
+    with pytest.raises(VtraceError, match=r"incomplete trace: part-000001\.parquet missing"):
+        calibrate([path], "lab-virtio")
+    r = subprocess.run(
+        [sys.executable, "-m", "vtrace.cli", "replay", str(path), "--model", "lab-virtio"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 2 and "incomplete trace" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -565,6 +565,14 @@ def open_trace(path: str | os.PathLike[str], *, strict: bool = False) -> Trace:
     return trace
 
 
+def check_whole(trace: Trace, why: str) -> None:
+    """Raise a one-line :class:`VtraceError` when parts or events are missing against meta
+    (readers whose result would be skewed by what is missing, e.g. a calibration)."""
+    problem = trace.problem(trace.events_on_disk())
+    if problem is not None:
+        raise VtraceError(f"{trace.path}: incomplete trace: {problem}; {why}")
+
+
 def _check_complete(trace: Trace) -> None:
     """Raise a one-line :class:`VtraceError` when ``trace`` is not complete (strict readers)."""
     meta = trace.meta

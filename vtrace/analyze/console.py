@@ -87,12 +87,11 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
     )
     lost, unparsed = data["lost_events"], data["unparsed"]
     style = "bold red" if lost or unparsed else "green"
-    per_cpu = data.get("lost_events_per_cpu")
-    detail = (
-        " (" + ", ".join(f"cpu {k}: {v}" for k, v in per_cpu.items() if v) + ")"
-        if per_cpu and lost
-        else ""
-    )
+    per_cpu = data.get("lost_events_per_cpu") or {}
+    parts = [f"cpu {k}: {v:,}" for k, v in per_cpu.items() if v]
+    if data.get("events_not_written"):
+        parts.append(f"{data['events_not_written']:,} not written")
+    detail = " (" + ", ".join(parts) + ")" if parts and lost else ""
     console.print(
         f"[{style}]lost events: {lost:,}{detail}; unparsed lines: {unparsed:,}[/]", highlight=False
     )

@@ -412,8 +412,11 @@ def calibrate(
     if cfg.kind == "queue":
         raise VtraceError(f"{model}: a reference queue has no costs to calibrate")
     from vtrace import open_trace
+    from vtrace.store import check_whole
 
     opened = [open_trace(t) for t in traces]
+    for t in opened:
+        check_whole(t, "a calibration from what is left would skew every fitted value")
     guests = [t for t, o in zip(traces, opened, strict=True) if o.meta.get("qemu_lab")]
     if guests:
         # a QEMU guest under TCG shows structure, not KVM's timings: the last trace gives the

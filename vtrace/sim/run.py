@@ -37,8 +37,11 @@ def replay(
         return simulate(cfg, progress=progress)
     from vtrace import open_trace
     from vtrace.sim.workloads import trace_arrivals_ns
+    from vtrace.store import check_whole
 
-    arrivals, event = trace_arrivals_ns(open_trace(trace).events, arrival_event)
+    opened = open_trace(trace)
+    check_whole(opened, "its arrivals would have a hole where the missing events were")
+    arrivals, event = trace_arrivals_ns(opened.events, arrival_event)
     if requests is None:
         n = max(1, len(arrivals))
         warmup = min(cfg["workload.warmup_requests"], n // 5)
