@@ -11,6 +11,12 @@
 # Parameters come from the kernel command line: vtrace_op=read|write|ping,
 # vtrace_requests=N, vtrace_bytes=N, vtrace_qd=N, vtrace_submit=batch|streams,
 # vtrace_streams=N (block: N streams, stream i pinned to CPU i, each 1/N of the requests).
+#
+# vtrace_loop=1 (vtrace qemu-lab start): no markers to wait for; after "ready" the guest
+# prints "running" and repeats the workload (rounds of vtrace_requests) until QEMU is
+# stopped, printing "count requests=N interrupts=M" after every round: the requests its
+# block layer completed (/sys/block/*/stat) or the echo replies it received, and the
+# device's interrupts, both since the workload began.
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -36,6 +42,7 @@ bytes=4096
 qd=1
 submit=streams
 streams=1
+loop=0
 for kv in $(cat /proc/cmdline); do
     # Only digits and letters reach the variables: the values are used in arithmetic.
     case "$kv" in
@@ -45,6 +52,7 @@ for kv in $(cat /proc/cmdline); do
         vtrace_qd=[0-9]*) qd=${kv#*=} ;;
         vtrace_submit=streams | vtrace_submit=batch) submit=${kv#*=} ;;
         vtrace_streams=[0-9]*) streams=${kv#*=} ;;
+        vtrace_loop=1) loop=1 ;;
     esac
 done
 
@@ -185,6 +193,32 @@ block_stream() {
 say "info cpus=$(nproc)"
 say "info ioapic_pins=$(ioapic_pins)"
 say ready
+
+# Completed requests of the disk (reads + writes, /sys/block/*/stat fields 1 and 5).
+disk_requests() {
+    set -- $(cat /sys/block/$blk/stat)
+    echo $(($1 + $5))
+}
+
+if [ "$loop" = 1 ]; then
+    irq_before=$(device_interrupts)
+    say running
+    replies=0
+    [ "$op" = ping ] || req_before=$(disk_requests)
+    while :; do
+        if [ "$op" = ping ]; then
+            n=$(ping -q -A -c "$requests" -s "$bytes" 10.0.2.2 2>/dev/null |
+                grep -o '[0-9]* packets received' | grep -o '^[0-9]*')
+            replies=$((replies + ${n:-0}))
+            done_now=$replies
+        else
+            block_stream 0 "$requests" 0 || die "workload failed"
+            done_now=$(($(disk_requests) - req_before))
+        fi
+        say "count requests=$done_now interrupts=$(($(device_interrupts) - irq_before))"
+    done
+fi
+
 read -r _go
 irq_before=$(device_interrupts)
 say start

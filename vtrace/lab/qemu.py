@@ -31,7 +31,6 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from vtrace import schema as s
 from vtrace.errors import VtraceError
 from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
 from vtrace.output import check_new_dir
+from vtrace.qmp import QemuExited, Qmp
 from vtrace.store import Trace, write_trace
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -350,67 +350,9 @@ def qemu_command(
     return cmd
 
 
-class _QemuExited(Exception):
-    """QEMU ended before its QMP socket was up (bad kernel, bad option)."""
-
-
-class _Qmp:
-    """A minimal QMP client over QEMU's unix socket (one command at a time)."""
-
-    def __init__(self, path: Path, deadline: float, alive: Callable[[], bool]) -> None:
-        while True:
-            try:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._sock.settimeout(max(0.1, deadline - time.monotonic()))
-                self._sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self._sock.close()
-                if not alive():
-                    raise _QemuExited from None
-                if time.monotonic() > deadline:
-                    raise VtraceError(f"QEMU did not open its QMP socket {path}") from None
-                time.sleep(0.05)
-        self._file = self._sock.makefile("rwb")
-        try:
-            self._read()  # greeting
-            self.execute("qmp_capabilities")
-        except (OSError, VtraceError):
-            # QEMU accepted the connection and then exited (a kernel it cannot load): its
-            # own words on the console say why, not the reset socket. The socket closes
-            # before the process has ended: give it a moment.
-            self.close()
-            until = time.monotonic() + 2.0
-            while alive() and time.monotonic() < until:
-                time.sleep(0.02)
-            if not alive():
-                raise _QemuExited from None
-            raise
-
-    def _read(self) -> dict[str, Any]:
-        while True:
-            line = self._file.readline()
-            if not line:
-                raise VtraceError("QEMU closed its QMP socket")
-            msg = json.loads(line)
-            if "event" not in msg:  # asynchronous events are not answers
-                return msg
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        req: dict[str, Any] = {"execute": command}
-        if arguments:
-            req["arguments"] = arguments
-        self._file.write(json.dumps(req).encode() + b"\n")
-        self._file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise VtraceError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
-            self._sock.close()
+# The QMP client lives in vtrace.qmp (the recorder uses it too); the old names stay.
+_QemuExited = QemuExited
+_Qmp = Qmp
 
 
 def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
@@ -852,3 +794,198 @@ def run_qemu_lab(
     meta["events"] = events.height
     trace = write_trace(out_path, events, meta)
     return trace, summary
+
+
+# --- a background guest: qemu-lab start / stop ---------------------------------------------------
+
+LAB_NAME_PREFIX = "vtrace-lab-"
+# Requests per round of a background guest's workload (x queue depth): a round ends with a
+# count line on the console, a few dozen a second under TCG.
+ROUND_REQUESTS = 32
+
+
+@dataclass(frozen=True)
+class LabGuest:
+    """A background guest started by :func:`start_lab_guest`."""
+
+    pid: int
+    name: str
+    qmp: Path
+    console: Path
+    accel: str
+
+
+def console_path_for(qmp_path: Path) -> Path:
+    """Where a background guest's serial console is written: next to its QMP socket."""
+    return qmp_path.with_name(qmp_path.name + ".console")
+
+
+def _socket_in_use(path: Path) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def background_command(cmd: list[str], console: Path, pidfile: Path, name: str) -> list[str]:
+    """The lab's QEMU command for a background guest: daemonized, console to a file, a name,
+    no trace log (whoever records sets one over QMP)."""
+    out: list[str] = []
+    args = iter(cmd)
+    for arg in args:
+        if arg == "-serial":
+            out += ["-serial", f"file:{console}"]
+            next(args)
+        elif arg == "-D":
+            next(args)  # the recorder points the log where it reads it (HMP logfile)
+        else:
+            out.append(arg)
+    # debug-threads=on names QEMU's threads ("CPU 0/TCG", "CPU 0/KVM"): the vCPU threads
+    # are recognisable in a host-wide recording.
+    return [*out, "-name", f"{name},debug-threads=on", "-daemonize", "-pidfile", str(pidfile)]
+
+
+def start_lab_guest(
+    config: QemuLabConfig,
+    qmp_path: str | os.PathLike[str],
+    *,
+    timestamps: bool = True,
+    boot_timeout_s: float = 90.0,
+) -> LabGuest:
+    """Boot the lab's guest in the background, its workload repeating until
+    :func:`stop_lab_guest`; returns once the workload runs.
+
+    ``config.requests`` is the size of one round (the guest prints its counts after each).
+    The serial console goes to ``<qmp>.console``; the disk is a sparse file QEMU keeps
+    open after vtrace has removed its name.
+    """
+    config.check()
+    qmp = Path(qmp_path).absolute()
+    if qmp.exists():
+        if _socket_in_use(qmp):
+            raise VtraceError(f"--qmp {qmp}: a QEMU already listens there")
+        if not qmp.is_socket():
+            raise VtraceError(f"--qmp {qmp}: exists and is not a socket")
+        qmp.unlink()  # a stale socket of a QEMU that is gone
+    if not qmp.parent.is_dir():
+        raise VtraceError(f"--qmp {qmp}: no such directory {qmp.parent}")
+    console = console_path_for(qmp)
+    qemu = find_qemu(config.qemu)
+    kernel = find_kernel(config.kernel)
+    accel, _reason = choose_accel(config.accel)
+    initrd = build_initramfs(kernel, config.device)
+    name = f"{LAB_NAME_PREFIX}{config.device}"
+    with tempfile.TemporaryDirectory(prefix="vtrace-qemu-lab-") as tmp:
+        work = Path(tmp)
+        disk = None
+        if config.device in BLOCK_DEVICES:
+            disk = work / "disk.raw"
+            with disk.open("wb") as f:
+                f.truncate(disk_bytes(config))
+        pidfile = work / "qemu.pid"
+        cmd = qemu_command(
+            config,
+            qemu=qemu,
+            accel=accel,
+            kernel=kernel,
+            initrd=initrd,
+            log_path=work / "unused.log",
+            qmp_path=qmp,
+            disk_path=disk,
+            timestamps=timestamps,
+        )
+        cmd = background_command(cmd, console, pidfile, name)
+        i = cmd.index("-append") + 1
+        cmd[i] += " vtrace_loop=1"
+        # -daemonize: QEMU returns once it is set up (the QMP socket listens), its errors
+        # on stderr before that.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()
+            raise VtraceError(
+                f"QEMU did not start (status {done.returncode}): {why[-1] if why else '?'}"
+            )
+        pid = int(pidfile.read_text().split()[0])
+    guest = LabGuest(pid, name, qmp, console, accel)
+    deadline = time.monotonic() + boot_timeout_s
+    try:
+        while True:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if _MARK + "running" in text:
+                return guest
+            error = next((ln for ln in text.splitlines() if ln.startswith(_MARK + "error")), None)
+            if error or not _pid_alive(pid) or time.monotonic() > deadline:
+                shown = " | ".join(text.strip().splitlines()[-_CONSOLE_TAIL:]) or "(none)"
+                what = (
+                    f"guest failed: {error[len(_MARK) :]}"
+                    if error
+                    else "QEMU exited"
+                    if not _pid_alive(pid)
+                    else f"guest did not start its workload within {boot_timeout_s:.0f} s"
+                )
+                raise VtraceError(f"{what}; last console lines: {shown}")
+            time.sleep(0.1)
+    except BaseException:
+        _kill(pid)
+        raise
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+    until = time.monotonic() + 10
+    while _pid_alive(pid) and time.monotonic() < until:
+        time.sleep(0.05)
+
+
+def stop_lab_guest(qmp_path: str | os.PathLike[str], *, timeout_s: float = 20.0) -> int:
+    """Quit the background guest listening at ``qmp_path`` (only one ``qemu-lab start``
+    made: its name says so); returns its pid once it has exited."""
+    qmp_file = Path(qmp_path).absolute()
+    with Qmp(qmp_file) as qmp:
+        pid = qmp.peer_pid()
+        name = (qmp.execute("query-name") or {}).get("name", "")
+        if not name.startswith(LAB_NAME_PREFIX):
+            raise VtraceError(
+                f"--qmp {qmp_file}: QEMU pid {pid} ({name or 'no -name'}) was not started by "
+                "vtrace qemu-lab start; not stopping it"
+            )
+        with contextlib.suppress(VtraceError, OSError):
+            qmp.execute("quit")
+    until = time.monotonic() + timeout_s
+    while _pid_alive(pid) and time.monotonic() < until:
+        time.sleep(0.05)
+    if _pid_alive(pid):
+        _kill(pid)
+    qmp_file.unlink(missing_ok=True)
+    console_path_for(qmp_file).unlink(missing_ok=True)
+    return pid
+
+
+_COUNT_LINE = re.compile(rf"^{_MARK}count requests=(\d+) interrupts=(\d+)\s*$")
+
+
+def console_counts(console: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The guest's own ``(requests, interrupts)`` after each round so far, from its console."""
+    text = Path(console).read_text(errors="replace")
+    return [
+        (int(m.group(1)), int(m.group(2))) for m in map(_COUNT_LINE.match, text.splitlines()) if m
+    ]
