@@ -493,6 +493,60 @@ def qemu_lab_run(
     )
 
 
+@qemu_lab_app.command(
+    "start",
+    epilog="Examples:\n\n"
+    "  vtrace qemu-lab start --device virtio-blk --qmp /tmp/vm1.qmp\n\n"
+    "  vtrace qemu-lab start --device virtio-blk --queue-depth 8 --qmp /tmp/vm2.qmp\n\n"
+    "  vtrace record -o /tmp/t --qmp /tmp/vm1.qmp --duration 5; "
+    "vtrace qemu-lab stop --qmp /tmp/vm1.qmp",
+)
+def qemu_lab_start(
+    device: str = typer.Option("virtio-blk", help="ide, virtio-blk, e1000 or virtio-net."),
+    qmp: str = typer.Option(..., "--qmp", help="QMP socket to create for the guest."),
+    queue_depth: int = typer.Option(1, help="Block requests in flight at once."),
+    requests: int | None = typer.Option(
+        None,
+        help="Requests per round (the guest prints its counts after each; default 32 x "
+        "QUEUE_DEPTH).",
+    ),
+    request_bytes: int = typer.Option(4096, help="Bytes per block request, or echo payload."),
+    write: bool = typer.Option(False, "--write", help="Block writes instead of reads."),
+    accel: str = typer.Option("auto", help="auto, kvm or tcg (auto: KVM only with vmx/svm)."),
+    kernel: str | None = typer.Option(
+        None, help="Guest kernel image (default: newest /boot/vmlinuz-*)."
+    ),
+    timestamps: bool = typer.Option(
+        True, "--timestamps/--no-timestamps", help="QEMU's -msg timestamp= (log line times)."
+    ),
+) -> None:
+    """Boot the lab's guest in the background, its workload running until `qemu-lab stop`;
+    print QEMU's pid. The console goes to QMP.console."""
+    from vtrace.lab.qemu import ROUND_REQUESTS, QemuLabConfig, start_lab_guest
+
+    config = QemuLabConfig(
+        device=device,
+        requests=requests if requests is not None else ROUND_REQUESTS * queue_depth,
+        request_bytes=request_bytes,
+        queue_depth=queue_depth,
+        write=write,
+        accel=accel,
+        kernel=kernel,
+    )
+    guest = start_lab_guest(config, qmp, timestamps=timestamps)
+    typer.echo(guest.pid)
+
+
+@qemu_lab_app.command("stop", epilog="Example:\n\n  vtrace qemu-lab stop --qmp /tmp/vm1.qmp")
+def qemu_lab_stop(
+    qmp: str = typer.Option(..., "--qmp", help="QMP socket of a `qemu-lab start` guest."),
+) -> None:
+    """Stop a guest `qemu-lab start` booted (QMP quit); print its pid once it has exited."""
+    from vtrace.lab.qemu import stop_lab_guest
+
+    typer.echo(stop_lab_guest(qmp))
+
+
 # --- model: calibrate / replay / sweep ---------------------------------------------------------
 
 
@@ -591,6 +645,10 @@ def calibrate_cmd(
   vtrace sweep --model virtio-blk --grid ring_size=8,64,256 --grid batch=1,4,16 -o sweep.parquet
 
   vtrace sweep --model mm1 --grid queue.arrival_rate_per_s=20000,50000,80000 -o mm1.parquet
+
+  vtrace sweep --model virtio-blk --grid batch=1,4,16 -o s.parquet --dask tcp://sched:8786
+
+  vtrace sweep --model virtio-blk --grid batch=1,4,16 -o s.parquet --resume --best latency_ns.p99
 """,
 )
 def sweep_cmd(
@@ -600,25 +658,96 @@ def sweep_cmd(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a parameter for every point.")
     ] = None,
-    workers: Annotated[int | None, typer.Option("--workers", "-j", help="Processes.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-j", help="Processes (local, or --dask local's workers)."),
+    ] = None,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            "--dask",
+            help="Run the points on a Dask cluster: a scheduler's address (tcp://host:8786), "
+            "or 'local' for a LocalCluster of single-threaded worker processes.",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Run only the points an interrupted sweep lacks."),
+    ] = False,
+    best: Annotated[
+        str,
+        typer.Option(
+            "--best", help="Metric of the closing table (highest throughput, lowest others)."
+        ),
+    ] = "throughput_rps",
+    top: Annotated[int, typer.Option("--top", min=0, help="Points in the closing table.")] = 5,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing output file.")
+        bool, typer.Option("--force", help="Replace an existing output file (and parts).")
     ] = False,
 ) -> None:
-    """Run a model over a grid of parameters in parallel local processes."""
-    from rich.progress import Progress
+    """Run a model over a grid of parameters in local processes or on a Dask cluster."""
+    import contextlib
+    import time
 
-    from vtrace.sim.sweep import check_options, parse_grid, run_sweep
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
 
-    check_options(output, workers, force)  # before the grid: nothing runs on a bad -o or -j
-    points = parse_grid(model, grid, set_ or [])
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task(f"sweep {model}", total=len(points))
-        frame = run_sweep(
-            model, points, set_ or [], output, workers=workers, force=force,
-            on_point=lambda: progress.advance(task),
+    from vtrace.sim.sweep import (
+        SweepFailed,
+        best_points,
+        check_metric,
+        check_options,
+        dask_executor,
+        dedupe,
+        parse_grid,
+        run_sweep,
+    )
+
+    # before the grid and the cluster: nothing runs on a bad -o, -j or --best
+    check_options(output, workers, force, resume)
+    check_metric(best)
+    points = dedupe(parse_grid(model, grid, set_ or []))
+    with contextlib.ExitStack() as stack:
+        executor = stack.enter_context(dask_executor(dask, workers)) if dask else None
+        columns = (
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed, {task.fields[rate]}"),
         )  # fmt: skip
+        progress = stack.enter_context(Progress(*columns, console=err_console, transient=True))
+        task = progress.add_task(f"sweep {model}", total=len(points), failed=0, rate="")
+        start, ended, failed = time.monotonic(), 0, 0
+
+        def on_point() -> None:
+            nonlocal ended
+            ended += 1
+            rate = ended / max(time.monotonic() - start, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.3g} points/s")
+
+        def on_failure(f: object) -> None:
+            nonlocal failed
+            failed += 1
+            progress.update(task, failed=failed)
+            progress.console.print(f"vtrace: {f}", markup=False, highlight=False)
+
+        try:
+            frame = run_sweep(
+                model, points, set_ or [], output, workers=None if dask else workers,
+                executor=executor, force=force, resume=resume,
+                on_point=on_point, on_failure=on_failure,
+            )  # fmt: skip
+        except SweepFailed as e:
+            progress.stop()
+            err_console.print(f"vtrace: error: {e}", markup=False, highlight=False)
+            raise typer.Exit(1) from None
     console.print(f"wrote {output}: {frame.height} points")
+    ranked = best_points(frame, best, top, list(points[0]) if points else [])
+    if ranked.height:
+        table = Table(title=f"best {ranked.height} by {best}")
+        for col in ranked.columns:
+            table.add_column(col, justify="right")
+        for row in ranked.iter_rows():
+            table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(table)
 
 
 # --- demo / notebook ------------------------------------------------------------------------------
