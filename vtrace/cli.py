@@ -206,6 +206,7 @@ def export_perfetto_cmd(
     "  vtrace record -o /tmp/t1                      every KVM event on the host, until Ctrl-C\n\n"
     "  vtrace record -o /tmp/t1 --pid 4242 --duration 10   one VM for 10 s\n\n"
     "  vtrace record -o /tmp/t1 --events kvm_pio,kvm_userspace_exit\n\n"
+    "  vtrace record -o /tmp/t1 --qmp /run/vm1.qmp --qmp /run/vm2.qmp --duration 30\n\n"
     "  vtrace record -o x --print-c                   show the BPF program (no root needed)"
 )
 def record(
@@ -223,6 +224,12 @@ def record(
         "--classic-tracepoints",
         help="Read every tracepoint from its formatted record (format-file layout) instead of "
         "as a raw tracepoint where the kernel's BTF allows: slower, for comparison.",
+    ),
+    qmp: list[str] = typer.Option(  # noqa: B008 (typer's repeatable option)
+        None,
+        "--qmp",
+        help="QMP socket of a running VM; repeatable. Records its pid and, for the window, "
+        "QEMU's virtio and device trace events (restored at the stop).",
     ),
     print_c: bool = typer.Option(False, "--print-c", hidden=True, help="Print the BPF C and exit."),
 ) -> None:
@@ -250,6 +257,7 @@ def record(
         events=event_list,
         buffer_mb=buffer_mb,
         classic=classic,
+        qmp=qmp or [],
     )
     console.print(live.summary_view(summary))
 
@@ -596,7 +604,8 @@ def replay_cmd(
     try:
         result = replay(model, trace, set_ or [], requests=requests, seed=seed, progress=progress)
     finally:
-        bar.stop()
+        if bar.live.is_started:  # stopping one never started prints a blank line on stderr
+            bar.stop()
     if json_out:
         print(json.dumps(result.summary))
     else:
