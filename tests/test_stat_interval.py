@@ -36,3 +36,21 @@ def test_cli_bad_interval_is_one_line_exit_2(value: str) -> None:
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.startswith("vtrace: error: --interval: "), r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def _free_pid() -> int:
+    """A pid no process has now (one just reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stat_pid_of_no_process_is_one_line() -> None:
+    # Before: an empty table, exit 0, as if the VM made no exits.
+    pid = _free_pid()
+    r = subprocess.run(
+        [sys.executable, "-m", "vtrace.cli", "stat", "--once", "--pid", str(pid)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert f"--pid {pid}: no such process" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -11,6 +11,7 @@ lacks it, by syscalls:sys_enter_ioctl, which costs more (USERSPACE_ENDS).
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from vtrace.collect.decode import EVENT_IDS
 from vtrace.collect.formats import read_format
 from vtrace.collect.host import host_facts, vm_name
 from vtrace.collect.raw_tracepoints import raw_problem
-from vtrace.collect.recording import preflight
+from vtrace.collect.recording import preflight, watch_processes
 from vtrace.errors import VtraceError
 from vtrace.lab.kvm import KVM_RUN
 
@@ -98,6 +99,9 @@ class Stat:
             )
         self.pending_store = pending_store  # after start(): the one used
         self.pids = program.validate_pids(pids)
+        # a --pid that names no process would show an empty table forever: say so now
+        for fd in watch_processes(self.pids).values():
+            os.close(fd)
         self.tracefs = tracefs
         self.attached: list[str] = []
         self.unavailable: dict[str, str] = {}
