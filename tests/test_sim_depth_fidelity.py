@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 import pytest
+from real_runs import judge, qemu_per_request
 
-from vtrace import open_trace
 from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
 
@@ -31,15 +30,8 @@ RUNS = {
 
 def measured(depth: int) -> tuple[float, float]:
     """Kicks and interrupts per request of the shipped trace at ``depth``."""
-    counts = dict(
-        open_trace(TRACES / f"qemu-virtio-blk-qd{depth}")
-        .events.group_by(pl.col("event").cast(pl.String))
-        .len()
-        .collect()
-        .iter_rows()
-    )
-    pops = counts["virtqueue_pop"]
-    return counts["virtio_queue_notify"] / pops, counts["virtio_notify_irqfd"] / pops
+    counts = qemu_per_request(TRACES / f"qemu-virtio-blk-qd{depth}")
+    return counts["kicks"], counts["irqs"]
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +54,7 @@ def test_deeper_queues_predicted(shallow, depth: int) -> None:
             "workload.warmup_requests": 0}  # fmt: skip
     s = simulate(shallow.with_overrides(over)).summary
     kicks, irqs = measured(depth)
-    for name, model, shipped in (
-        ("kicks", s["kicks_per_request"], kicks),
-        ("irqs", s["irqs_per_request"], irqs),
-    ):
-        low, median, high = RUNS[depth][name]
-        print(
-            f"\ndepth {depth} {name}/request: model {model:.4f}, shipped run {shipped:.4f} "
-            f"({model / shipped - 1:+.0%}), median of the runs {median:.3f} "
-            f"({model / median - 1:+.0%}), runs {low:.3f}-{high:.3f}"
-        )
-        assert low <= shipped <= high  # the shipped trace is one of those runs
-        assert low <= model <= high, (name, model, low, high)
+    judge(f"depth {depth} kicks/request", s["kicks_per_request"], kicks, RUNS[depth]["kicks"])
+    judge(f"depth {depth} irqs/request", s["irqs_per_request"], irqs, RUNS[depth]["irqs"])
     # at least one kick per lot, and never the 0.000 of a model without batch submission
     assert s["kicks_per_request"] >= 1 / depth

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 import pytest
+from real_runs import judge, qemu_per_request
 
-from vtrace import open_trace
 from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
 
@@ -48,22 +47,6 @@ IRQS_MISS = pytest.mark.xfail(
     reason="the model interrupts once per kick served; QEMU often completes two kicks' "
     "requests under one interrupt (the 1 x 1 calibration run: 0.350 per request, model 0.457)",
 )
-
-
-def measured(path: Path) -> dict[str, float]:
-    """Kicks and interrupts per request of a shipped trace, and its pops per queue."""
-    counts = dict(
-        open_trace(path)
-        .events.group_by(pl.col("event").cast(pl.String))
-        .len()
-        .collect()
-        .iter_rows()
-    )
-    pops = counts["virtqueue_pop"]
-    return {
-        "kicks": counts["virtio_queue_notify"] / pops,
-        "irqs": counts["virtio_notify_irqfd"] / pops,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +85,5 @@ def test_two_by_two_trace_calibrates_to_its_shape(tmp_path: Path) -> None:
     "name", [pytest.param("kicks", marks=KICKS_MISS), pytest.param("irqs", marks=IRQS_MISS)]
 )
 def test_two_vcpus_two_queues_predicted(predicted: dict[str, float], name: str) -> None:
-    shipped = measured(TWO_BY_TWO)[name]
-    model = predicted[name]
-    low, median, high = RUNS[name]
-    print(
-        f"\n2 vCPUs x 2 queues {name}/request: model {model:.4f}, shipped run {shipped:.4f} "
-        f"({model / shipped - 1:+.0%}), median of the runs {median:.3f} "
-        f"({model / median - 1:+.0%}), runs {low:.3f}-{high:.3f}"
-    )
-    assert low <= shipped <= high  # the shipped trace is one of those runs
-    assert low <= model <= high, (name, model, low, high)
+    shipped = qemu_per_request(TWO_BY_TWO)[name]
+    judge(f"2 vCPUs x 2 queues {name}/request", predicted[name], shipped, RUNS[name])
