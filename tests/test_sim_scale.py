@@ -101,3 +101,22 @@ def test_bounded_monitors_agree_with_the_exact_run(monkeypatch: pytest.MonkeyPat
     assert s["latency_ns"]["mean"] == pytest.approx(exact["latency_ns"]["mean"], rel=1e-9)
     for q in ("p50", "p90", "p99"):  # a 1 % log histogram
         assert s["latency_ns"][q] == pytest.approx(exact["latency_ns"][q], rel=0.02), q
+
+
+def test_replay_says_what_load_it_offered_and_what_its_latency_means() -> None:
+    closed = run(**{"workload.jobs": 2, "vm.vcpus": 2})
+    assert closed["offered"] == {"arrivals": "closed", "jobs": 2, "queue_depth": 32,
+                                 "submit": "each", "requests_in_flight": 64}  # fmt: skip
+    assert closed["ring_room_requests"] == 256 // 3  # 3 descriptors a request
+    assert "latency_is" not in closed and "makespan_ns" not in closed
+    poisson = run(**{"workload.arrivals": "poisson", "workload.arrival_rate_per_s": 20_000.0})
+    assert poisson["offered"]["rate_per_s"] == pytest.approx(20_000.0)
+    backlog = simulate(load_config("lab-virtio", {"workload.requests": 2000})).summary
+    assert backlog["latency_is"].startswith("time since the start")
+    assert backlog["makespan_ns"] == pytest.approx(backlog["latency_ns"]["p99"], rel=0.05)
+    from vtrace.sim.report import summary_table
+
+    table = summary_table(backlog)
+    labels = table.columns[0]._cells
+    assert "completion since start p99" in labels and "latency p99" not in labels
+    assert "makespan" in labels and "ring room" in labels and "offered load" in labels

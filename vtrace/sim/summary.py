@@ -80,6 +80,22 @@ def summarize(m: Machine, frame: pl.DataFrame, cfg: Config) -> dict[str, Any]:
         "backend_utilization": utilization,
         "simulated_ns": end_ns,
     }
+    w = p.workload
+    offered: dict[str, Any] = {"arrivals": w.arrivals}
+    if w.arrivals == "closed":
+        offered.update(
+            jobs=w.jobs, queue_depth=w.queue_depth, submit=w.submit,
+            requests_in_flight=w.jobs * w.queue_depth,
+        )  # fmt: skip
+    elif w.arrivals in ("poisson", "deterministic"):
+        offered["rate_per_s"] = m.workload.gap_ns and 1e9 / m.workload.gap_ns
+    summary["offered"] = offered
+    if p.ring.virtio:  # how many requests the ring holds at once
+        summary["ring_room_requests"] = p.ring.ring_size // p.ring.descs_per_request
+    if w.arrivals == "backlog":
+        # every request is ready at 0: "latency" is its completion time since the start
+        summary["latency_is"] = "time since the start (backlog: every request ready at 0)"
+        summary["makespan_ns"] = last_ns - first_ns
     if p.vm.vcpus > 1 or p.vm.queues > 1 or m.device is not None:
         summary["vcpus"] = p.vm.vcpus
         summary["queues"] = p.vm.queues
