@@ -227,129 +227,152 @@ def _exit_round_trip(f: TraceFacts) -> float:
 
 def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[float, str]]]:
     """Fitted values (with their sources) applied to ``cfg``."""
-    names = ", ".join(f.name for f in facts)
     fitted: dict[str, tuple[float, str]] = {}
     values: dict[str, Any] = {}
-    kernel_exit = cfg["kvm.kernel_exit_ns"]
     if cfg.kind == "emulated":
-        f = facts[0]  # registers and their order come from the first trace
-        if not f.access_gap_ns:
-            raise VtraceError(f"{f.name}: no user-space register accesses: not an emulated device")
-        # A PIO read is traced when user space has supplied its value, after the round trip,
-        # so only the interval after a write spans one whole exit round trip.
-        exit_ns = float(np.median([_exit_round_trip(x) for x in facts]))
-        fitted["kvm.userspace_exit_ns"] = (
-            exit_ns,
-            f"{names}: smallest per-register median interval from a user-space PIO write to "
-            "the next access (median over traces)",
-        )
-        accesses = []
-        work = 0.0
-        for (addr, write), count in sorted(f.access_count.items()):
-            emulation = 0.0
-            if (addr, write) == f.start_port:
-                gaps = [x.access_gap_ns.get((addr, write), math.nan) for x in facts]
-                emulation = max(0.0, float(np.nanmedian(gaps)) - exit_ns)
-                work = emulation
-            accesses.append(
-                {
-                    "register": f"port {addr:#x} {'write' if write else 'read'}",
-                    "handler": "user",
-                    "count": count,
-                    "emulation_ns": round(emulation, 1),
-                }
-            )
-        values["device.accesses"] = accesses
-        per_request = sum(x.duration_ns for x in facts) / sum(x.requests for x in facts)
-        exits = sum(a["count"] for a in accesses)
-        fitted["device.accesses"] = (
-            float(exits),
-            f"{f.name}: user-space kvm_pio per request by port; the device's work is the extra "
-            "interval after the access just before each lab_pop",
-        )
-        prep = max(0.0, per_request - exits * exit_ns - work)
-        fitted["vcpu.request_prep_ns"] = (
-            prep,
-            f"{names}: vCPU time per request ({per_request:.0f} ns, all traces) minus its exits "
-            "and the device work",
-        )
+        fit_emulated(cfg, facts, fitted, values)
     else:
-        # The guest's own time per batch, host preemption of the vCPU thread included (a
-        # mean: throughput follows it; a split into a typical time plus rare stalls,
-        # vcpu.stall_per_s, fits the lab's runs less well).
-        b, y = [], []
-        for f in facts:
-            if not f.kicks:
-                raise VtraceError(f"{f.name}: no kicks handled in the kernel: not a virtio trace")
-            batches = math.ceil(f.requests / f.batch)
-            b.append(f.batch)
-            y.append(f.duration_ns / batches - f.kicks / batches * kernel_exit)
-        b_arr, y_arr = np.array(b, dtype=float), np.array(y)
-        if len(set(b)) >= 2:
-            (prep, batch_prep), *_ = np.linalg.lstsq(
-                np.column_stack([b_arr, np.ones_like(b_arr)]), y_arr, rcond=None
-            )
-            source = (
-                f"{names}: least squares on batch size of the vCPU's run time per batch "
-                "(duration / batches), less the kicks' kernel_exit_ns"
-            )
-            fitted["vcpu.batch_prep_ns"] = (max(0.0, float(batch_prep)), source)
-        else:
-            batch_prep = cfg["vcpu.batch_prep_ns"]
-            prep = float(np.mean((y_arr - batch_prep) / b_arr))
-            source = f"{names}: vCPU run time per batch / batch size, one batch size only"
-        fitted["vcpu.request_prep_ns"] = (max(0.0, float(prep)), source)
-        # A polling guest's looks at used.idx and its reaps run the same emulated guest
-        # instructions as its requests, so they scale with the fitted per-request time (the
-        # base model counts them in instructions: see lab-virtio.toml).
-        base_prep = cfg["vcpu.request_prep_ns"]
-        if base_prep > 0 and prep > 0:
-            scale = float(prep) / base_prep
-            for key in ("vcpu.poll_ns", "vcpu.reap_ns"):
-                if cfg[key] > 0:
-                    fitted[key] = (
-                        cfg[key] * scale,
-                        f"{names}: the base model's {cfg[key]:.0f} ns x fitted / base "
-                        f"request_prep_ns ({scale:.3f}): the same guest instructions",
-                    )
-        pop_gap = _trimmed_mean([f.pop_gap_ns for f in facts])
-        publish = _trimmed_mean([f.publish_ns for f in facts])
-        if not math.isnan(pop_gap):
-            fitted["backend.per_request_ns"] = (
-                pop_gap,
-                f"{names}: mean (below p99) interval between two lab_pop of one pass (pop, the device's "
-                "buffer fill, push: the lab's device work is inside the back end's loop)",
-            )
-            fitted["device.service_ns"] = (0.0, "counted in backend.per_request_ns (see there)")
-        wakes = [f.wake_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
-        if wakes:
-            w = np.concatenate(wakes)
-            # Wake-ups are bimodal on a shared host: microseconds, or a preempted thread that
-            # runs milliseconds later. Both matter to a guest waiting on a small ring.
-            stalled = w > STALL_FACTOR * np.median(w)
-            fitted["backend.wakeup_ns"] = (
-                float(w[~stalled].mean()),
-                f"{names}: mean from a kick's kvm_pio to the first lab_pop after the eventfd "
-                f"wake-up, leaving out stalls (over {STALL_FACTOR}x the median)",
-            )
-            fitted["backend.stall_probability"] = (
-                float(stalled.mean()),
-                f"{names}: share of those wake-ups over {STALL_FACTOR}x the median ({w.size} in all)",
-            )
-            fitted["backend.stall_ns"] = (
-                float((w[stalled] - np.median(w)).mean()) if stalled.any() else 0.0,
-                f"{names}: mean extra delay of those stalled wake-ups",
-            )
-        if not math.isnan(publish) and not math.isnan(pop_gap):
-            fitted["backend.per_pass_ns"] = (
-                max(0.0, publish - pop_gap),
-                f"{names}: mean (below p99) last lab_pop to lab_complete, minus one request's work",
-            )
-        values["backend.publish"] = "per_pass"
+        fit_virtio(cfg, facts, fitted, values)
     for key, (value, _) in fitted.items():
         if key not in ("device.accesses", "interrupt.accesses"):
             values[key] = round(value, 6) if key.endswith("probability") else round(value, 1)
     return cfg.with_overrides(values, where="calibrate"), fitted
+
+
+def fit_emulated(
+    cfg: Config,
+    facts: list[TraceFacts],
+    fitted: dict[str, tuple[float, str]],
+    values: dict[str, Any],
+) -> None:
+    """An emulated device: its registers, the user-space exit round trip, the device's work
+    and the guest's own time per request, into ``fitted`` (numbers, sources) and ``values``."""
+    names = ", ".join(f.name for f in facts)
+    f = facts[0]  # registers and their order come from the first trace
+    if not f.access_gap_ns:
+        raise VtraceError(f"{f.name}: no user-space register accesses: not an emulated device")
+    # A PIO read is traced when user space has supplied its value, after the round trip,
+    # so only the interval after a write spans one whole exit round trip.
+    exit_ns = float(np.median([_exit_round_trip(x) for x in facts]))
+    fitted["kvm.userspace_exit_ns"] = (
+        exit_ns,
+        f"{names}: smallest per-register median interval from a user-space PIO write to "
+        "the next access (median over traces)",
+    )
+    accesses = []
+    work = 0.0
+    for (addr, write), count in sorted(f.access_count.items()):
+        emulation = 0.0
+        if (addr, write) == f.start_port:
+            gaps = [x.access_gap_ns.get((addr, write), math.nan) for x in facts]
+            emulation = max(0.0, float(np.nanmedian(gaps)) - exit_ns)
+            work = emulation
+        accesses.append(
+            {
+                "register": f"port {addr:#x} {'write' if write else 'read'}",
+                "handler": "user",
+                "count": count,
+                "emulation_ns": round(emulation, 1),
+            }
+        )
+    values["device.accesses"] = accesses
+    per_request = sum(x.duration_ns for x in facts) / sum(x.requests for x in facts)
+    exits = sum(a["count"] for a in accesses)
+    fitted["device.accesses"] = (
+        float(exits),
+        f"{f.name}: user-space kvm_pio per request by port; the device's work is the extra "
+        "interval after the access just before each lab_pop",
+    )
+    prep = max(0.0, per_request - exits * exit_ns - work)
+    fitted["vcpu.request_prep_ns"] = (
+        prep,
+        f"{names}: vCPU time per request ({per_request:.0f} ns, all traces) minus its exits "
+        "and the device work",
+    )
+
+
+def fit_virtio(
+    cfg: Config,
+    facts: list[TraceFacts],
+    fitted: dict[str, tuple[float, str]],
+    values: dict[str, Any],
+) -> None:
+    """A virtio ring: the guest's time per request and per batch, and, where the trace has
+    the back end's own events, its wake-up, per-request and per-pass times."""
+    names = ", ".join(f.name for f in facts)
+    kernel_exit = cfg["kvm.kernel_exit_ns"]
+    # The guest's own time per batch, host preemption of the vCPU thread included (a
+    # mean: throughput follows it; a split into a typical time plus rare stalls,
+    # vcpu.stall_per_s, fits the lab's runs less well).
+    b, y = [], []
+    for f in facts:
+        if not f.kicks:
+            raise VtraceError(f"{f.name}: no kicks handled in the kernel: not a virtio trace")
+        batches = math.ceil(f.requests / f.batch)
+        b.append(f.batch)
+        y.append(f.duration_ns / batches - f.kicks / batches * kernel_exit)
+    b_arr, y_arr = np.array(b, dtype=float), np.array(y)
+    if len(set(b)) >= 2:
+        (prep, batch_prep), *_ = np.linalg.lstsq(
+            np.column_stack([b_arr, np.ones_like(b_arr)]), y_arr, rcond=None
+        )
+        source = (
+            f"{names}: least squares on batch size of the vCPU's run time per batch "
+            "(duration / batches), less the kicks' kernel_exit_ns"
+        )
+        fitted["vcpu.batch_prep_ns"] = (max(0.0, float(batch_prep)), source)
+    else:
+        batch_prep = cfg["vcpu.batch_prep_ns"]
+        prep = float(np.mean((y_arr - batch_prep) / b_arr))
+        source = f"{names}: vCPU run time per batch / batch size, one batch size only"
+    fitted["vcpu.request_prep_ns"] = (max(0.0, float(prep)), source)
+    # A polling guest's looks at used.idx and its reaps run the same emulated guest
+    # instructions as its requests, so they scale with the fitted per-request time (the
+    # base model counts them in instructions: see lab-virtio.toml).
+    base_prep = cfg["vcpu.request_prep_ns"]
+    if base_prep > 0 and prep > 0:
+        scale = float(prep) / base_prep
+        for key in ("vcpu.poll_ns", "vcpu.reap_ns"):
+            if cfg[key] > 0:
+                fitted[key] = (
+                    cfg[key] * scale,
+                    f"{names}: the base model's {cfg[key]:.0f} ns x fitted / base "
+                    f"request_prep_ns ({scale:.3f}): the same guest instructions",
+                )
+    pop_gap = _trimmed_mean([f.pop_gap_ns for f in facts])
+    publish = _trimmed_mean([f.publish_ns for f in facts])
+    if not math.isnan(pop_gap):
+        fitted["backend.per_request_ns"] = (
+            pop_gap,
+            f"{names}: mean (below p99) interval between two lab_pop of one pass (pop, the device's "
+            "buffer fill, push: the lab's device work is inside the back end's loop)",
+        )
+        fitted["device.service_ns"] = (0.0, "counted in backend.per_request_ns (see there)")
+    wakes = [f.wake_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
+    if wakes:
+        w = np.concatenate(wakes)
+        # Wake-ups are bimodal on a shared host: microseconds, or a preempted thread that
+        # runs milliseconds later. Both matter to a guest waiting on a small ring.
+        stalled = w > STALL_FACTOR * np.median(w)
+        fitted["backend.wakeup_ns"] = (
+            float(w[~stalled].mean()),
+            f"{names}: mean from a kick's kvm_pio to the first lab_pop after the eventfd "
+            f"wake-up, leaving out stalls (over {STALL_FACTOR}x the median)",
+        )
+        fitted["backend.stall_probability"] = (
+            float(stalled.mean()),
+            f"{names}: share of those wake-ups over {STALL_FACTOR}x the median ({w.size} in all)",
+        )
+        fitted["backend.stall_ns"] = (
+            float((w[stalled] - np.median(w)).mean()) if stalled.any() else 0.0,
+            f"{names}: mean extra delay of those stalled wake-ups",
+        )
+    if not math.isnan(publish) and not math.isnan(pop_gap):
+        fitted["backend.per_pass_ns"] = (
+            max(0.0, publish - pop_gap),
+            f"{names}: mean (below p99) last lab_pop to lab_complete, minus one request's work",
+        )
+    values["backend.publish"] = "per_pass"
 
 
 def _toml_value(v: Any) -> str:
