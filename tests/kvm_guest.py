@@ -37,7 +37,7 @@ import os
 import sys
 import time
 
-from vtrace.lab.kvm import KVM_EXIT_HLT
+from vtrace.kvm_api import KVM_EXIT_HLT
 from vtrace.lab.layout import GUEST_DIR, read_layout
 from vtrace.lab.vmm import Vm, guest_program
 

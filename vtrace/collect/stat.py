@@ -33,7 +33,7 @@ from vtrace.collect.host import host_facts, vm_name
 from vtrace.collect.raw_tracepoints import raw_problem
 from vtrace.collect.recording import preflight, watch_processes
 from vtrace.errors import VtraceError
-from vtrace.lab.kvm import KVM_RUN
+from vtrace.kvm_api import KVM_RUN
 
 SOURCE = Path(__file__).with_name("stat.c")
 KIND_EXIT, KIND_USERSPACE = 0, 1

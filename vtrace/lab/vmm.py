@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vtrace import kvm_api as kvm
 from vtrace.errors import VtraceError
-from vtrace.lab import kvm
 from vtrace.lab import layout as L
 
 OutHandler = Callable[[int], None]
