@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from vtrace.errors import VtraceError
 from vtrace.store import Trace, TraceWriter, open_trace
+from vtrace.version import __version__
 
 __all__ = ["Trace", "TraceWriter", "VtraceError", "__version__", "open_trace"]

@@ -27,8 +27,8 @@ import nbformat
 import plotly.graph_objects as go
 import polars as pl
 
-from vtrace import __version__
 from vtrace.errors import VtraceError
+from vtrace.version import __version__
 
 PLOTLY_JS = "plotly.min.js"
 PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"

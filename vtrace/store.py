@@ -31,10 +31,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from vtrace import __version__
 from vtrace.errors import VtraceError
 from vtrace.output import OutputDir, OutputError
 from vtrace.schema import EVENTS_SCHEMA, conform, empty_events, validate
+from vtrace.version import __version__
 
 if TYPE_CHECKING:
     import pandas as pd
