@@ -128,21 +128,33 @@ def summary_command(
     strict: bool = typer.Option(
         False, "--strict", help="Fail on a trace that is not complete (parts or events missing)."
     ),
+    requests: int | None = typer.Option(
+        None,
+        "--requests",
+        min=1,
+        help="Requests the trace covers, for the per-request costs when the trace does not "
+        "count them itself (what the guest's iostat or fio said).",
+    ),
 ) -> None:
-    """Summarise a trace: events, exits and user-space exits by reason, accesses, kicks,
+    """Summarise a trace: what one request cost (exits, user-space exits, trapping accesses,
+    kicks, interrupts, time), events, exits and user-space exits by reason, accesses, kicks,
     requests, batching, interrupts, lost and unparsed counts.
 
     [bold]Examples[/]
 
-      vtrace summary mytrace            tables, times in microseconds
+      vtrace summary traces/qemu-ide               tables, times in microseconds
 
-      vtrace summary mytrace --json     the same as JSON, times in nanoseconds
+      vtrace summary traces/qemu-ide --json        the same as JSON, times in nanoseconds
+
+      vtrace summary /tmp/live --requests 20000    per-request costs of a kernel-only recording
+
+      vtrace summary mytrace --strict              exit 2 when parts or events are missing
     """
     import json
 
     from vtrace.analyze import summary
 
-    data = summary(trace_dir, top=top, strict=strict)
+    data = summary(trace_dir, top=top, strict=strict, requests=requests)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return

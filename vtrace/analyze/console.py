@@ -42,6 +42,11 @@ def _ratio(x: Any) -> str:
     return "" if x is None else f"{x:,.2f}"
 
 
+def _cost(x: Any) -> str:
+    """A per-request count: three decimals where it is small (0.073 kicks a request)."""
+    return "" if x is None else f"{x:,.3f}" if abs(x) < 10 else f"{x:,.1f}"
+
+
 Column = tuple[str, str, Callable[[Any], str]]
 
 
@@ -104,6 +109,25 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
     if data.get("incomplete_parts"):
         console.print(f"[bold red]incomplete parts: {', '.join(data['incomplete_parts'])}[/]")
 
+    if data.get("per_request"):
+        p = data["per_request"]
+        costs = [
+            ("exits", "exits", _cost), ("userspace_exits", "user-space exits", _cost),
+            ("trapping_accesses", "trapping accesses", _cost), ("kicks", "kicks", _cost),
+            ("interrupts", "interrupts", _cost), ("time_ns", "time (us)", _us),
+        ]  # fmt: skip
+        rows = [{"what": label, "value": p[k]} for k, label, _ in costs if p[k] is not None]
+        shown = {label: fmt for _, label, fmt in costs}
+        console.print(
+            f"[italic]Per request: {p['requests']:,} requests ({p['requests_from']})[/]",
+            highlight=False,
+        )
+        table = Table()
+        table.add_column("cost")
+        table.add_column("per request", justify="right")
+        for r in rows:
+            table.add_row(r["what"], shown[r["what"]](r["value"]))
+        console.print(table)
     console.print(
         _table(
             "Events by source and name",

@@ -194,8 +194,60 @@ def _unreadable(t: Trace, error: Exception) -> str:
     return f"{where}: cannot read events: {text}"
 
 
+def _total(rows: list[dict[str, Any]], key: str) -> int | None:
+    return sum(int(r.get(key) or 0) for r in rows) if rows else None
+
+
+def per_request(
+    data: dict[str, Any], meta: dict[str, Any], requests: int | None = None
+) -> dict[str, Any] | None:
+    """What one request cost, from a summary's totals: exits, user-space exits, trapping
+    accesses (those handled in user space), kicks, interrupts and time, each divided by the
+    request count: ``requests`` if given, else the requests the trace shows (QEMU's or the
+    lab's pops), else the count the capture wrote in meta. None when no count is known; a
+    cost whose events the trace lacks is None."""
+    source = "--requests"
+    if not requests:
+        requests, source = _total(data["requests"], "requests"), "request events"
+    if not requests:
+        lab = meta.get("qemu_lab") or meta.get("lab") or {}
+        requests, source = int(lab.get("requests") or 0), "meta.json"
+    if not requests:
+        return None
+    accesses = [r for r in data["accesses_handled"] if r.get("handled") == "user"]
+    # the kernel's notify writes when it saw them (the lab's own lab_kick counts wake-ups)
+    kick_rows = [r for r in data["kicks"] if r.get("source") == "kvm"] or [
+        r for r in data["kicks"] if r.get("source") != "lab"
+    ]
+    # an interrupt line's rising edges (raised) where it has them, else the injections
+    irq_rows = data["interrupts"]
+    irqs = (
+        sum(int(r.get("raised") or 0) or int(r.get("count") or 0) for r in irq_rows)
+        if irq_rows
+        else None
+    )
+    duration = data["trace"].get("duration_ns")
+    totals = {
+        "exits": _total(data["exits"], "count"),
+        "userspace_exits": _total(data["user_exits"], "count"),
+        "trapping_accesses": _total(accesses, "count") if data["accesses_handled"] else None,
+        "kicks": _total(kick_rows, "kicks"),
+        "interrupts": irqs,
+        "time_ns": duration,
+    }
+    return {
+        "requests": requests,
+        "requests_from": source,
+        **{k: (v / requests if v is not None else None) for k, v in totals.items()},
+    }
+
+
 def summary(
-    trace: Trace | str | os.PathLike[str], top: int = 10, *, strict: bool = False
+    trace: Trace | str | os.PathLike[str],
+    top: int = 10,
+    *,
+    strict: bool = False,
+    requests: int | None = None,
 ) -> dict[str, Any]:
     """Summarise a trace (a :class:`~vtrace.store.Trace` or its directory) as plain data.
 
@@ -208,6 +260,9 @@ def summary(
     `interrupts`, `histograms` (log2 buckets of exit durations, user-space exit times and
     request latencies), and `missing` (analysis -> why it is empty). Times are integers in
     nanoseconds; shares are fractions.
+
+    `per_request` divides the costs by the request count (:func:`per_request`; ``requests``
+    overrides the count the trace shows), or is None when no count is known.
 
     `missing_parts` and `integrity` say what the trace lacks against its meta (parts absent
     from the numbering or the count, fewer events than meta counts): the part names, and
@@ -237,7 +292,7 @@ def summary(
     last = by_name.get_column("last_ts_ns").max()
     meta = t.meta
     events = int(by_name.get_column("count").sum())
-    return {
+    data = {
         "trace": {
             "path": str(t.path),
             "events": events,
@@ -284,3 +339,5 @@ def summary(
         },
         "missing": missing,
     }
+    data["per_request"] = per_request(data, meta, requests)
+    return data

@@ -1,0 +1,67 @@
+"""vtrace summary answers what one request cost, when it can count the requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtrace import open_trace
+from vtrace.analyze.summary import summary
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACES = ROOT / "traces"
+
+
+def test_emulated_ide_costs_26_trapping_accesses_and_one_interrupt_a_request() -> None:
+    p = summary(TRACES / "qemu-ide")["per_request"]
+    lab = open_trace(TRACES / "qemu-ide").meta["qemu_lab"]
+    assert p["requests"] == lab["requests"] == 1024 and p["requests_from"] == "meta.json"
+    assert p["trapping_accesses"] == pytest.approx(lab["device_accesses_per_request"])
+    assert p["trapping_accesses"] == pytest.approx(26.0)
+    assert p["interrupts"] == pytest.approx(1.0)  # rising edges of IOAPIC pin 14
+    assert p["kicks"] is None and p["exits"] is None  # neither in a QEMU log of an IDE disk
+
+
+@pytest.mark.parametrize("name", ["qemu-virtio-blk-qd4", "qemu-virtio-blk-qd16"])
+def test_virtio_kicks_and_interrupts_a_request_match_the_capture(name: str) -> None:
+    p = summary(TRACES / name)["per_request"]
+    lab = open_trace(TRACES / name).meta["qemu_lab"]
+    assert p["requests"] == lab["requests"] and p["requests_from"] == "request events"
+    assert p["kicks"] == pytest.approx(lab["kicks_per_request"])
+    assert p["interrupts"] == pytest.approx(lab["interrupts_per_request"])
+
+
+def test_lab_kicks_are_the_kernels_notify_writes() -> None:
+    p = summary(TRACES / "lab-virtio-b8")["per_request"]
+    lab = open_trace(TRACES / "lab-virtio-b8").meta["lab"]
+    assert p["requests"] == lab["requests"] == 2000
+    assert p["kicks"] == pytest.approx(250 / 2000)  # kvm_pio on the notify port, not lab_kick
+    assert p["userspace_exits"] == pytest.approx(1 / 2000)
+
+
+def test_requests_option_and_json(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "vtrace.cli", "summary", str(TRACES / "lab-virtio-b8"),
+         "--json", "--requests", "1000"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["per_request"]
+    assert p["requests"] == 1000 and p["requests_from"] == "--requests"
+    assert p["kicks"] == pytest.approx(0.25)
+
+
+def test_readable_at_80_columns_when_not_a_terminal() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "vtrace.cli", "summary", str(TRACES / "qemu-ide")],
+        capture_output=True, text=True, cwd=ROOT, check=False, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Per request: 1,024 requests (meta.json)" in r.stdout
+    assert "trapping accesses │        26.0" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
