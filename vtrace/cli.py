@@ -63,7 +63,17 @@ def import_cmd(
     out: str = typer.Option(..., "-o", "--out", help="New trace directory to write."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any line that is not an event."),
 ) -> None:
-    """Import a text trace into a trace directory (events as Parquet + meta.json)."""
+    """Import a text trace into a trace directory (events as Parquet + meta.json).
+
+    [bold]Examples[/]
+
+      vtrace import ftrace trace.txt -o mytrace          tracefs text or `trace-cmd report`
+
+      vtrace import perf perf-script.txt -o mytrace      `perf script` of kvm:* events
+
+      vtrace import qemu qemu.log -o mytrace --strict    QEMU's log trace backend; exit 2 on
+                                                         the first line that is not an event
+    """
     import os
     from contextlib import nullcontext
 
