@@ -67,12 +67,11 @@ def import_cmd(
 
     [bold]Examples[/]
 
-      vtrace import ftrace trace.txt -o mytrace          tracefs text or `trace-cmd report`
+      vtrace import ftrace trace.txt -o mytrace       tracefs or trace-cmd report text
 
-      vtrace import perf perf-script.txt -o mytrace      `perf script` of kvm:* events
+      vtrace import perf perf-script.txt -o mytrace   perf script of kvm:* events
 
-      vtrace import qemu qemu.log -o mytrace --strict    QEMU's log trace backend; exit 2 on
-                                                         the first line that is not an event
+      vtrace import qemu qemu.log -o mytrace --strict QEMU log; exit 2 on a bad line
     """
     import os
     from contextlib import nullcontext
