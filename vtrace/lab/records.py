@@ -16,7 +16,8 @@ The module's limits are read when a run starts, so a test can make them small.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import polars as pl
@@ -82,6 +83,22 @@ class LatencyStats:
             else:
                 self._exact = None  # the histogram has them all
 
+    @classmethod
+    def merged(cls, parts: Iterable[LatencyStats]) -> LatencyStats:
+        """One set of statistics over the values of several (the queues of a run)."""
+        parts = [p for p in parts if p.n]
+        out = cls(max((p.exact_max for p in parts), default=None))
+        for p in parts:
+            out.lo, out.hi = (p.lo, p.hi) if out.n == 0 else (min(out.lo, p.lo), max(out.hi, p.hi))
+            out.n += p.n
+            out.total += p.total
+            out._bins += p._bins
+            if out._exact is not None and p._exact is not None and out.n <= out.exact_max:
+                out._exact.extend(p._exact)
+            else:
+                out._exact = None  # the histogram has them all
+        return out
+
     @property
     def exact(self) -> bool:
         """Whether the percentiles are numpy's on every value (else the histogram's)."""
@@ -111,7 +128,11 @@ class LatencyStats:
 
 class EventLog:
     """A run's events frames as they are made: each goes to ``sink`` (a recording's
-    ``add_events``), the first ``keep`` rows stay for the result, ``total`` counts all."""
+    ``add_events``), the first ``keep`` rows stay for the result, ``total`` counts all.
+
+    Several back-end threads (one per queue) add to one log: a lock keeps the count, the
+    kept rows and the sink's writes whole.
+    """
 
     def __init__(
         self, sink: Callable[[pl.DataFrame], None] | None = None, keep: int | None = None
@@ -121,20 +142,27 @@ class EventLog:
         self.total = 0
         self._kept: list[pl.DataFrame] = []
         self._kept_rows = 0
+        self._lock = threading.Lock()
 
     def add(self, rows: int, build: Callable[[], pl.DataFrame]) -> None:
         """Count ``rows`` events; build their frame only if a sink or the kept rows want it."""
-        self.total += rows
-        if rows == 0 or (self.sink is None and self._kept_rows >= self.keep):
-            return
-        frame = build()
-        if self.sink is not None:
-            self.sink(frame)
-        if self._kept_rows < self.keep:
-            head = frame.head(self.keep - self._kept_rows)
-            self._kept.append(head)
-            self._kept_rows += head.height
+        with self._lock:
+            self.total += rows
+            if rows == 0 or (self.sink is None and self._kept_rows >= self.keep):
+                return
+            frame = build()
+            if self.sink is not None:
+                self.sink(frame)
+            if self._kept_rows < self.keep:
+                head = frame.head(self.keep - self._kept_rows)
+                self._kept.append(head)
+                self._kept_rows += head.height
 
     def frame(self) -> pl.DataFrame:
-        """The kept rows: the run's first events, in time order."""
-        return pl.concat(self._kept) if self._kept else schema.empty_events()
+        """The kept rows: the run's first events, in time order (the folds of several
+        threads interleave)."""
+        if not self._kept:
+            return schema.empty_events()
+        if len(self._kept) == 1:
+            return self._kept[0]
+        return pl.concat(self._kept).sort("ts_ns", maintain_order=True)

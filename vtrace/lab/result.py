@@ -10,7 +10,6 @@ import polars as pl
 
 from vtrace import schema
 
-QUEUE_INDEX = 0
 DEVICE_NAMES = {"emulated": "lab-emulated", "virtio": "lab-virtio"}
 
 
@@ -45,6 +44,11 @@ class LabResult:
     used_idx: int = 0  # used.idx at the end (virtio; modulo 2^16)
     trace: str | None = None  # the trace directory with --record
     recording: dict[str, Any] | None = None  # the collector's summary with --record
+    vcpus: int = 1  # guest vCPUs, one thread each
+    queues: int = 1  # virtqueues; vCPU v submits to queue v mod queues
+    backend_threads: str = "shared"  # shared: one thread serves every queue; per-queue
+    # one dict per queue: its vCPUs, requests, kicks, completions, latency (docs/lab.md)
+    per_queue: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The result without the events frame (``events``: how many the run made), as
@@ -61,12 +65,13 @@ def events_frame(
     pid: int,
     tid: int,
     device: str,
+    queue: int = 0,
     addr: np.ndarray | None = None,
     size: np.ndarray | None = None,
     count: np.ndarray | None = None,
     value: np.ndarray | None = None,
 ) -> pl.DataFrame:
-    """One lab event type as an events frame (source=lab, queue 0), columns from arrays."""
+    """One lab event type as an events frame (source=lab), columns from arrays."""
     cols: dict[str, Any] = {"ts_ns": np.asarray(ts_ns, dtype=np.int64)}
     for name, arr, dtype in (
         ("addr", addr, np.uint64),
@@ -83,7 +88,7 @@ def events_frame(
         "event": event,
         "pid": pid,
         "tid": tid,
-        "queue": QUEUE_INDEX,
+        "queue": queue,
         "device": device,
     }
     frame = pl.DataFrame(cols).with_columns(pl.lit(v).alias(k) for k, v in constants.items())

@@ -1,8 +1,9 @@
-"""A minimal VMM on /dev/kvm: one VM, one memory slot, one vCPU in flat 32-bit mode (or in
-16-bit real mode, for tiny guests that need no set-up at all).
+"""A minimal VMM on /dev/kvm: one VM, one memory slot, one or more vCPUs in flat 32-bit mode
+(or one in 16-bit real mode, for tiny guests that need no set-up at all).
 
-The vCPU runs in the thread that calls :meth:`Vm.run`; every return from ``KVM_RUN`` is a
-user-space exit this VMM handles and counts. Port I/O and MMIO are dispatched to handlers
+Each vCPU runs in its own thread (one vCPU without a timeout: the thread that calls
+:meth:`Vm.run`); every return from ``KVM_RUN`` is a user-space exit this VMM handles and
+counts. Port I/O and MMIO are dispatched to handlers
 the device models register; ports and addresses registered with ``KVM_IOEVENTFD`` never
 reach user space.
 """
@@ -15,6 +16,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -44,8 +46,21 @@ def _flat_segment(selector: int, type_: int) -> kvm.Segment:
     )  # fmt: skip
 
 
+class _Vcpu:
+    """One vCPU: its fd, its ``kvm_run`` mapping and what its thread counted (each thread
+    counts its own exits: ``+=`` on a shared counter is not atomic across threads)."""
+
+    def __init__(self, index: int, fd: int, run_size: int) -> None:
+        self.index = index
+        self.fd = fd
+        self.run_area, self.run = kvm.map_run(fd, run_size)
+        self.userspace_exits = 0
+        self.exit_reasons: dict[int, int] = {}
+        self.tid = 0
+
+
 class Vm:
-    """One lab VM: guest memory, an optional in-kernel irqchip, one vCPU."""
+    """One lab VM: guest memory, an optional in-kernel irqchip, ``vcpus`` vCPUs."""
 
     def __init__(
         self,
@@ -53,20 +68,23 @@ class Vm:
         *,
         irqchip: bool = False,
         memory_align_bytes: int = _MEMORY_ALIGN_BYTES,
+        vcpus: int = 1,
     ) -> None:
         """Guest memory is ``memory_bytes`` rounded up to ``memory_align_bytes`` (a multiple
         of the page size), at guest-physical 0; every address above it is MMIO."""
         if memory_align_bytes <= 0 or memory_align_bytes % mmap.PAGESIZE:
             raise ValueError(f"memory_align_bytes {memory_align_bytes} is not a page multiple")
+        if not 1 <= vcpus <= L.MAX_VCPUS:
+            raise ValueError(f"vcpus {vcpus} is not between 1 and {L.MAX_VCPUS}")
         self._fds: list[int] = []
         try:
-            self._create(memory_bytes, irqchip, memory_align_bytes)
+            self._create(memory_bytes, irqchip, memory_align_bytes, vcpus)
         except BaseException:
             for fd in reversed(self._fds):
                 os.close(fd)
             raise
 
-    def _create(self, memory_bytes: int, irqchip: bool, align_bytes: int) -> None:
+    def _create(self, memory_bytes: int, irqchip: bool, align_bytes: int, vcpus: int) -> None:
         self.kvm_fd = self._keep(kvm.open_kvm())
         self.vm_fd = self._keep(kvm.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, 0))
         size = -(-memory_bytes // align_bytes) * align_bytes
@@ -87,19 +105,43 @@ class Vm:
                 self.irqchip = True
             except OSError as e:
                 raise VtraceError(f"KVM_CREATE_IRQCHIP failed: {e.strerror}") from None
-        self.vcpu_fd = self._keep(kvm.ioctl(self.vm_fd, kvm.KVM_CREATE_VCPU, 0))
         run_size = kvm.ioctl(self.kvm_fd, kvm.KVM_GET_VCPU_MMAP_SIZE, 0)
-        self._run_area, self._run = kvm.map_run(self.vcpu_fd, run_size)
+        self.vcpus: list[_Vcpu] = []
+        for v in range(vcpus):
+            fd = self._keep(kvm.ioctl(self.vm_fd, kvm.KVM_CREATE_VCPU, v))
+            self.vcpus.append(_Vcpu(v, fd, run_size))
+        self.vcpu_fd = self.vcpus[0].fd  # vCPU 0: the only one of a single-vCPU VM
         self.out_handlers: dict[int, OutHandler] = {}
         self.in_handlers: dict[int, InHandler] = {}
         # MMIO by guest-physical address; a write handler gets the value (little-endian).
         self.mmio_write_handlers: dict[int, OutHandler] = {}
         self.mmio_read_handlers: dict[int, InHandler] = {}
         self.stop_on_hlt = False  # a KVM_EXIT_HLT ends run() (no irqchip: nothing wakes it)
-        self.userspace_exits = 0
-        self.exit_reasons: dict[int, int] = {}
         self.hung = False
-        self.vcpu_tid = 0  # the thread that ran KVM_RUN, once the vCPU has run
+
+    @property
+    def userspace_exits(self) -> int:
+        """``KVM_RUN`` returns handled, all vCPUs together."""
+        return sum(v.userspace_exits for v in self.vcpus)
+
+    @property
+    def exit_reasons(self) -> dict[int, int]:
+        """The same by exit reason (-1: interrupted by a signal), all vCPUs together."""
+        out: dict[int, int] = {}
+        for v in self.vcpus:
+            for reason, n in v.exit_reasons.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    @property
+    def vcpu_tid(self) -> int:
+        """The thread that ran vCPU 0, once it has run."""
+        return self.vcpus[0].tid
+
+    @property
+    def vcpu_tids(self) -> list[int]:
+        """The thread that ran each vCPU, once they have run."""
+        return [v.tid for v in self.vcpus]
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -107,23 +149,33 @@ class Vm:
 
     # -- set-up ----------------------------------------------------------------------------
     def load(self, program: bytes, *, entry: int = L.CODE_BASE) -> None:
-        """Copy the guest program to ``entry`` and point the vCPU at it in flat 32-bit mode."""
+        """Copy the guest program to ``entry`` and point every vCPU at it in flat 32-bit mode.
+
+        vCPU v starts with esi at its parameter block (``PARAM_BASE + v * PARAM_STRIDE``)
+        and its own stack (``STACK_TOP - v * STACK_STRIDE``).
+        """
         self.memory[entry : entry + len(program)] = program
         # A GDT in guest memory matching the cached segments below, so anything that
         # reloads a segment (an interrupt gate, iret) finds the same flat descriptors.
         gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
         self.memory[L.GDT_BASE : L.GDT_BASE + len(gdt)] = gdt
-        sregs = kvm.Sregs()
-        kvm.ioctl(self.vcpu_fd, kvm.KVM_GET_SREGS, sregs)
-        sregs.cs = _flat_segment(L.CODE_SEL, 0xB)  # execute/read, accessed
-        for name in ("ds", "es", "fs", "gs", "ss"):
-            setattr(sregs, name, _flat_segment(L.DATA_SEL, 0x3))  # read/write, accessed
-        sregs.gdt = kvm.DTable(base=L.GDT_BASE, limit=len(gdt) - 1)
-        sregs.idt = kvm.DTable(base=L.IDT_BASE, limit=256 * 8 - 1)
-        sregs.cr0 = (sregs.cr0 | 0x1) & ~0x80000000  # protected mode, no paging
-        kvm.ioctl(self.vcpu_fd, kvm.KVM_SET_SREGS, sregs)
-        regs = kvm.Regs(rip=entry, rsp=L.STACK_TOP, rflags=0x2)
-        kvm.ioctl(self.vcpu_fd, kvm.KVM_SET_REGS, regs)
+        for v in self.vcpus:
+            sregs = kvm.Sregs()
+            kvm.ioctl(v.fd, kvm.KVM_GET_SREGS, sregs)
+            sregs.cs = _flat_segment(L.CODE_SEL, 0xB)  # execute/read, accessed
+            for name in ("ds", "es", "fs", "gs", "ss"):
+                setattr(sregs, name, _flat_segment(L.DATA_SEL, 0x3))  # read/write, accessed
+            sregs.gdt = kvm.DTable(base=L.GDT_BASE, limit=len(gdt) - 1)
+            sregs.idt = kvm.DTable(base=L.IDT_BASE, limit=256 * 8 - 1)
+            sregs.cr0 = (sregs.cr0 | 0x1) & ~0x80000000  # protected mode, no paging
+            kvm.ioctl(v.fd, kvm.KVM_SET_SREGS, sregs)
+            regs = kvm.Regs(
+                rip=entry,
+                rsp=L.STACK_TOP - v.index * L.STACK_STRIDE,
+                rsi=param_block(v.index),
+                rflags=0x2,
+            )
+            kvm.ioctl(v.fd, kvm.KVM_SET_REGS, regs)
 
     def load_real_mode(
         self, program: bytes, *, entry: int, segments: Mapping[str, int] | None = None
@@ -134,6 +186,8 @@ class Vm:
         fs, gs and ss (default 0), each a 64 KiB segment at selector x 16, as after a far
         jump or a segment load in real mode. All general-purpose registers start at 0.
         """
+        if len(self.vcpus) != 1:
+            raise ValueError("a real-mode program runs on a single-vCPU VM")
         if not 0 <= entry <= _REAL_MODE_SEGMENT_BYTES - len(program):
             raise ValueError(f"real-mode program of {len(program)} bytes at {entry:#x}")
         selectors = dict(segments or {})
@@ -207,34 +261,43 @@ class Vm:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, timeout_s: float | None = None) -> None:
-        """Run the vCPU until a handler raises :class:`GuestStopped`.
+        """Run every vCPU until a handler raises :class:`GuestStopped` on it.
 
         Every ``KVM_RUN`` return is counted in ``userspace_exits`` (by reason in
-        ``exit_reasons``; -1 for a return interrupted by a signal). With ``timeout_s`` the
-        vCPU runs in its own thread and a guest that has not finished by then (say, asleep
-        in ``hlt`` waiting for an interrupt that never comes) raises :class:`VtraceError`;
-        that VM is then left to the process's exit, since nothing can pull a vCPU out of
-        the kernel from another thread without signals.
+        ``exit_reasons``; -1 for a return interrupted by a signal). Each vCPU runs in its
+        own thread (``vtrace-lab-vcpu<v>``), except a single vCPU without ``timeout_s``,
+        which runs in the caller's. A guest that has not finished within ``timeout_s``
+        (say, asleep in ``hlt`` waiting for an interrupt that never comes) raises
+        :class:`VtraceError`; that VM is then left to the process's exit, since nothing can
+        pull a vCPU out of the kernel from another thread without signals.
         """
-        if timeout_s is None:
-            self._run_vcpu()
+        if timeout_s is None and len(self.vcpus) == 1:
+            self._run_vcpu(self.vcpus[0])
             return
         failure: list[BaseException] = []
 
-        def vcpu() -> None:
+        def run_one(v: _Vcpu) -> None:
             try:
-                self._run_vcpu()
+                self._run_vcpu(v)
             except BaseException as e:
                 failure.append(e)
 
-        thread = threading.Thread(target=vcpu, name="vtrace-lab-vcpu0", daemon=True)
-        thread.start()
+        threads = [
+            threading.Thread(
+                target=run_one, args=(v,), name=f"vtrace-lab-vcpu{v.index}", daemon=True
+            )
+            for v in self.vcpus
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            thread.join(timeout_s)
-        except BaseException:  # Ctrl-C: the vCPU still uses the VM, leave it to the exit
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except BaseException:  # Ctrl-C: the vCPUs still use the VM, leave it to the exit
             self.hung = True
             raise
-        if thread.is_alive():
+        if any(thread.is_alive() for thread in threads):
             self.hung = True
             raise VtraceError(
                 f"the guest did not finish within {timeout_s:g} s "
@@ -243,17 +306,17 @@ class Vm:
         if failure:
             raise failure[0]
 
-    def _run_vcpu(self) -> None:
-        self.vcpu_tid = threading.get_native_id()
-        area, vcpu_fd = self._run_area, self.vcpu_fd
+    def _run_vcpu(self, vcpu: _Vcpu) -> None:
+        vcpu.tid = threading.get_native_id()
+        area, vcpu_fd = vcpu.run_area, vcpu.fd
         outs, ins = self.out_handlers, self.in_handlers
         libc_ioctl, run_request = kvm._libc.ioctl, kvm.KVM_RUN
         unpack, from_bytes = _EXIT_IO.unpack_from, int.from_bytes
-        reasons = self.exit_reasons
+        reasons = vcpu.exit_reasons
         try:
             while True:
                 ret = libc_ioctl(vcpu_fd, run_request, 0)
-                self.userspace_exits += 1
+                vcpu.userspace_exits += 1
                 if ret < 0:
                     err = ctypes.get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
@@ -263,7 +326,7 @@ class Vm:
                 reason, direction, size, port, count, offset = unpack(area, _EXIT_IO_OFFSET)
                 reasons[reason] = reasons.get(reason, 0) + 1
                 if reason != kvm.KVM_EXIT_IO or count != 1:
-                    self._other_exit(reason, count)
+                    self._other_exit(vcpu, reason, count)
                     continue
                 if direction == kvm.KVM_EXIT_IO_OUT:
                     handler = outs.get(port)
@@ -278,10 +341,10 @@ class Vm:
         except GuestStopped:
             return
 
-    def _other_exit(self, reason: int, count: int) -> None:
+    def _other_exit(self, vcpu: _Vcpu, reason: int, count: int) -> None:
         """An exit other than single port I/O: MMIO, a halt, or the end of the run."""
         if reason == kvm.KVM_EXIT_MMIO:
-            mmio = self._run.exit.mmio
+            mmio = vcpu.run.exit.mmio
             addr, size = mmio.phys_addr, mmio.len
             if mmio.is_write:
                 handler = self.mmio_write_handlers.get(addr)
@@ -296,17 +359,20 @@ class Vm:
             return
         if reason == kvm.KVM_EXIT_HLT and self.stop_on_hlt:
             raise GuestStopped
-        self._unexpected_exit(reason, count)
+        self._unexpected_exit(vcpu, reason, count)
 
-    def _unexpected_exit(self, reason: int, count: int) -> None:
+    def _unexpected_exit(self, vcpu: _Vcpu, reason: int, count: int) -> None:
         regs = kvm.Regs()
-        kvm.ioctl(self.vcpu_fd, kvm.KVM_GET_REGS, regs)
+        kvm.ioctl(vcpu.fd, kvm.KVM_GET_REGS, regs)
         detail = ""
         if reason == kvm.KVM_EXIT_IO:
             detail = f" (string I/O, count {count}, is not emulated)"
         elif reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-            detail = f" (suberror {self._run.exit.internal.suberror})"
-        raise VtraceError(f"guest stopped with exit reason {reason}{detail} at rip {regs.rip:#x}")
+            detail = f" (suberror {vcpu.run.exit.internal.suberror})"
+        where = f"vCPU {vcpu.index} " if len(self.vcpus) > 1 else ""
+        raise VtraceError(
+            f"guest {where}stopped with exit reason {reason}{detail} at rip {regs.rip:#x}"
+        )
 
     def close(self) -> None:
         """Release the vCPU mapping, guest memory and file descriptors.
@@ -315,8 +381,9 @@ class Vm:
         """
         if self.hung:
             return
-        del self._run
-        self._run_area.close()
+        for v in self.vcpus:
+            del v.run
+            v.run_area.close()
         del self._memory_anchor
         self.memory.close()
         for fd in reversed(self._fds):
@@ -328,6 +395,11 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def param_block(vcpu: int) -> int:
+    """Guest-physical address of vCPU ``vcpu``'s parameter block."""
+    return L.PARAM_BASE + vcpu * L.PARAM_STRIDE
 
 
 def guest_program(name: str) -> bytes:

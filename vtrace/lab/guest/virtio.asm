@@ -11,13 +11,20 @@
 ; P_REQUEST_BYTES long, buffer P_DATA + slot * P_REQUEST_BYTES): the back end completes in
 ; order, so that descriptor is free again once request k - ring size has been used.
 ;
-; Registers: ebp = requests added so far, ebx = used elements consumed so far.
+; Several vCPUs run this program at once, each on its own virtqueue: esi holds the vCPU's
+; parameter block (PARAM_BASE + v * PARAM_STRIDE, set by the VMM), which names its queue's
+; rings, notify port and queue index, and gets its own counters. Assembled with SHARED
+; defined (virtio_shared.asm), several vCPUs share one queue: each adds and takes back used
+; elements under the queue's lock (P_QBLOCK), as Linux's virtio drivers do.
+;
+; Registers: ebp = requests added to the queue so far, ebx = used elements consumed so far
+; (with SHARED, copies of the queue's counts, loaded and stored under its lock).
 
 bits 32
 %include "layout.inc"
 org CODE_BASE
 
-%define PARAM(x) dword [PARAM_BASE + x]
+%define PARAM(x) dword [esi + x]
 
 start:
         mov     eax, PARAM(P_RING_SIZE)
@@ -54,13 +61,20 @@ ready:
 
 next_batch:
         mov     eax, PARAM(P_REQUESTS)
+%ifdef SHARED
+        sub     eax, PARAM(S_MINE)
+%else
         sub     eax, ebp
+%endif
         jz      drain
         cmp     eax, PARAM(P_BATCH)
         jbe     have_n
         mov     eax, PARAM(P_BATCH)
 have_n:
         mov     PARAM(S_BATCH_N), eax
+%ifdef SHARED
+        call    lock_queue
+%endif
 room:   ; a batch needs (added - used) + n <= ring size
         mov     eax, ebp
         sub     eax, ebx
@@ -97,11 +111,17 @@ add_one:
         mov     eax, ebp
         mov     edi, PARAM(P_AVAIL)
         xchg    [edi + 2], ax
+%ifdef SHARED
+        mov     eax, PARAM(S_BATCH_N)
+        add     PARAM(S_MINE), eax
+        mov     PARAM(S_LAST), ebp
+        call    unlock_queue
+%endif
         mov     edi, PARAM(P_USED)
         test    word [edi], VRING_USED_F_NO_NOTIFY
         jnz     suppressed
-        mov     dx, PORT_NOTIFY
-        xor     eax, eax                        ; queue index 0
+        mov     edx, PARAM(P_NOTIFY_PORT)
+        mov     eax, PARAM(P_QUEUE)
         out     dx, ax                          ; the kick: ioeventfd, no user-space exit
         inc     PARAM(R_KICKS)
         jmp     next_batch
@@ -110,10 +130,22 @@ suppressed:
         jmp     next_batch
 
 drain:  ; all requests added: wait until every one is used
+%ifdef SHARED
+        call    lock_queue                      ; in order: ours are used once S_LAST are
+.check:
+        mov     eax, ebx
+        sub     eax, PARAM(S_LAST)
+        jns     .mine_used
+        call    wait_used
+        jmp     .check
+.mine_used:
+        call    unlock_queue
+%else
         cmp     ebx, ebp
         je      finish
         call    wait_used
         jmp     drain
+%endif
 finish:
         mov     dx, PORT_DONE
         xor     eax, eax
@@ -147,6 +179,28 @@ wait_used:
         jmp     .spin
 .done:
         ret
+
+%ifdef SHARED
+; lock_queue: take the queue's lock (spinning on xchg, a locked exchange) and load its
+; counts into ebp and ebx. unlock_queue: store them back and release the lock (a plain store
+; releases on x86).
+lock_queue:
+        mov     edi, PARAM(P_QBLOCK)
+.spin:
+        mov     eax, 1
+        xchg    [edi + Q_LOCK], eax
+        test    eax, eax
+        jnz     .spin
+        mov     ebp, [edi + Q_ADDED]
+        mov     ebx, [edi + Q_USED]
+        ret
+unlock_queue:
+        mov     edi, PARAM(P_QBLOCK)
+        mov     [edi + Q_ADDED], ebp
+        mov     [edi + Q_USED], ebx
+        mov     dword [edi + Q_LOCK], 0
+        ret
+%endif
 
 ; reap: consume the used elements from ebx up to used.idx, checking that each has the
 ; expected id (the slot) and length. Returns eax = elements consumed.
