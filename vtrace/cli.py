@@ -285,21 +285,40 @@ def record(
 
 @app.command(
     epilog="Examples:\n\n  vtrace doctor\n\n  vtrace doctor --fix      mount tracefs, link headers\n\n"
-    "  vtrace doctor --json"
+    "  vtrace doctor --json\n\n"
+    "  vtrace doctor --qmp /run/vm1.qmp --fix    events a killed recording left on in a VM"
 )
 def doctor(
-    fix: bool = typer.Option(False, "--fix", help="Mount tracefs and link headers where needed."),
+    fix: bool = typer.Option(
+        False,
+        "--fix",
+        help="Mount tracefs and link headers where needed; with --qmp: turn the VM's events "
+        "a recording left on off.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    qmp: list[str] = typer.Option(  # noqa: B008 (typer's repeatable option)
+        None, "--qmp", help="Check this VM (QMP socket) instead of the host; repeatable."
+    ),
 ) -> None:
     """Can this host record? One verdict per requirement, with the exact fix.
 
-    Exit status 1 when a check that recording needs fails.
+    Exit status 1 when a check that recording needs fails, or (--qmp) a VM has events
+    a recording left on.
     """
     import json
 
     from vtrace.collect import doctor as checks_mod
     from vtrace.collect import live
 
+    if qmp:
+        checks = [checks_mod.check_qmp(sock, fix=fix) for sock in qmp]
+        if as_json:
+            typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+        else:
+            console.print(live.checks_view(checks))
+        if any(c.status != checks_mod.OK for c in checks):
+            raise typer.Exit(1)
+        return
     checks = checks_mod.run_checks(fix=fix)
     if as_json:
         typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
@@ -743,7 +762,12 @@ def sweep_cmd(
             "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed, {task.fields[rate]}"),
         )  # fmt: skip
-        progress = stack.enter_context(Progress(*columns, console=err_console, transient=True))
+        # The bar only on a terminal: elsewhere a transient bar leaves blank lines.
+        progress = stack.enter_context(
+            Progress(
+                *columns, console=err_console, transient=True, disable=not err_console.is_terminal
+            )
+        )
         task = progress.add_task(f"sweep {model}", total=len(points), failed=0, rate="")
         start, ended, failed = time.monotonic(), 0, 0
 
@@ -757,18 +781,30 @@ def sweep_cmd(
             nonlocal failed
             failed += 1
             progress.update(task, failed=failed)
-            progress.console.print(f"vtrace: {f}", markup=False, highlight=False)
+            progress.console.print(f"vtrace: {f}", markup=False, highlight=False, soft_wrap=True)
+
+        def on_start(to_run: int, done: int) -> None:
+            progress.update(task, total=to_run)
+            if resume:
+                progress.console.print(
+                    f"resuming: {done} of {len(points)} points done before, running {to_run}"
+                )
 
         try:
             frame = run_sweep(
                 model, points, set_ or [], output, workers=None if dask else workers,
                 executor=executor, force=force, resume=resume,
-                on_point=on_point, on_failure=on_failure,
+                on_point=on_point, on_failure=on_failure, on_start=on_start,
             )  # fmt: skip
         except SweepFailed as e:
-            progress.stop()
-            err_console.print(f"vtrace: error: {e}", markup=False, highlight=False)
-            raise typer.Exit(1) from None
+            failure = e
+        else:
+            failure = None
+    if failure is not None:  # the points that ran are kept; exit 1, not bad input's 2
+        err_console.print(
+            f"vtrace: error: {failure}", markup=False, highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(1)
     console.print(f"wrote {output}: {frame.height} points")
     ranked = best_points(frame, best, top, list(points[0]) if points else [])
     if ranked.height:

@@ -6,6 +6,7 @@ Every check takes the paths it looks at as parameters, so tests can take a featu
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import struct
@@ -366,3 +367,49 @@ def record_problem(checks: list[Check]) -> str | None:
         if c.required and c.status == FAIL:
             return f"{c.name}: {c.verdict}" + (f"; fix: {c.fix}" if c.fix else "")
     return None
+
+
+def check_qmp(socket_path: str, *, fix: bool = False) -> Check:
+    """Trace events a recording left on in the VM at ``socket_path`` (after a ``kill -9``).
+
+    The recording's state file says what it changed and what each event was before; without
+    one, every virtio/device event vtrace switches that is on counts as left on. ``fix``
+    puts them back (off, or as the state file says) and QEMU's log where it was."""
+    from vtrace.collect import qemu_attach
+    from vtrace.qmp import Qmp, trace_states
+
+    name = f"qmp {socket_path}"
+    with Qmp(socket_path) as qmp:
+        pid = qmp.peer_pid()
+        path = qemu_attach.state_file(pid)
+        state: dict[str, object] | None = None
+        if path.exists():
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                state = None  # unreadable: fall back to the events' current states
+        states = trace_states(qmp)
+        if state is not None and isinstance(state.get("previous"), dict):
+            previous = {str(k): bool(v) for k, v in state["previous"].items()}  # type: ignore[union-attr]
+        else:
+            previous = {e: False for e in qemu_attach.ATTACH_EVENTS if e in states}
+        left_on = sorted(e for e, was in previous.items() if states.get(e) and not was)
+        if not left_on and state is None:
+            return Check(name, OK, f"QEMU pid {pid}: no vtrace trace events on")
+        verdict = (
+            f"QEMU pid {pid}: {len(left_on)} trace events left on ({', '.join(left_on)})"
+            if left_on
+            else f"QEMU pid {pid}: events as they were, but {path} is left from a recording"
+        )
+        if not fix:
+            return Check(name, WARN, verdict, f"vtrace doctor --qmp {socket_path} --fix")
+        logfile = state.get("logfile") if state is not None else None
+        turned_off = qemu_attach.restore(
+            qmp, {"previous": previous, "logfile": logfile if isinstance(logfile, str) else None}
+        )
+        path.unlink(missing_ok=True)
+        check = Check(name, OK, f"QEMU pid {pid}: no vtrace trace events on")
+        off = [e for e in turned_off if e in left_on]
+        where = logfile if isinstance(logfile, str) else "/dev/null"
+        check.fixed = f"turned {len(off)} events off, QEMU's log back to {where}"
+        return check

@@ -49,10 +49,36 @@ def record(
     events: list[str] | None = None,
     buffer_mb: int | None = None,
     classic: bool = False,
+    qmp: list[str] | None = None,
 ) -> dict[str, Any]:
     """Record until Ctrl-C, SIGTERM, ``duration_s``, the exit of every process in ``pids``
     or a failed write (raised as one-line :class:`~vtrace.output.OutputError` once meta says
-    what was lost); returns the recording's summary."""
+    what was lost); returns the recording's summary.
+
+    Each ``qmp`` socket names a running VM: its pid joins ``pids`` and, for the recording
+    window, its QEMU's virtio and device events join the trace (:mod:`.qemu_attach`); every
+    event's state is restored however the recording ends."""
+    from vtrace.collect.qemu_attach import attach_all
+
+    # Before anything is recorded: a socket that is no QEMU costs nothing.
+    vms = attach_all(qmp or [])
+    try:
+        return _record(out, console, vms, pids, duration_s, events, buffer_mb, classic)
+    finally:
+        for vm in vms:
+            vm.stop()  # a no-op unless an error skipped the stop in _record
+
+
+def _record(
+    out: Path,
+    console: Console,
+    vms: list[Any],
+    pids: list[int] | None,
+    duration_s: float | None,
+    events: list[str] | None,
+    buffer_mb: int | None,
+    classic: bool,
+) -> dict[str, Any]:
     stop = threading.Event()
     reason: list[str] = []
 
@@ -62,10 +88,21 @@ def record(
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
-    rec = Recording(out, pids=pids, events=events, buffer_mb=buffer_mb, classic=classic)
+    pids = list(dict.fromkeys([*(pids or []), *(vm.pid for vm in vms)]))
+    qemu_meta: dict[str, Any] = {"vms": [vm.meta for vm in vms]}
+    meta_extra: dict[str, Any] = {"qemu": qemu_meta} if vms else {}
+    if vms:
+        meta_extra["vms"] = {str(vm.pid): {"name": vm.name} for vm in vms}
+    rec = Recording(
+        out, pids=pids, events=events, buffer_mb=buffer_mb, classic=classic, meta_extra=meta_extra
+    )
     try:
         rec.start()
+        for vm in vms:  # after the kernel's probes: QEMU's events need no earlier window
+            vm.start(rec.add_events)
     except BaseException:
+        for vm in vms:
+            vm.stop()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
         raise
@@ -98,10 +135,17 @@ def record(
         # Cleanup detaches probes and writes the last part; a second Ctrl-C must not cut it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            summary = rec.stop()
+            # QEMU's events first: they are restored and their last lines join the trace
+            # before the kernel's part is finalised.
+            try:
+                qemu_meta["vms"] = [vm.stop() for vm in vms]
+            finally:
+                summary = rec.stop()
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
+    if vms:
+        summary["qemu"] = qemu_meta["vms"]
     return summary
 
 
@@ -140,6 +184,26 @@ def summary_view(summary: dict[str, Any]) -> Group:
             parts.append(Text(f"  {', '.join(evs)}: {why}"))
     if summary["pids"]:
         parts.append(Text(f"pids {summary['pids']} (IRQ events also from kworker threads)"))
+    for vm in summary.get("qemu", []):
+        what = (
+            f"{vm.get('events_recorded', 0):,} QEMU events"
+            if vm.get("timestamps")
+            else f"{sum(c['count'] for c in vm.get('counts', [])):,} QEMU events kept as counts "
+            "(no -msg timestamp=on)"
+        )
+        requests = vm.get("requests_blockstats")
+        parts.append(
+            Text(
+                f"VM {vm['name']} (pid {vm['pid']}): {what}"
+                + (
+                    f", {requests:,} block requests (query-blockstats)"
+                    if requests is not None
+                    else ""
+                )
+                + ("; " + vm["error"] if vm.get("error") else "; trace events restored"),
+                style="red" if vm.get("error") else "",
+            )
+        )
     if summary.get("stopped_by") == PIDS_EXITED:
         parts.append(Text(f"stopped: {PIDS_EXITED}"))
     return Group(*parts)
