@@ -369,6 +369,7 @@ app.add_typer(lab_app, name="lab")
     epilog="Examples:\n\n"
     "  vtrace lab run --device emulated --requests 10000\n\n"
     "  vtrace lab run --device virtio --requests 100000 --batch 16 --ring-size 256 --json\n\n"
+    "  vtrace lab run --device virtio --vcpus 2 --queues 2 --backend-threads per-queue\n\n"
     "  vtrace lab run --device virtio --wait irq --record /tmp/lab-trace",
 )
 def lab_run(
@@ -378,6 +379,11 @@ def lab_run(
     ring_size: int = typer.Option(256, help="Descriptors in the virtqueue (power of two)."),
     request_bytes: int = typer.Option(4096, help="Bytes the device writes per request."),
     wait: str = typer.Option("poll", help="virtio completions: poll used.idx, or irq (irqfd)."),
+    vcpus: int = typer.Option(1, help="Guest vCPUs, one thread each (virtio)."),
+    queues: int = typer.Option(1, help="Virtqueues; vCPU v submits to queue v mod queues."),
+    backend_threads: str = typer.Option(
+        "shared", help="shared: one back-end thread serves every queue; per-queue: one each."
+    ),
     record: str | None = typer.Option(
         None, help="Trace directory: record kvm events of this VMM plus the lab's own."
     ),
@@ -390,7 +396,10 @@ def lab_run(
 
     from vtrace.lab import run_lab
 
-    result = run_lab(device, requests, batch, ring_size, request_bytes, wait=wait, record=record)
+    result = run_lab(
+        device, requests, batch, ring_size, request_bytes, wait=wait, record=record,
+        vcpus=vcpus, queues=queues, backend_threads=backend_threads,
+    )  # fmt: skip
     if json_out:
         print(json.dumps(result.to_json()))
         return
@@ -405,6 +414,13 @@ def lab_run(
          f"({result.userspace_exits / result.requests:.2f} per request)"),
         ("kicks (eventfd)", f"{result.kicks} (guest skipped {result.kicks_suppressed})"),
         ("interrupts", str(result.interrupts)),
+        ("vCPUs x queues", f"{result.vcpus} x {result.queues} "
+         f"(back end: {result.backend_threads})"),
+        *(
+            (f"queue {q['queue']}", f"vCPUs {q['vcpus']}: {q['requests']} requests, "
+             f"{q['kicks']} kicks, {q['passes']} passes")
+            for q in (result.per_queue if result.queues > 1 else [])
+        ),
         ("latency", f"mean {lat['mean'] / 1e3:.1f} us, p50 {lat['p50'] / 1e3:.1f} us, "
          f"p99 {lat['p99'] / 1e3:.1f} us"),
         ("trace", result.trace or "-"),
