@@ -163,5 +163,77 @@ plots.sensitivity(
     title="Share of the vCPU's time in exits against request size",
 )
 
+# %% [markdown]
+# ## An interactive what-if
+#
+# Move the sliders: each change re-runs the virtio-blk model (a short run) with that ring
+# size, batch, number of queues (one vCPU and one job per queue), user-space exit cost and
+# back-end wake-up, and redraws kicks per request, throughput and p99 latency. The dotted
+# line is what a real guest measured: kicks per request of the shipped QEMU virtio-blk run
+# at queue depth 16 (`traces/qemu-virtio-blk-qd16`). Run headless (the report, the tests),
+# the cell draws the sliders' starting values once.
+
+# %%
+import ipywidgets as widgets
+import plotly.graph_objects as go
+from IPython.display import display
+from plotly.subplots import make_subplots
+
+from vtrace import open_trace
+from vtrace.notebook import traces_dir
+from vtrace.sim import load_config, simulate
+
+measured = open_trace(traces_dir() / "qemu-virtio-blk-qd16").meta["qemu_lab"]["kicks_per_request"]
+
+
+def what_if(ring_size=256, batch=16, queues=1, userspace_exit_ns=6_858, wakeup_ns=5_000):
+    """One short model run at these values, drawn as three panels."""
+    cfg = load_config(
+        VIRTIO,
+        {
+            "workload.requests": 3_000,
+            "workload.warmup_requests": 300,
+            "virtqueue.ring_size": ring_size,
+            "virtqueue.batch": batch,
+            "virtqueue.queues": queues,
+            "vm.vcpus": queues,
+            "workload.jobs": queues,
+            "kvm.userspace_exit_ns": float(userspace_exit_ns),
+            "backend.wakeup_ns": float(wakeup_ns),
+        },
+    )
+    s = simulate(cfg).summary
+    fig = make_subplots(
+        rows=1, cols=3, subplot_titles=("kicks / request", "throughput (req/s)", "p99 (µs)")
+    )
+    fig.add_trace(go.Bar(x=["model"], y=[s["kicks_per_request"]], name="kicks"), 1, 1)
+    fig.add_hline(y=measured, line_dash="dot", row=1, col=1, annotation_text="qd16 measured")
+    fig.add_trace(go.Bar(x=["model"], y=[s["throughput_rps"]], name="throughput"), 1, 2)
+    fig.add_trace(go.Bar(x=["model"], y=[s["latency_ns"]["p99"] / 1e3], name="p99"), 1, 3)
+    fig.update_layout(
+        title=f"{VIRTIO}: ring {ring_size}, batch {batch}, {queues} queue(s), "
+        f"user exit {userspace_exit_ns / 1e3:.1f} µs, wake-up {wakeup_ns / 1e3:.1f} µs",
+        showlegend=False,
+        height=360,
+    )
+    return fig
+
+
+# %% [markdown]
+# The starting point, drawn once; the sliders below redraw it.
+
+# %%
+what_if()
+
+# %%
+controls = widgets.interact(
+    lambda **values: display(what_if(**values)),
+    ring_size=widgets.SelectionSlider(options=[16, 32, 64, 128, 256, 512], value=256),
+    batch=widgets.IntSlider(value=16, min=1, max=64),
+    queues=widgets.IntSlider(value=1, min=1, max=8),
+    userspace_exit_ns=widgets.IntSlider(value=6_858, min=500, max=20_000, step=250),
+    wakeup_ns=widgets.IntSlider(value=5_000, min=0, max=50_000, step=500),
+)
+
 # %%
 pool.shutdown()
