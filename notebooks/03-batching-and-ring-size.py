@@ -40,17 +40,33 @@ WORKERS = None  # processes for the sweep (None: one per CPU)
 QUICK = False
 
 # %%
+import contextlib
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 
 import polars as pl
 
 from vtrace import plots
-from vtrace.sim.sweep import parse_grid, run_sweep
+from vtrace.sim.sweep import dask_executor, parse_grid, run_sweep
 
-# Sweep points run in fresh worker processes: forking a process whose polars thread pool
-# is running can deadlock the child, so the pool spawns instead.
-pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+# %% [markdown]
+# The sweeps run in local processes, or on a Dask cluster when the environment names one:
+# `DASK_SCHEDULER=tcp://host:8786` (a running scheduler, whose workers have vtrace
+# installed) or `DASK_SCHEDULER=local` (a cluster of one worker process per CPU here).
+
+# %%
+DASK_SCHEDULER = os.environ.get("DASK_SCHEDULER")
+executors = contextlib.ExitStack()
+if DASK_SCHEDULER:
+    pool = executors.enter_context(dask_executor(DASK_SCHEDULER, WORKERS))
+else:
+    # Sweep points run in fresh worker processes: forking a process whose polars thread
+    # pool is running can deadlock the child, so the pool spawns instead.
+    pool = executors.enter_context(
+        ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+    )
+print(f"sweep points run on {DASK_SCHEDULER or 'local processes'}")
 
 if QUICK:  # the demo's small version of the same sweep
     RING_SIZES, BATCHES, QUEUE_DEPTHS = RING_SIZES[::2], BATCHES[::2], QUEUE_DEPTHS[::2]
@@ -241,4 +257,4 @@ plots.sensitivity(
 )
 
 # %%
-pool.shutdown()
+executors.close()
