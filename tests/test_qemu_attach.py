@@ -233,3 +233,39 @@ def test_doctor_turns_off_what_a_killed_recording_left_on(
     assert check["status"] == "ok" and check["fixed"].startswith(f"turned {len(left)} events off")
     assert _events_on(qmp) == []
     assert vtrace("doctor", "--qmp", str(qmp)).returncode == 0
+
+
+@pytest.mark.qemu
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.bcc
+def test_three_vms_each_get_their_own_counts(lab_vm: tuple[Path, int], tmp_path: Path) -> None:
+    """Two /dev/kvm lab VMs and a QEMU guest under one host-wide recording: each VM's
+    user-space exits and kicks are what its own VMM counted."""
+    qmp, qemu_pid = lab_vm
+    out = tmp_path / "t"
+    proc = _recording(out, qmp)
+    try:
+        labs = [
+            subprocess.Popen(
+                [*VTRACE, "lab", "run", "--device", device, "--requests", "2000", "--json"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for device in ("virtio", "emulated")
+        ]
+        results = [json.loads(p.communicate(timeout=120)[0]) for p in labs]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    data = json.loads(vtrace("summary", str(out), "--json").stdout)
+    vms = {vm["pid"]: vm for vm in data["vms"]}
+    for r in results:
+        vm = vms[r["pid"]]
+        assert vm["userspace_exits"] == r["userspace_exits"], (vm, r)
+        assert vm["kicks"] == r["guest_kicks"], (vm, r)  # ioeventfd writes, seen by KVM
+    qemu = vms[qemu_pid]
+    assert qemu["name"] == "vtrace-lab-virtio-blk"
+    notifies = sum(e["count"] for e in data["events"] if e["event"] == "virtio_queue_notify")
+    assert qemu["kicks"] == notifies > 0 and qemu["kicks_from"] == "qemu"
+    assert sum(vm["events"] for vm in data["vms"]) <= data["trace"]["events"]

@@ -249,8 +249,8 @@ def record(
     qmp: list[str] = typer.Option(  # noqa: B008 (typer's repeatable option)
         None,
         "--qmp",
-        help="QMP socket of a running VM; repeatable. Records its pid and, for the window, "
-        "QEMU's virtio and device trace events (restored at the stop).",
+        help="QMP socket of a running VM; repeatable. Adds QEMU's virtio and device trace "
+        "events for the window (restored at the stop), and its pid to --pid if given.",
     ),
     print_c: bool = typer.Option(False, "--print-c", hidden=True, help="Print the BPF C and exit."),
 ) -> None:

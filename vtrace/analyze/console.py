@@ -79,6 +79,23 @@ BY_REASON: list[Column] = [
     *TIMES,
 ]
 
+VM_COLUMNS: list[Column] = [
+    ("pid", "pid", _text),
+    ("name", "name", _text),
+    ("events", "events", _int),
+    ("user-space exits", "userspace_exits", _int),
+    ("kicks", "kicks", _int),
+    ("kicks from", "kicks_from", _text),
+    ("interrupts", "interrupts", _int),
+    ("interrupts from", "interrupts_from", _text),
+]
+QEMU_COUNT_COLUMNS: list[Column] = [
+    ("event", "event", _text),
+    ("device", "device", _text),
+    ("queue", "queue", _text),
+    ("count", "count", _int),
+]
+
 
 def print_summary(data: dict[str, Any], console: Console) -> None:
     """Print :func:`vtrace.analyze.summary`'s dict as tables."""
@@ -135,6 +152,17 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
             [("source", "source", _text), ("event", "event", _text), ("count", "count", _int)],
         )
     )
+    if data.get("vms"):
+        console.print(_table("VMs (by pid)", data["vms"], VM_COLUMNS))
+        if data.get("vms_unattributed_interrupts"):
+            console.print(
+                f"interrupts from kernel workers, no VM named: "
+                f"{data['vms_unattributed_interrupts']:,}",
+                highlight=False,
+            )
+    for vm in data.get("qemu_counts", []):
+        title = f"QEMU events of {vm['name']} (pid {vm['pid']}), counts only: {vm['note']}"
+        console.print(_table(title, vm["counts"], QEMU_COUNT_COLUMNS))
     missing = data["missing"]
     sections: list[tuple[str, str, list[Column]]] = [
         ("exits", "VM exits by reason (kvm_exit -> kvm_entry)", BY_REASON),

@@ -177,7 +177,89 @@ def summary_tables(events: pl.LazyFrame, top: int = 10) -> dict[str, pl.DataFram
     tables = dict(zip(plans, pl.collect_all(list(plans.values())), strict=True))
     tables["events"] = by_name.sort(["count", "source", "event"], descending=[True, False, False])
     tables["interrupts"] = irqs
+    # Every kick with its thread, for the per-VM table (collected there).
+    tables["_kicks"] = kicks_from_accesses(access, queue_ev.lazy()).select("source", "pid", "tid")
     return tables
+
+
+# Events only a VM's own threads raise (its vCPUs, or its VMM's trace events): a pid with
+# one of them is a VM. Interrupt events from other pids come from kernel workers.
+_VCPU_EVENTS = ("kvm_exit", "kvm_entry", "kvm_pio", "kvm_mmio", "kvm_fast_mmio",
+                "kvm_userspace_exit", "kvm_inj_virq")  # fmt: skip
+VMS_NOTE = (
+    "events are attributed to a VM by the pid of the thread that raised them; kicks are "
+    "the kernel's notify writes (an ioeventfd, raised by the vCPU thread) where the trace has "
+    "them, else QEMU's or the lab's; interrupts are kvm_inj_virq (raised by the vCPU thread "
+    "that injects) where the trace has them, else QEMU's virtio_notify, else kvm_set_irq/"
+    "kvm_msi_set_irq of the VM's threads. kvm_set_irq and kvm_msi_set_irq raised by kernel "
+    "workers (an irqfd's injection) carry no VM identity: they are counted as unattributed"
+)
+
+
+def vms_table(events: pl.LazyFrame, kicks: pl.LazyFrame, meta: dict[str, Any]) -> dict[str, Any]:
+    """One row per VM (pid): its name, events, user-space exits, kicks and interrupts, and
+    the interrupts no VM can be named for (see :data:`VMS_NOTE`)."""
+    ev, src = pl.col("event").cast(pl.String), pl.col("source").cast(pl.String)
+    known = {int(p): v for p, v in (meta.get("vms") or {}).items() if str(p).isdigit()}
+    per_pid, threads = pl.collect_all(
+        [
+            events.filter(pl.col("pid").is_not_null())
+            .group_by("pid")
+            .agg(
+                events=pl.len().cast(pl.Int64),
+                userspace_exits=(ev == "kvm_userspace_exit").sum().cast(pl.Int64),
+                vcpu_events=ev.is_in(_VCPU_EVENTS).sum(),
+                vmm_events=src.is_in(["qemu", "lab"]).sum(),
+                inj=(ev == "kvm_inj_virq").sum().cast(pl.Int64),
+                notify=((src == "qemu") & ev.is_in(["virtio_notify", "virtio_notify_irqfd"]))
+                .sum()
+                .cast(pl.Int64),
+                set_irq=ev.is_in(["kvm_set_irq", "kvm_msi_set_irq"]).sum().cast(pl.Int64),
+            ),
+            events.filter(pl.col("pid").is_not_null()).group_by("tid").agg(pl.col("pid").first()),
+        ]
+    )
+    is_vm = (
+        (pl.col("vcpu_events") > 0) | (pl.col("vmm_events") > 0) | pl.col("pid").is_in(list(known))
+    )
+    vms = per_pid.filter(is_vm)
+    unattributed = int(per_pid.filter(~is_vm).get_column("set_irq").sum() or 0)
+    kick_counts = (
+        kicks.join(threads.lazy().rename({"pid": "_pid"}), on="tid", how="left")
+        .with_columns(pid=pl.coalesce("pid", "_pid"))
+        .group_by("pid", pl.col("source").cast(pl.String))
+        .agg(pl.len().cast(pl.Int64).alias("kicks"))
+        .collect()
+    )
+    by_pid: dict[int, dict[str, int]] = {}
+    for pid, source, n in kick_counts.iter_rows():  # a row per VM and source
+        if pid is not None:
+            by_pid.setdefault(int(pid), {})[source] = int(n)
+    rows = []
+    for r in vms.sort("pid").iter_rows(named=True):  # a row per VM
+        pid = int(r["pid"])
+        k = by_pid.get(pid, {})
+        kicks_n = k.get("kvm", k.get("qemu", k.get("lab", 0)))
+        if r["inj"]:
+            irqs, irq_from = r["inj"], "kvm_inj_virq"
+        elif r["notify"]:
+            irqs, irq_from = r["notify"], "virtio_notify"
+        else:
+            irqs, irq_from = r["set_irq"], "kvm_set_irq" if r["set_irq"] else None
+        name = (known.get(pid) or {}).get("name")
+        rows.append(
+            {
+                "pid": pid,
+                "name": name or f"pid {pid}",
+                "events": r["events"],
+                "userspace_exits": r["userspace_exits"],
+                "kicks": kicks_n,
+                "kicks_from": next((s for s in ("kvm", "qemu", "lab") if s in k), None),
+                "interrupts": irqs,
+                "interrupts_from": irq_from,
+            }
+        )
+    return {"vms": rows, "unattributed_interrupts": unattributed, "note": VMS_NOTE}
 
 
 def _unreadable(t: Trace, error: Exception) -> str:
@@ -340,4 +422,20 @@ def summary(
         "missing": missing,
     }
     data["per_request"] = per_request(data, meta, requests)
+    try:
+        per_vm = vms_table(t.events, tables["_kicks"], meta)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise VtraceError(_unreadable(t, e)) from None
+    data["vms"] = per_vm["vms"]
+    data["vms_unattributed_interrupts"] = per_vm["unattributed_interrupts"]
+    data["vms_note"] = per_vm["note"]
+    qemu = meta.get("qemu") or {}
+    counted = [vm for vm in qemu.get("vms", []) if not vm.get("timestamps", True)]
+    if counted:
+        # QEMU's events of VMs without -msg timestamp=on are counts in meta, not events.
+        data["qemu_counts"] = [
+            {"pid": vm.get("pid"), "name": vm.get("name"), "note": vm.get("note"),
+             "counts": vm.get("counts", [])}
+            for vm in counted
+        ]  # fmt: skip
     return data

@@ -55,8 +55,8 @@ def record(
     or a failed write (raised as one-line :class:`~vtrace.output.OutputError` once meta says
     what was lost); returns the recording's summary.
 
-    Each ``qmp`` socket names a running VM: its pid joins ``pids`` and, for the recording
-    window, its QEMU's virtio and device events join the trace (:mod:`.qemu_attach`); every
+    Each ``qmp`` socket names a running VM: its pid joins ``pids`` (when given; else every
+    process is recorded) and, for the recording window, its QEMU's virtio and device events join the trace (:mod:`.qemu_attach`); every
     event's state is restored however the recording ends."""
     from vtrace.collect.qemu_attach import attach_all
 
@@ -79,6 +79,8 @@ def _record(
     buffer_mb: int | None,
     classic: bool,
 ) -> dict[str, Any]:
+    from vtrace.collect.qemu_attach import host_vms
+
     stop = threading.Event()
     reason: list[str] = []
 
@@ -88,11 +90,14 @@ def _record(
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
-    pids = list(dict.fromkeys([*(pids or []), *(vm.pid for vm in vms)]))
+    if pids:  # a recording of some processes: the --qmp VMs are among them
+        pids = list(dict.fromkeys([*pids, *(vm.pid for vm in vms)]))
     qemu_meta: dict[str, Any] = {"vms": [vm.meta for vm in vms]}
     meta_extra: dict[str, Any] = {"qemu": qemu_meta} if vms else {}
-    if vms:
-        meta_extra["vms"] = {str(vm.pid): {"name": vm.name} for vm in vms}
+    # The VMs' names by pid: every KVM VM running at the start (and the stop), and the
+    # --qmp VMs (TCG ones hold no kvm-vm file).
+    names = {**host_vms(), **{str(vm.pid): {"name": vm.name} for vm in vms}}
+    meta_extra["vms"] = names
     rec = Recording(
         out, pids=pids, events=events, buffer_mb=buffer_mb, classic=classic, meta_extra=meta_extra
     )
@@ -139,6 +144,7 @@ def _record(
             # before the kernel's part is finalised.
             try:
                 qemu_meta["vms"] = [vm.stop() for vm in vms]
+                names.update({p: v for p, v in host_vms().items() if p not in names})
             finally:
                 summary = rec.stop()
         finally:

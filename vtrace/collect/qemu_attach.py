@@ -129,6 +129,21 @@ def vm_name(pid: int, qmp_name: str | None = None) -> str:
         return f"pid {pid}"
 
 
+def host_vms() -> dict[str, dict[str, str]]:
+    """Every KVM VM on the host (a process holding a ``kvm-vm`` file): pid -> its name."""
+    vms: dict[str, dict[str, str]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+            if any(os.readlink(fd) == "anon_inode:kvm-vm" for fd in fds):
+                vms[proc.name] = {"name": vm_name(int(proc.name))}
+        except OSError:  # gone, or not ours to read
+            continue
+    return vms
+
+
 def blockstats(qmp: Qmp) -> dict[str, dict[str, int]]:
     """Completed operations per block device (QMP ``query-blockstats``)."""
     out: dict[str, dict[str, int]] = {}
