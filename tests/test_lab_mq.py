@@ -140,3 +140,25 @@ def test_recorded_two_by_two_run_has_its_kicks_per_queue(tmp_path: Path) -> None
     meta = trace.meta["lab"]
     assert (meta["vcpus"], meta["queues"], meta["backend_threads"]) == (2, 2, "shared")
     assert [q["kicks"] for q in meta["per_queue"]] == [q["kicks"] for q in r.per_queue]
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.bcc
+def test_two_by_two_trace_calibrates_to_its_shape(tmp_path: Path) -> None:
+    """A recorded 2 x 2 run calibrates to 2 vCPUs x 2 queues, its guest time per batch from
+    one vCPU over that vCPU's share of the requests, its back end from that vCPU's queue."""
+    from vtrace.sim.calibrate import calibrate
+
+    out = tmp_path / "trace"
+    run_lab("virtio", requests=400, batch=4, vcpus=2, queues=2, backend_threads="per-queue",
+            record=out)  # fmt: skip
+    fit = calibrate([out], "lab-virtio", tmp_path / "fit.toml")
+    cfg = fit.config
+    assert (cfg["vm.vcpus"], cfg["virtqueue.queues"]) == (2, 2)
+    assert cfg["backend.threads"] == "per_queue"
+    facts = fit.facts[0]
+    assert facts.vcpu_requests == 200 and facts.requests == 400
+    # one queue's passes: every publish follows a pop of the same queue
+    assert facts.publish_ns is not None and (facts.publish_ns >= 0).all()
+    assert "vcpus = 2  # fitted: trace: meta.json lab vcpus" in (tmp_path / "fit.toml").read_text()

@@ -413,6 +413,7 @@ def run_virtio(
             {
                 "queue": s.index,
                 "vcpus": mine,
+                "notify_port": notify_port(s.index),
                 "requests": sum(shares[v] for v in mine),
                 "kicks": s.kicks,
                 "guest_kicks": sum(per_vcpu[v]["R_KICKS"] for v in mine),

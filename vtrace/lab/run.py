@@ -217,7 +217,10 @@ def _recorded(
             completed=result.completed,
             interrupts=result.interrupts,
             per_queue=[
-                {k: q[k] for k in ("queue", "vcpus", "requests", "kicks", "guest_kicks")}
+                {
+                    k: q[k]
+                    for k in ("queue", "vcpus", "notify_port", "requests", "kicks", "guest_kicks")
+                }
                 for q in result.per_queue
             ],
         )

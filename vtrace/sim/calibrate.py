@@ -19,6 +19,10 @@ trace and the statistic beside every fitted value):
   wake-ups over 10x the median are a preempted thread, ``backend.stall_*``), its time per
   request (between two pops of one pass) and per pass (last pop to the used.idx
   publish), from the lab back end's ``lab_kick``/``lab_pop``/``lab_complete`` events.
+- a lab run on several vCPUs (``vtrace lab run --vcpus N --queues M``): ``vm.vcpus``,
+  ``virtqueue.queues`` and ``backend.threads`` from its meta.json; the guest's time per
+  batch from the busiest vCPU thread over its share of the requests, the back end's times
+  from the queue that vCPU kicks (its notify port, named per queue in the meta).
 
 A QEMU guest trace (``vtrace qemu-lab run``, TCG) sets the path's structure instead of its
 costs: see :mod:`vtrace.sim.qemu_guest`.
@@ -67,6 +71,10 @@ class TraceFacts:
     wake_ns: np.ndarray | None = None
     pop_gap_ns: np.ndarray | None = None
     publish_ns: np.ndarray | None = None
+    # a lab run on several vCPUs: the requests of the vCPU whose accesses were read (0: all),
+    # and the run's shape as config values (vm.vcpus, virtqueue.queues, backend.threads)
+    vcpu_requests: int = 0
+    shape: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,7 +120,7 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     lab = trace.meta.get("lab", {})
     pops = (
         events.filter(pl.col("event").cast(pl.String) == LAB_POP)
-        .select("ts_ns", "tid")
+        .select("ts_ns", "tid", "queue")
         .sort("ts_ns")
         .collect()
     )
@@ -165,12 +173,25 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         return facts
     if pops.height == 0:  # kernel events alone: no back-end timings to read
         return facts
-    # a virtio device: the back end's own events
-    backend_tid = pops["tid"][0]
+    # a virtio device: the back end's own events, of the queue the vCPU read above kicks (a
+    # lab run with several queues names each queue's notify port in its meta)
+    queue = pops["queue"][0]
+    if lab.get("vcpus", 1) > 1:
+        facts.vcpu_requests = -(-requests // lab["vcpus"])  # the busiest vCPU: a full share
+        facts.shape = {
+            "vm.vcpus": lab["vcpus"],
+            "virtqueue.queues": lab.get("queues", 1),
+            "backend.threads": lab.get("backend_threads", "shared").replace("-", "_"),
+        }
+        ports = {q["notify_port"]: q["queue"] for q in lab.get("per_queue", [])}
+        if kicks and ports:
+            queue = ports.get(int(kick_rows["addr"][0]), queue)
+    backend_tid = pops.filter(pl.col("queue") == queue)["tid"][0]
     lab_ev = (
         events.filter(
             pl.col("event").cast(pl.String).is_in([LAB_KICK, LAB_POP, LAB_COMPLETE])
             & (pl.col("tid") == backend_tid)
+            & (pl.col("queue") == queue)
         )
         .select("ts_ns", pl.col("event").cast(pl.String))
         .sort("ts_ns")
@@ -308,7 +329,7 @@ def fit_virtio(
     for f in facts:
         if not f.kicks:
             raise VtraceError(f"{f.name}: no kicks handled in the kernel: not a virtio trace")
-        batches = math.ceil(f.requests / f.batch)
+        batches = math.ceil((f.vcpu_requests or f.requests) / f.batch)  # the vCPU read
         b.append(f.batch)
         y.append(f.duration_ns / batches - f.kicks / batches * kernel_exit)
     b_arr, y_arr = np.array(b, dtype=float), np.array(y)
@@ -481,6 +502,11 @@ def calibrate(
         cfg, fitted = fit(cfg, facts)
         notes = {k: src for k, (_, src) in fitted.items()}
         notes["backend.publish"] = "the lab back end publishes used.idx once per pass"
+        shaped = [f for f in facts if f.shape]
+        if shaped:  # a lab run on several vCPUs: the last such trace gives the shape
+            cfg = cfg.with_overrides(shaped[-1].shape, where="calibrate")
+            for key in shaped[-1].shape:
+                notes[key] = f"{shaped[-1].name}: meta.json lab {key.split('.')[1]}"
         if cfg.kind != "virtio":
             notes.pop("backend.publish")
     if output is not None:
