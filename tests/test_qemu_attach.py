@@ -200,8 +200,10 @@ def _events_on(qmp: Path) -> list[str]:
 def test_sigterm_restores_events(lab_vm: tuple[Path, int], tmp_path: Path) -> None:
     qmp, _pid = lab_vm
     proc = _recording(tmp_path / "t", qmp)
-    assert _events_on(qmp)
-    proc.send_signal(signal.SIGTERM)
+    try:
+        assert _events_on(qmp)
+    finally:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, proc.communicate()
     assert _events_on(qmp) == []
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
