@@ -210,6 +210,8 @@ def test_sweep_runs_the_grid_in_processes(tmp_path: Path) -> None:
     assert back["virtqueue.ring_size"].to_list() == [16, 16, 256, 256]
     assert back["requests"].to_list() == [1500] * 4
     assert back.filter(pl.col("virtqueue.ring_size") == 16)["ring_full_stalls"].min() > 0
+    # each override once: the point's column, not again as overrides.<key>
+    assert not [c for c in back.columns if c.startswith("overrides")]
 
 
 def test_cli_sweep_bad_grid_value_is_one_line(tmp_path: Path) -> None:

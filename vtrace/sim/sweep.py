@@ -148,9 +148,9 @@ def run_point(
     cfg = model if isinstance(model, Config) else load_config(model)
     if base:
         cfg = cfg.with_overrides(base)
-    summary = flatten(simulate(cfg.with_overrides(point, where="--grid")).summary)
-    summary.pop("overrides", None)
-    return {**point, **summary}
+    summary = simulate(cfg.with_overrides(point, where="--grid")).summary
+    summary.pop("overrides", None)  # the point's own columns say them (before flattening)
+    return {**point, **flatten(summary)}
 
 
 def parts_dir(output: str | os.PathLike[str]) -> Path:
