@@ -414,8 +414,11 @@ def lab_run(
          f"({result.userspace_exits / result.requests:.2f} per request)"),
         ("kicks (eventfd)", f"{result.kicks} (guest skipped {result.kicks_suppressed})"),
         ("interrupts", str(result.interrupts)),
-        ("vCPUs x queues", f"{result.vcpus} x {result.queues} "
-         f"(back end: {result.backend_threads})"),
+        *(
+            [("vCPUs x queues", f"{result.vcpus} x {result.queues} "
+              f"(back end: {result.backend_threads})")]
+            if result.device == "virtio" else []
+        ),
         *(
             (f"queue {q['queue']}", f"vCPUs {q['vcpus']}: {q['requests']} requests, "
              f"{q['kicks']} kicks, {q['passes']} passes")
