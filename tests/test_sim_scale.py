@@ -120,3 +120,12 @@ def test_replay_says_what_load_it_offered_and_what_its_latency_means() -> None:
     labels = table.columns[0]._cells
     assert "completion since start p99" in labels and "latency p99" not in labels
     assert "makespan" in labels and "ring room" in labels and "offered load" in labels
+
+
+@pytest.mark.parametrize("completion", ["interrupt", "poll"])
+def test_split_dispatches_complete_with_either_completion(completion: str) -> None:
+    # Before: a polling guest whose dispatch was split waited for an interrupt forever.
+    over = {"workload.submit": "batch", "workload.queue_depth": 8, "virtqueue.batch": 64,
+            "virtqueue.batch_policy": "drain", "workload.dispatch_splits": 2.0,
+            "interrupt.completion": completion}  # fmt: skip
+    assert run(**over)["completed"] == 8000

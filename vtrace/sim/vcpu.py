@@ -150,6 +150,13 @@ class Vcpu:
                 yield env.timeout(wake - now)
                 continue
             if self.held and not prepared:  # the rest of a stopped dispatch waits
+                if poll:  # for a completion the polling driver sees by looking
+                    if vq.used:
+                        self._reap()
+                    else:
+                        yield from self._poll_used_ring()
+                    self.held = False
+                    continue
                 yield self._wait()
                 continue
             # A virtio driver builds the request, then finds the ring full when it adds; an
