@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vtrace.sim import load_config, simulate
 from vtrace.sim import monitors as monitors_module
@@ -129,3 +131,38 @@ def test_split_dispatches_complete_with_either_completion(completion: str) -> No
             "virtqueue.batch_policy": "drain", "workload.dispatch_splits": 2.0,
             "interrupt.completion": completion}  # fmt: skip
     assert run(**over)["completed"] == 8000
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    vcpus=st.integers(min_value=1, max_value=4),
+    queues=st.integers(min_value=1, max_value=4),
+    jobs=st.integers(min_value=1, max_value=4),
+    threads=st.sampled_from(["shared", "per_queue"]),
+    mode=st.sampled_from(["notify", "poll"]),
+    outstanding=st.sampled_from([1, 4]),
+    max_per_pass=st.sampled_from([0, 1, 3]),
+    submit=st.sampled_from(["each", "batch"]),
+    splits=st.sampled_from([0.0, 1.5]),
+    completion=st.sampled_from(["interrupt", "poll"]),
+    publish=st.sampled_from(["per_request", "per_pass"]),
+    arrivals=st.sampled_from(["closed", "poisson", "backlog"]),
+)
+def test_every_request_completes_in_any_shape(
+    vcpus: int, queues: int, jobs: int, threads: str, mode: str, outstanding: int,
+    max_per_pass: int, submit: str, splits: float, completion: str, publish: str, arrivals: str,
+) -> None:  # fmt: skip
+    over = {
+        "workload.requests": 400, "workload.warmup_requests": 0, "workload.queue_depth": 4,
+        "vm.vcpus": vcpus, "virtqueue.queues": queues, "workload.jobs": jobs,
+        "backend.threads": threads, "backend.mode": mode, "device.max_outstanding": outstanding,
+        "backend.max_per_pass": max_per_pass, "workload.submit": submit,
+        "workload.dispatch_splits": splits, "interrupt.completion": completion,
+        "backend.publish": publish, "workload.arrivals": arrivals,
+        "virtqueue.batch_policy": "drain",
+    }  # fmt: skip
+    r = simulate(load_config("virtio-blk", over))
+    assert r.summary["completed"] == 400
+    f = r.requests
+    assert (f["start_ns"] >= f["submit_ns"]).all() and (f["complete_ns"] >= f["start_ns"]).all()
+    assert sum(q["requests"] for q in r.summary.get("per_queue", [{"requests": 400}])) == 400

@@ -156,6 +156,9 @@ class Workload:
                 places = self.rng.choice(count - 1, cuts, replace=False)
                 self.stops.update((first + places).tolist())
         v.wake()
+        if self.issued >= self.n:  # the last request: vCPUs waiting for more can finish
+            for other in self.vcpus:
+                other.wake()
 
     def refill(self, vcpu: Vcpu) -> bool:
         """Open loop: make the next arrivals; True when ``vcpu`` got some."""
@@ -182,8 +185,11 @@ class Workload:
         return bool(vcpu.pending)
 
     def exhausted(self, vcpu: Vcpu) -> bool:
-        """No request will ever come to ``vcpu`` again."""
-        return not vcpu.pending and self.issued >= self.n
+        """No request will ever come to ``vcpu`` again: all are issued, or (closed loop) no
+        job runs on it (fewer jobs than vCPUs)."""
+        if vcpu.pending:
+            return False
+        return self.issued >= self.n or (self.closed and vcpu.index >= self.p.jobs)
 
     def completed(self, request: int, now: float) -> None:
         """Closed loop: a completion lets its job issue more."""
