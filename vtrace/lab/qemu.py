@@ -361,6 +361,114 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
+class GuestSession:
+    """One running QEMU guest: its process, console, QMP connection and what it said.
+
+    The console is read by a thread into a queue; :meth:`wait_for` takes lines until the
+    guest prints a marker, keeping the last ones to explain a failure (:meth:`fail`).
+    """
+
+    def __init__(self, cmd: list[str], qmp_path: Path, run: GuestRun, deadline: float) -> None:
+        self.start = time.monotonic()
+        self.deadline = deadline
+        self.run = run
+        self.qmp_path = qmp_path
+        self.tail: deque[str] = deque(maxlen=_CONSOLE_TAIL)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        run.qemu_pid = self.proc.pid
+        self.reader = threading.Thread(
+            target=_pump, args=(self.proc.stdout, self.lines), daemon=True
+        )
+        self.reader.start()
+        self.qmp: _Qmp | None = None
+
+    def fail(self, what: str) -> VtraceError:
+        shown = " | ".join(line for line in self.tail if line.strip()) or "(no console output)"
+        return VtraceError(f"{what}; last console lines: {shown}")
+
+    def heard(self, line: str) -> None:
+        self.tail.append(line)
+        if line.startswith(_MARK + "info "):  # "vtrace-guest: info key=value"
+            key, _, value = line[len(_MARK + "info ") :].partition("=")
+            self.run.guest_info[key.strip()] = value.strip()
+
+    def wait_for(self, marker: str, until: float, what: str) -> str:
+        """The console line that starts with ``marker``; an error if the guest reports one,
+        QEMU exits, or ``until`` passes first."""
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise self.fail(f"{what}: no '{_MARK}{marker}' within {until - self.start:.0f} s")
+            try:
+                line = self.lines.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                raise self.fail(f"{what}: QEMU exited with status {self.proc.wait()}")
+            self.heard(line)
+            if line.startswith(_MARK + "error"):
+                raise self.fail(f"guest failed: {line[len(_MARK) :]}")
+            elif line.startswith(_MARK + marker):
+                return line
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def connect(self) -> None:
+        """Connect to QMP; if QEMU exits first, its last words (on stdout) say why."""
+        try:
+            self.qmp = _Qmp(
+                self.qmp_path, min(self.deadline, self.start + 30), lambda: self.proc.poll() is None
+            )
+        except _QemuExited:
+            self.wait_for("ready", time.monotonic() + 5, "guest did not come up")
+            raise self.fail(
+                f"guest did not come up: QEMU exited with status {self.proc.wait()}"
+            ) from None
+
+    def set_events(self, names: tuple[str, ...], enable: bool) -> None:
+        assert self.qmp is not None
+        for name in names:
+            self.qmp.execute("trace-event-set-state", name=name, enable=enable)
+
+    def power_off(self) -> None:
+        """Let the guest power off (QMP quit if it does not), then read its last lines."""
+        self.send("done\n")
+        try:
+            self.proc.wait(timeout=max(1.0, min(20.0, self.deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(VtraceError, OSError):
+                assert self.qmp is not None
+                self.qmp.execute("quit")
+            self.proc.wait(timeout=10)
+        while True:
+            try:
+                line = self.lines.get(timeout=2)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.heard(line)
+
+    def close(self) -> None:
+        """Release QMP, the process and the console reader, whatever state they are in."""
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        self.reader.join(timeout=5)
+        self.run.console_tail = list(self.tail)
+
+
 def run_guest(
     config: QemuLabConfig,
     log_path: Path,
@@ -394,104 +502,29 @@ def run_guest(
     )
     run = GuestRun(accel, reason, qemu_version(qemu), kernel.version, cmd)
     events = (*COMMON_EVENTS, *DEVICE_EVENTS[config.device])
-
-    start = time.monotonic()
-    deadline = start + config.timeout_s
-    tail: deque[str] = deque(maxlen=_CONSOLE_TAIL)
-    lines: queue.Queue[str | None] = queue.Queue()
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    run.qemu_pid = proc.pid
-    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-    reader.start()
-    qmp: _Qmp | None = None
-
-    def fail(what: str) -> VtraceError:
-        shown = " | ".join(line for line in tail if line.strip()) or "(no console output)"
-        return VtraceError(f"{what}; last console lines: {shown}")
-
-    def heard(line: str) -> None:
-        tail.append(line)
-        if line.startswith(_MARK + "info "):  # "vtrace-guest: info key=value"
-            key, _, value = line[len(_MARK + "info ") :].partition("=")
-            run.guest_info[key.strip()] = value.strip()
-
-    def wait_for(marker: str, until: float, what: str) -> str:
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                raise fail(f"{what}: no '{_MARK}{marker}' within {until - start:.0f} s")
-            try:
-                line = lines.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            if line is None:
-                raise fail(f"{what}: QEMU exited with status {proc.wait()}")
-            heard(line)
-            if line.startswith(_MARK + "error"):
-                raise fail(f"guest failed: {line[len(_MARK) :]}")
-            elif line.startswith(_MARK + marker):
-                return line
-
-    def send(text: str) -> None:
-        assert proc.stdin is not None
-        proc.stdin.write(text.encode())
-        proc.stdin.flush()
-
-    def set_events(enable: bool) -> None:
-        assert qmp is not None
-        for name in events:
-            qmp.execute("trace-event-set-state", name=name, enable=enable)
-
+    guest = GuestSession(cmd, qmp_path, run, time.monotonic() + config.timeout_s)
     try:
-        try:
-            qmp = _Qmp(qmp_path, min(deadline, start + 30), lambda: proc.poll() is None)
-        except _QemuExited:
-            # Its last words (on stdout) explain why: collect them before failing.
-            wait_for("ready", time.monotonic() + 5, "guest did not come up")
-            raise fail(f"guest did not come up: QEMU exited with status {proc.wait()}") from None
-        wait_for("ready", min(deadline, start + boot_timeout_s), "guest did not come up")
-        run.boot_s = time.monotonic() - start
-        set_events(True)
+        guest.connect()
+        guest.wait_for(
+            "ready", min(guest.deadline, guest.start + boot_timeout_s), "guest did not come up"
+        )
+        run.boot_s = time.monotonic() - guest.start
+        guest.set_events(events, True)
         on = time.monotonic()
-        send("go\n")
-        wait_for("start", deadline, "guest did not start its workload")
-        end = wait_for("end", deadline, "guest workload did not finish")
-        set_events(False)
+        guest.send("go\n")
+        guest.wait_for("start", guest.deadline, "guest did not start its workload")
+        end = guest.wait_for("end", guest.deadline, "guest workload did not finish")
+        guest.set_events(events, False)
         run.window_wall_s = time.monotonic() - on
         status = end.rsplit("status=", 1)[-1]
         if status != "0":
-            raise fail(f"guest workload failed (status {status})")
-        send("done\n")  # the guest powers off
-        try:
-            proc.wait(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(VtraceError, OSError):
-                qmp.execute("quit")
-            proc.wait(timeout=10)
-        while True:
-            try:
-                line = lines.get(timeout=2)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            heard(line)
+            raise guest.fail(f"guest workload failed (status {status})")
+        guest.power_off()
     except (OSError, json.JSONDecodeError) as e:
         # A broken pipe or a garbled QMP answer: QEMU went away under us.
-        raise fail(f"lost contact with QEMU: {e}") from None
+        raise guest.fail(f"lost contact with QEMU: {e}") from None
     finally:
-        if qmp is not None:
-            qmp.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        reader.join(timeout=5)
-        run.console_tail = list(tail)
+        guest.close()
     return run
 
 
