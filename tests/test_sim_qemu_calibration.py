@@ -117,8 +117,12 @@ def test_trace_replay_matches_the_capture(
 def test_calibrated_file_names_trace_and_statistic(calibrated: dict[str, Path]) -> None:
     text = calibrated["qemu-virtio-blk-qd16"].read_text()
     assert "descs_per_request = 3  # fitted: qemu-virtio-blk-qd16: median in_num + out_num" in text
-    assert "batch = 85  # fitted: qemu-virtio-blk-qd16: no count: the guest kicks at the end" in text
-    assert "dispatch_splits = 0.2852  # fitted: qemu-virtio-blk-qd16: 329 virtio_queue_notify" in text
+    assert (
+        "batch = 85  # fitted: qemu-virtio-blk-qd16: no count: the guest kicks at the end" in text
+    )
+    assert (
+        "dispatch_splits = 0.2852  # fitted: qemu-virtio-blk-qd16: 329 virtio_queue_notify" in text
+    )
     assert 'publish = "per_pass"  # fitted: qemu-virtio-blk-qd16: 13.1 virtqueue_flush' in text
     assert "queue_depth = 16  # fitted: qemu-virtio-blk-qd16: most requests popped" in text
     assert "service_ns = 8000.0  # from virtio-blk.toml" in text  # TCG shows no KVM timing
@@ -170,5 +174,7 @@ def test_qemu_trace_with_the_wrong_model_or_company_fails_on_one_line(tmp_path: 
     with pytest.raises(VtraceError, match="of one device only"):
         calibrate([TRACES / "qemu-ide", TRACES / "qemu-e1000"], "ide-emulated", tmp_path / "c.toml")
     with pytest.raises(VtraceError, match="not with lab traces"):
-        calibrate([TRACES / "qemu-ide", TRACES / "lab-emulated"], "ide-emulated", tmp_path / "d.toml")
+        calibrate(
+            [TRACES / "qemu-ide", TRACES / "lab-emulated"], "ide-emulated", tmp_path / "d.toml"
+        )
     assert not list(tmp_path.iterdir())
