@@ -278,6 +278,17 @@ def disk_bytes(config: QemuLabConfig) -> int:
     return max(64 << 20, -(-need // (1 << 20)) * (1 << 20))
 
 
+def make_disk(config: QemuLabConfig, workdir: Path) -> Path | None:
+    """The block device's backing file in ``workdir``, sparse (reads return zeros, no host
+    I/O); None for a network device."""
+    if config.device not in BLOCK_DEVICES:
+        return None
+    disk = workdir / "disk.raw"
+    with disk.open("wb") as f:
+        f.truncate(disk_bytes(config))
+    return disk
+
+
 def qemu_command(
     config: QemuLabConfig,
     *,
@@ -483,11 +494,7 @@ def run_guest(
     kernel = find_kernel(config.kernel)
     accel, reason = choose_accel(config.accel)
     initrd = build_initramfs(kernel, config.device)
-    disk = None
-    if config.device in BLOCK_DEVICES:
-        disk = workdir / "disk.raw"
-        with disk.open("wb") as f:
-            f.truncate(disk_bytes(config))  # sparse: reads return zeros, no host I/O
+    disk = make_disk(config, workdir)
     qmp_path = workdir / "qmp.sock"
     cmd = qemu_command(
         config,
@@ -928,11 +935,7 @@ def start_lab_guest(
     name = f"{LAB_NAME_PREFIX}{config.device}"
     with tempfile.TemporaryDirectory(prefix="vtrace-qemu-lab-") as tmp:
         work = Path(tmp)
-        disk = None
-        if config.device in BLOCK_DEVICES:
-            disk = work / "disk.raw"
-            with disk.open("wb") as f:
-                f.truncate(disk_bytes(config))
+        disk = make_disk(config, work)
         pidfile = work / "qemu.pid"
         cmd = qemu_command(
             config,
