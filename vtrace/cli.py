@@ -830,7 +830,7 @@ def sweep_cmd(
         table = Table(title=f"best {ranked.height} by {best}")
         for col in ranked.columns:
             table.add_column(col, justify="right")
-        for row in ranked.iter_rows():
+        for row in ranked.iter_rows():  # the --top points: a table of a few rows
             table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
         console.print(table)
 

@@ -778,7 +778,7 @@ def build_timeline(events: pl.LazyFrame | pl.DataFrame) -> Timeline:
     proc_uuid: dict[int | None, int] = {}
     thread_uuid: dict[tuple[int | None, int | None], int] = {}
     pass_uuid: dict[tuple[int | None, int | None], int] = {}
-    for pid, tid, cats in roles.iter_rows():
+    for pid, tid, cats in roles.iter_rows():  # one row per thread: tracks, not events
         cats = set(cats)
         if pid not in proc_uuid:
             proc_uuid[pid] = uuids.take()
@@ -851,6 +851,7 @@ def build_timeline(events: pl.LazyFrame | pl.DataFrame) -> Timeline:
             maintain_order=True
         )
         uuid_col = []
+        # one row per queue lane: track descriptors, not events
         for source, pid, device, queue, _lane in lane_keys.iter_rows():
             real_pid = pid if pid >= 0 else None
             label = _queue_label(source, device or None, queue if queue >= 0 else None)
@@ -900,7 +901,7 @@ def build_timeline(events: pl.LazyFrame | pl.DataFrame) -> Timeline:
     )
     begin_or_instant = rows.filter(pl.col("type").is_in([SLICE_BEGIN, INSTANT]))
     by_cat = begin_or_instant.group_by("cat", "type").len()
-    found = {
+    found = {  # one row per category and type: a dozen at most
         (cat, typ): n
         for cat, typ, n in by_cat.with_columns(pl.col("cat").cast(pl.String)).iter_rows()
     }
@@ -920,7 +921,7 @@ def _process_kinds(a: _Analyses) -> dict[int | None, str]:
         for pid in frame.get_column("pid").unique().to_list():
             kinds[pid] = "VMM"
     q = a.queue.select("pid", pl.col("source").cast(pl.String)).unique()
-    for pid, source in q.iter_rows():
+    for pid, source in q.iter_rows():  # one row per VM and source
         kinds[pid] = {SOURCE_QEMU: "QEMU", SOURCE_LAB: "lab VMM"}.get(source, "VMM")
     acc = a.accesses.filter(pl.col("source").cast(pl.String) == SOURCE_QEMU)
     for pid in acc.get_column("pid").unique().to_list():

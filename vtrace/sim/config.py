@@ -76,6 +76,16 @@ ACCESS_KEYS: dict[str, Param] = {
     "emulation_ns": Param(float, 0.0, "handler work on top of the bare exit round trip"),
 }
 
+# The lognormal law's spread, for a device and for a reference queue alike.
+SERVICE_CV = Param(
+    float,
+    1.0,
+    "lognormal: coefficient of variation of the service (std / mean, no unit)",
+    minimum=0.0,
+    maximum=100.0,
+    why=CV_WHY,
+)
+
 SCHEMA: dict[str, dict[str, Param]] = {
     "model": {
         "kind": Param(
@@ -286,14 +296,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "service time law (empirical: durations drawn from device.service_trace)",
             DISTRIBUTIONS,
         ),
-        "service_cv": Param(
-            float,
-            1.0,
-            "lognormal: coefficient of variation of the service (std / mean, no unit)",
-            minimum=0.0,
-            maximum=100.0,
-            why=CV_WHY,
-        ),
+        "service_cv": SERVICE_CV,
         "service_trace": Param(
             str,
             "",
@@ -343,14 +346,7 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "service law (auto: exponential with service_mean_ns, deterministic with service_ns)",
             QUEUE_DISTRIBUTIONS,
         ),
-        "service_cv": Param(
-            float,
-            1.0,
-            "lognormal: coefficient of variation of the service (std / mean, no unit)",
-            minimum=0.0,
-            maximum=100.0,
-            why=CV_WHY,
-        ),
+        "service_cv": SERVICE_CV,
         "servers": Param(
             int,
             1,

@@ -74,7 +74,10 @@ class Machine:
         wakeups = stalled(b.wakeup_ns, b.stall_probability, b.stall_ns, rng)
         groups = [[path] for path in self.paths] if b.threads == "per_queue" else [self.paths]
         self.threads = [
-            BackendThread(env, group, b, self.device, service, wakeups, monitor) for group in groups
+            BackendThread(
+                env, group, b, self.device, service, wakeups, monitor, p.guest.polls_completions
+            )
+            for group in groups
         ]
         g = p.guest
         self.vcpus = [
