@@ -228,6 +228,7 @@ def export_perfetto_cmd(
     "  vtrace record -o /tmp/t1 --pid 4242 --duration 10   one VM for 10 s\n\n"
     "  vtrace record -o /tmp/t1 --events kvm_pio,kvm_userspace_exit\n\n"
     "  vtrace record -o /tmp/t1 --qmp /run/vm1.qmp --qmp /run/vm2.qmp --duration 30\n\n"
+    "  vtrace record -o /tmp/t1 --max-size 2G          hours long: the newest 2 GiB of parts\n\n"
     "  vtrace record -o x --print-c                   show the BPF program (no root needed)"
 )
 def record(
@@ -252,6 +253,22 @@ def record(
         help="QMP socket of a running VM; repeatable. Adds QEMU's virtio and device trace "
         "events for the window (restored at the stop), and its pid to --pid if given.",
     ),
+    max_size: str = typer.Option(
+        None,
+        "--max-size",
+        metavar="SIZE",
+        help="Bound the parts on disk (e.g. 500M, 2G; meta.json not counted): see --on-full.",
+    ),
+    on_full: str = typer.Option(
+        None,
+        "--on-full",
+        metavar="ring|stop",
+        help="At --max-size: ring (default) drops the oldest parts and records on, counting "
+        "what it dropped in meta.json; stop ends the recording like --duration.",
+    ),
+    part_seconds: float = typer.Option(
+        1.0, "--part-seconds", min=0.01, hidden=True, help="Seconds between parts."
+    ),
     print_c: bool = typer.Option(False, "--print-c", hidden=True, help="Print the BPF C and exit."),
 ) -> None:
     """Record KVM events with bcc into a trace directory (needs root).
@@ -263,7 +280,10 @@ def record(
     from pathlib import Path
 
     from vtrace.collect import live, program
+    from vtrace.collect.recording import check_on_full, parse_size
 
+    max_bytes = None if max_size is None else parse_size(max_size)
+    mode = check_on_full(on_full, max_bytes)
     event_list = program.parse_events(events)
     if print_c:
         typer.echo(program.print_c(event_list, pid or [], buffer_mb, classic))
@@ -279,6 +299,9 @@ def record(
         buffer_mb=buffer_mb,
         classic=classic,
         qmp=qmp or [],
+        max_bytes=max_bytes,
+        on_full=mode,
+        part_seconds=part_seconds,
     )
     console.print(live.summary_view(summary))
 
@@ -330,7 +353,9 @@ def doctor(
 
 @app.command(
     epilog="Examples:\n\n  vtrace stat                       refresh every second\n\n"
-    "  vtrace stat --pid 4242 --interval 5\n\n  vtrace stat --once --interval 2 --csv"
+    "  vtrace stat --pid 4242 --interval 5\n\n  vtrace stat --once --interval 2 --csv\n\n"
+    "  vtrace stat --prometheus 9464             OpenMetrics on 127.0.0.1:9464/metrics\n\n"
+    "  vtrace stat --prometheus 0.0.0.0:9464 --duration 3600"
 )
 def stat(
     interval: float = typer.Option(
@@ -348,11 +373,28 @@ def stat(
         "--classic-tracepoints",
         help="Count from formatted tracepoint records instead of raw tracepoints (slower).",
     ),
+    prometheus: str = typer.Option(
+        None,
+        "--prometheus",
+        metavar="[HOST:]PORT",
+        help="Serve the counters and histograms as OpenMetrics at http://HOST:PORT/metrics "
+        "(HOST defaults to 127.0.0.1) instead of printing them.",
+    ),
+    duration: float = typer.Option(None, "--duration", help="Stop after S seconds."),
 ) -> None:
     """Live exit counts and handling-time histograms per VM and reason (in-kernel aggregation)."""
     from vtrace.collect import stat as stat_mod
 
-    stat_mod.run(console, interval_s=interval, csv=csv, once=once, pids=pid or [], classic=classic)
+    stat_mod.run(
+        console,
+        interval_s=interval,
+        csv=csv,
+        once=once,
+        pids=pid or [],
+        classic=classic,
+        prometheus=prometheus,
+        duration_s=duration,
+    )
 
 
 # --- lab: the /dev/kvm lab VMM --------------------------------------------------------------------

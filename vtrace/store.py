@@ -10,6 +10,12 @@ A write that fails (a full disk) stops the writer: the part it was writing is re
 part before it stays readable, and ``close`` rewrites meta to match the parts on disk, with the
 error and the events not written.
 
+A writer given ``max_bytes`` keeps its parts within that many bytes: in ring mode it drops the
+oldest parts (never the newest, never meta), rewriting meta before removing them; in stop
+mode it says ``full`` and leaves stopping to its caller. Meta's ``dropped`` counts what went
+(parts, events, bytes, the first kept timestamp): the parts numbered below ``dropped.parts``
+are gone on purpose, and readers take the rest as a whole trace that starts later.
+
 Nothing outside this module reads the files: everyone else calls :func:`open_trace`.
 """
 
@@ -22,6 +28,7 @@ import platform
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +67,8 @@ EVENTS_ARROW_SCHEMA: pa.Schema = empty_events().to_arrow().schema
 # than plain pages with the general-purpose compressor doing all the work.
 _DELTA_COLUMNS = ("ts_ns",)
 _DICTIONARY_COLUMNS = [c for c in EVENTS_SCHEMA.names() if c not in _DELTA_COLUMNS]
+# What a writer with ``max_bytes`` does when its parts reach it.
+ON_FULL = ("ring", "stop")
 
 
 def host_meta() -> dict[str, Any]:
@@ -86,6 +95,10 @@ class TraceWriter:
     :class:`~vtrace.output.OutputError` and stops the writer: ``failure`` holds it, later
     flushes drop their rows, counted in ``unwritten``. ``reserve_bytes`` holds that much disk
     space from the start so that meta can still be rewritten on a full disk.
+
+    ``max_bytes`` bounds the parts' bytes on disk (see the module's docstring): ``on_full``
+    "ring" drops the oldest parts after each part written, "stop" sets ``full`` once the
+    parts reach it (the caller stops appending).
     """
 
     def __init__(
@@ -99,7 +112,11 @@ class TraceWriter:
         compression: str = DEFAULT_COMPRESSION,
         column_encodings: bool = False,
         reserve_bytes: int = 0,
+        max_bytes: int | None = None,
+        on_full: str = "ring",
     ) -> None:
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {ON_FULL}, not {on_full!r}")
         self.path = Path(path)
         self._dir = OutputDir(self.path)
         self.part_rows = part_rows
@@ -117,6 +134,16 @@ class TraceWriter:
         self.unwritten = 0
         self.failure: OutputError | None = None
         self._removed = False
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.full = False
+        # Parts on disk, oldest first: (number, bytes, rows, first ts_ns); kept only when
+        # bounded (the ring needs each part's size and rows when it drops it).
+        self._kept: deque[tuple[int, int, int, int | None]] = deque()
+        self.part_bytes = 0  # bytes of the parts on disk
+        self.dropped: dict[str, Any] = {"parts": 0, "events": 0, "bytes": 0}
+        if max_bytes is not None:
+            self.meta["max_size"] = {"bytes": max_bytes, "on_full": on_full}
         try:
             if reserve_bytes:
                 self._dir.reserve(RESERVE_NAME, reserve_bytes)
@@ -174,6 +201,7 @@ class TraceWriter:
         if self.column_encodings:
             table = self._sorted(pa.concat_tables([_arrow(b) for b in buffer]))
             rows = table.num_rows
+            ts: Any = table.column("ts_ns")
             write = self._arrow_writer(table)
         else:
             frame = pl.concat(buffer, rechunk=True)  # type: ignore[type-var]
@@ -181,6 +209,7 @@ class TraceWriter:
             if self.sort and not frame.get_column("ts_ns").is_sorted():
                 frame = frame.sort("ts_ns", maintain_order=True)
             rows = frame.height
+            ts = frame.get_column("ts_ns")
 
             def write(f: Any) -> None:
                 # Through memory: polars reports a failed write to a Python file as a
@@ -198,6 +227,35 @@ class TraceWriter:
             raise
         self.parts += 1
         self.rows += rows
+        if self.max_bytes is not None:
+            size = os.stat(name, dir_fd=self._dir.fd).st_size
+            self._kept.append((self.parts - 1, size, rows, _first_ts(ts)))
+            self.part_bytes += size
+            self._bound()
+
+    def _bound(self) -> None:
+        """Apply ``max_bytes`` after a part was written: drop the oldest parts (ring) or
+        say ``full`` (stop)."""
+        assert self.max_bytes is not None
+        if self.on_full == "stop":
+            self.full = self.full or self.part_bytes >= self.max_bytes
+            return
+        gone: list[int] = []
+        while self.part_bytes > self.max_bytes and len(self._kept) > 1:
+            number, size, rows, _ = self._kept.popleft()
+            gone.append(number)
+            self.part_bytes -= size
+            self.dropped["parts"] += 1
+            self.dropped["events"] += rows
+            self.dropped["bytes"] += size
+        if not gone:
+            return
+        self.dropped["first_kept_ts_ns"] = self._kept[0][3]
+        # Meta first: a part meta counts as dropped is never read, so a crash between the
+        # two leaves a readable trace (the part is only not yet removed).
+        self.write_meta()
+        for number in gone:
+            self._dir.unlink(f"part-{number:06d}.parquet")
 
     def _sorted(self, table: pa.Table) -> pa.Table:
         if not self.sort:
@@ -231,7 +289,10 @@ class TraceWriter:
         """Write meta.json (atomically) with the parts and events written so far; a failure
         is an :class:`~vtrace.output.OutputError` and stops the writer like a failed part."""
         self.meta["parts"] = self.parts
-        self.meta["events"] = self.rows
+        # Events in the parts on disk: those dropped by the ring are counted in `dropped`.
+        self.meta["events"] = self.rows - self.dropped["events"]
+        if self.dropped["parts"]:
+            self.meta["dropped"] = dict(self.dropped)
         data = json.dumps(self.meta, indent=2, sort_keys=True, default=str).encode()
         try:
             self._dir.write_atomic(META_NAME, lambda f: f.write(data))
@@ -301,6 +362,17 @@ def _arrow(batch: pl.DataFrame | pa.Table) -> pa.Table:
         return batch
     table = batch.to_arrow()
     return table if table.schema.equals(EVENTS_ARROW_SCHEMA) else table.cast(EVENTS_ARROW_SCHEMA)
+
+
+def _first_ts(ts: Any) -> int | None:
+    """The first timestamp of a sorted part's ts_ns column (polars or Arrow)."""
+    if isinstance(ts, pl.Series):
+        value = ts.drop_nulls().min()
+    else:
+        import pyarrow.compute as pc
+
+        value = pc.min(ts).as_py()
+    return None if value is None else int(value)  # type: ignore[arg-type]
 
 
 def write_trace(
@@ -516,11 +588,26 @@ def _check_part_ends(part: Path) -> None:
 
 
 def _missing_parts(meta: dict[str, Any], parts: list[Path]) -> list[str]:
-    """Part names absent from the numbering 0..n-1, n the larger of meta's count and the
-    highest number on disk + 1."""
+    """Part names absent from the numbering d..n-1, d the parts a writer with a size bound
+    dropped (:func:`dropped_parts`), n the larger of meta's count and the highest number
+    on disk + 1."""
     numbers = {int(m.group(1)) for x in parts if (m := PART_NAME.fullmatch(x.name))}
     expected = max(_count(meta, "parts") or 0, max(numbers, default=-1) + 1)
-    return [f"part-{n:06d}.parquet" for n in range(expected) if n not in numbers]
+    return [
+        f"part-{n:06d}.parquet" for n in range(dropped_parts(meta), expected) if n not in numbers
+    ]
+
+
+def dropped_parts(meta: dict[str, Any]) -> int:
+    """How many of the first parts a writer with ``max_bytes`` dropped on purpose (ring):
+    parts 0 to this - 1 are gone and not missing."""
+    dropped = meta.get("dropped")
+    return (_count(dropped, "parts") or 0) if isinstance(dropped, dict) else 0
+
+
+def _part_number(part: Path) -> int:
+    m = PART_NAME.fullmatch(part.name)
+    return int(m.group(1)) if m else -1
 
 
 def open_trace(path: str | os.PathLike[str], *, strict: bool = False) -> Trace:
@@ -530,7 +617,8 @@ def open_trace(path: str | os.PathLike[str], *, strict: bool = False) -> Trace:
     missing against meta are in ``missing_parts`` (see :meth:`Trace.problem`). With
     ``strict`` a trace that is not complete is an error: parts or events missing against
     meta, a writer that did not close it, parts left half-written, events it could not
-    write.
+    write. The oldest parts a size-bounded writer dropped (meta's ``dropped``) are neither
+    missing nor an error: the trace holds the rest whole, from a later start.
     """
     p = Path(path)
     if not p.exists():
@@ -547,6 +635,10 @@ def open_trace(path: str | os.PathLike[str], *, strict: bool = False) -> Trace:
     if not isinstance(meta, dict):
         raise VtraceError(f"{meta_path}: meta must be a JSON object")
     parts = sorted(p.glob(PART_GLOB))
+    # A part meta counts as dropped (ring) is not read even if it is still there: its
+    # writer rewrites meta before removing it and may have been killed in between.
+    first = dropped_parts(meta)
+    parts = [x for x in parts if _part_number(x) >= first]
     # Parts left as temporary files by a crash are not events; say so in meta, never hide it.
     leftovers = sorted(x.name for x in p.glob(".part-*.tmp"))
     if leftovers:

@@ -97,6 +97,16 @@ QEMU_COUNT_COLUMNS: list[Column] = [
 ]
 
 
+def dropped_line(dropped: dict[str, Any]) -> str:
+    """What a recording with --max-size (ring) dropped, in one line."""
+    first = dropped.get("first_kept_ts_ns")
+    return (
+        f"dropped to stay under --max-size: the {dropped['parts']:,} oldest parts, "
+        f"{dropped['events']:,} events, {dropped['bytes'] / 2**20:,.1f} MiB (counted, not lost)"
+        + (f"; the trace holds the events from ts_ns {first:,} on" if first is not None else "")
+    )
+
+
 def print_summary(data: dict[str, Any], console: Console) -> None:
     """Print :func:`vtrace.analyze.summary`'s dict as tables."""
     t = data["trace"]
@@ -117,6 +127,8 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
     console.print(
         f"[{style}]lost events: {lost:,}{detail}; unparsed lines: {unparsed:,}[/]", highlight=False
     )
+    if data.get("dropped"):
+        console.print(f"[yellow]{dropped_line(data['dropped'])}[/]", highlight=False)
     if data.get("integrity"):
         console.print(f"[bold red]incomplete trace: {data['integrity']}[/]", highlight=False)
     if t.get("complete") is False:

@@ -394,6 +394,8 @@ def summary(
         "lost_events_per_cpu": lost_per_cpu(meta),
         # events the collector took from the kernel but could not write (a full disk)
         "events_not_written": int(meta.get("events_not_written", 0) or 0),
+        # the oldest parts a recording with --max-size dropped (ring): counted, not lost
+        "dropped": meta.get("dropped"),
         "error": meta.get("error"),
         "unparsed": int(meta.get("unparsed", 0) or 0),
         "incomplete_parts": meta.get("incomplete_parts", []),

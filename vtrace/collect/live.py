@@ -15,8 +15,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from vtrace.analyze.console import dropped_line
 from vtrace.collect.doctor import FAIL, OK, Check
-from vtrace.collect.recording import Recording
+from vtrace.collect.recording import MAX_SIZE_REASON, Recording
 
 REFRESH_S = 0.5
 PIDS_EXITED = "every --pid process exited"
@@ -50,10 +51,15 @@ def record(
     buffer_mb: int | None = None,
     classic: bool = False,
     qmp: list[str] | None = None,
+    max_bytes: int | None = None,
+    on_full: str = "ring",
+    part_seconds: float = 1.0,
 ) -> dict[str, Any]:
     """Record until Ctrl-C, SIGTERM, ``duration_s``, the exit of every process in ``pids``
     or a failed write (raised as one-line :class:`~vtrace.output.OutputError` once meta says
-    what was lost); returns the recording's summary.
+    what was lost), or in ``on_full="stop"`` mode the parts reaching ``max_bytes`` (a line
+    on ``console`` says so); returns the recording's summary. In ring mode the oldest parts
+    go instead (:class:`Recording`).
 
     Each ``qmp`` socket names a running VM: its pid joins ``pids`` (when given; else every
     process is recorded) and, for the recording window, its QEMU's virtio and device events join the trace (:mod:`.qemu_attach`); every
@@ -63,7 +69,8 @@ def record(
     # Before anything is recorded: a socket that is no QEMU costs nothing.
     vms = attach_all(qmp or [])
     try:
-        return _record(out, console, vms, pids, duration_s, events, buffer_mb, classic)
+        bound = {"max_bytes": max_bytes, "on_full": on_full, "flush_interval_s": part_seconds}
+        return _record(out, console, vms, pids, duration_s, events, buffer_mb, classic, bound)
     finally:
         for vm in vms:
             vm.stop()  # a no-op unless an error skipped the stop in _record
@@ -78,6 +85,7 @@ def _record(
     events: list[str] | None,
     buffer_mb: int | None,
     classic: bool,
+    bound: dict[str, Any],
 ) -> dict[str, Any]:
     from vtrace.collect.qemu_attach import host_vms
 
@@ -99,7 +107,13 @@ def _record(
     names = {**host_vms(), **{str(vm.pid): {"name": vm.name} for vm in vms}}
     meta_extra["vms"] = names
     rec = Recording(
-        out, pids=pids, events=events, buffer_mb=buffer_mb, classic=classic, meta_extra=meta_extra
+        out,
+        pids=pids,
+        events=events,
+        buffer_mb=buffer_mb,
+        classic=classic,
+        meta_extra=meta_extra,
+        **bound,
     )
     try:
         rec.start()
@@ -124,6 +138,13 @@ def _record(
                     reason.append("duration")
                     break
                 if stop.wait(timeout) or rec.failure is not None:
+                    break
+                if rec.full:
+                    reason.append(MAX_SIZE_REASON)
+                    console.print(
+                        f"stopped: the parts reached --max-size ({rec.max_bytes:,} bytes)",
+                        highlight=False,
+                    )
                     break
                 now_exited = rec.exited_pids()
                 for pid in now_exited:
@@ -210,8 +231,17 @@ def summary_view(summary: dict[str, Any]) -> Group:
                 style="red" if vm.get("error") else "",
             )
         )
+    if summary.get("dropped"):
+        parts.append(Text(dropped_line(summary["dropped"]), style="yellow"))
     if summary.get("stopped_by") == PIDS_EXITED:
         parts.append(Text(f"stopped: {PIDS_EXITED}"))
+    if summary.get("stopped_by") == MAX_SIZE_REASON:
+        parts.append(
+            Text(
+                f"stopped: the parts reached --max-size ({summary['max_bytes']:,} bytes; "
+                f"{summary['part_bytes']:,} on disk)"
+            )
+        )
     return Group(*parts)
 
 

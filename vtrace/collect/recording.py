@@ -12,6 +12,11 @@ finalises meta.json (start/end, lost per CPU, probes, filters, host facts).
 A write that fails (a full disk) stops the recording: the events not written are counted as
 lost in meta.json, which is rewritten to match the parts on disk, and ``stop`` raises an
 :class:`~vtrace.output.OutputError` that says so in one line.
+
+``max_bytes`` bounds the parts on disk for recordings that run for hours: ``on_full="ring"``
+drops the oldest parts and records on (meta's ``dropped`` counts them), ``"stop"`` detaches
+the probes once the parts reach it (``full``), writes what was delivered and lets the caller
+stop (the CLI does at once, like --duration).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import queue
+import re
 import select
 import signal
 import threading
@@ -43,7 +49,7 @@ from vtrace.collect.host import host_facts
 from vtrace.collect.ringbuf import RingReader
 from vtrace.errors import VtraceError
 from vtrace.output import OutputError, check_new_dir
-from vtrace.store import META_RESERVE_BYTES, TraceWriter
+from vtrace.store import META_RESERVE_BYTES, ON_FULL, TraceWriter
 
 CLOCK = "CLOCK_MONOTONIC (bpf_ktime_get_ns)"
 IRQ_RULE = (
@@ -52,6 +58,38 @@ IRQ_RULE = (
     "kworker, not in the VM's process, and these tracepoints carry no VM identity, so "
     "kworker interrupts of other VMs on the host are recorded too"
 )
+
+
+# 500M, 2G, 1.5g, 64KiB, 4096: binary units (K = 1024).
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+# Why a recording in stop mode ended (meta's stopped_by).
+MAX_SIZE_REASON = "max-size"
+
+
+def parse_size(text: str, option: str = "--max-size") -> int:
+    """Bytes from a size such as ``500M`` or ``2G`` (K, M, G, T are powers of 1024); a
+    one-line :class:`VtraceError` for anything else."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise VtraceError(
+            f"{option} {text}: not a size (bytes, or a number with K, M, G or T: 500M, 2G)"
+        )
+    unit = 1024 ** (" kmgt".index(m.group(2).lower()) if m.group(2) else 0)
+    size = int(float(m.group(1)) * unit)
+    if size <= 0:
+        raise VtraceError(f"{option} {text}: must be more than 0 bytes")
+    return size
+
+
+def check_on_full(on_full: str | None, max_bytes: int | None) -> str:
+    """``on_full`` checked against ``max_bytes`` (one-line errors); "ring" by default."""
+    if on_full is None:
+        return "ring"
+    if on_full not in ON_FULL:
+        raise VtraceError(f"--on-full {on_full}: choose ring or stop")
+    if max_bytes is None:
+        raise VtraceError(f"--on-full {on_full}: needs --max-size SIZE")
+    return on_full
 
 
 def monotonic_ns() -> int:
@@ -131,6 +169,8 @@ class Recording:
         classic: bool = False,
         flush_interval_s: float = 1.0,
         poll_interval_s: float = 0.02,
+        max_bytes: int | None = None,
+        on_full: str = "ring",
     ) -> None:
         self.out_dir = Path(out_dir)
         self.pids = program.validate_pids(pids)
@@ -145,6 +185,14 @@ class Recording:
         self.meta_extra = meta_extra if meta_extra is not None else {}
         self.flush_interval_s = flush_interval_s
         self.poll_interval_s = poll_interval_s
+        self.max_bytes = max_bytes
+        if on_full not in ON_FULL:
+            raise VtraceError(f"on_full {on_full!r}: choose ring or stop")
+        self.on_full = on_full
+        # Set (stop mode) once the parts reached max_bytes and the probes were detached.
+        self._full = threading.Event()
+        # detach/reattach from the writer thread (stop mode) and the caller's.
+        self._probe_lock = threading.Lock()
         self.summary: dict[str, Any] = {}
         # Why the recording ended (set by whoever stops it; the CLI: signal, duration, ...).
         self.stop_reason: str | None = None
@@ -270,6 +318,8 @@ class Recording:
             compression=PART_COMPRESSION,
             column_encodings=True,
             reserve_bytes=META_RESERVE_BYTES,
+            max_bytes=self.max_bytes,
+            on_full=self.on_full,
         )
         self._threads = [
             threading.Thread(target=self._drain_loop, name="vtrace-drain", daemon=True),
@@ -345,6 +395,12 @@ class Recording:
                 self._writer.flush()
                 self._writer.meta["lost_per_cpu"] = self.lost_per_cpu()
                 self._writer.write_meta()
+            if self._writer.full and not self._full.is_set():
+                # Stop mode: no event after this one is recorded; what the ring buffer
+                # already holds is written by the next flushes and at the stop.
+                self.detach_probes()
+                self._writer.meta["max_size"]["reached_monotonic_ns"] = monotonic_ns()
+                self._full.set()
         # The written part no longer refers to the words (flush dropped the tables that
         # shared its memory): the buffer can take the next records.
         self._spare = words
@@ -381,6 +437,11 @@ class Recording:
         """Store extra events (e.g. the lab's own, ``source=lab``) in the same trace."""
         self._extra_rows += frame.height
         self._frames.put(s.conform(frame))  # type: ignore[arg-type]
+
+    @property
+    def full(self) -> bool:
+        """Stop mode: the parts reached ``max_bytes`` and the probes are detached."""
+        return self._full.is_set()
 
     @property
     def failure(self) -> OutputError | None:
@@ -429,16 +490,18 @@ class Recording:
 
     def detach_probes(self) -> None:
         """Stop event delivery without ending the recording (``reattach_probes`` resumes)."""
-        if self._probes_on:
-            program.detach(self._bpf, self._attached)
-            self._probes_on = False
+        with self._probe_lock:
+            if self._probes_on:
+                program.detach(self._bpf, self._attached)
+                self._probes_on = False
 
     def reattach_probes(self) -> None:
         """Attach again what ``start`` attached (kernel probes; USDT probes stay attached)."""
         assert self._plan is not None
-        if not self._probes_on:
-            self._attached.update(program.attach(self._bpf, self._plan))
-            self._probes_on = True
+        with self._probe_lock:
+            if not self._probes_on and not self.full:
+                self._attached.update(program.attach(self._bpf, self._plan))
+                self._probes_on = True
 
     def elapsed_s(self) -> float:
         return (monotonic_ns() - self._started_ns) / 1e9 if self._started_ns else 0.0
@@ -482,6 +545,8 @@ class Recording:
         not_written = self.delivered + self._extra_rows - self._writer.rows
         if self._failure is not None:
             self.stop_reason = "error"
+        elif self.full:
+            self.stop_reason = MAX_SIZE_REASON
         duration_s = (end_ns - self._started_ns) / 1e9
         delivered = self.delivered
         errors = [f"{type(e).__name__}: {e}" for e in self._errors]
@@ -502,6 +567,10 @@ class Recording:
             if self._reader
             else 0.0,
             "parts": self._writer.parts,
+            "max_bytes": self.max_bytes,
+            "on_full": self.on_full,
+            "part_bytes": self._writer.part_bytes,
+            "dropped": dict(self._writer.dropped) if self._writer.dropped["parts"] else None,
             "probes": {
                 "attached": self._attached,
                 "unavailable": self._plan.unavailable if self._plan else {},
@@ -544,6 +613,8 @@ class Recording:
             elif e is not self._failure:
                 failed = OutputError(f"{failed}; meta.json not rewritten: {e}", failed.errno)
         self.summary["parts"] = self._writer.parts
+        if self._writer.dropped["parts"]:
+            self.summary["dropped"] = dict(self._writer.dropped)
         if failed is not None:
             raise failed
         if self._errors:
