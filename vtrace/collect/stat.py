@@ -6,12 +6,18 @@ whole exit), and kvm_userspace_exit -> the thread's next KVM_RUN everywhere (the
 VMM spent in user space on the exit, the part a user-space device model adds). The next
 KVM_RUN is seen by kvm_fpu (load), traced once at the start of every KVM_RUN; where a kernel
 lacks it, by syscalls:sys_enter_ioctl, which costs more (USERSPACE_ENDS).
+
+Kicks (device writes KVM handled in the kernel, an ioeventfd's) are counted as writes minus
+the writes a user-space exit claimed, from counters the program keeps (stat.c, "Kicks").
+``--prometheus`` serves the same aggregates as OpenMetrics (:class:`MetricsCollector`): the
+maps are read when a scraper asks, nothing is done per event in user space.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vtrace import schema as s
+from vtrace.analyze.kicks import IN_KERNEL_DEVICE_PORTS  # their writes are not kicks
 from vtrace.collect import bccload, doctor, program
 from vtrace.collect.decode import EVENT_IDS
 from vtrace.collect.formats import read_format
@@ -59,6 +66,10 @@ _FIELDS = (
     ("EXIT_ISA", "kvm", s.KVM_EXIT, "isa"),
     ("USER_REASON", "kvm", s.KVM_USERSPACE_EXIT, "reason"),
     ("PIO_PORT", "kvm", s.KVM_PIO, "port"),
+    ("PIO_RW", "kvm", s.KVM_PIO, "rw"),
+    ("MMIO_TYPE", "kvm", s.KVM_MMIO, "type"),
+    ("MMIO_GPA", "kvm", s.KVM_MMIO, "gpa"),
+    ("INJ_VECTOR", "kvm", s.KVM_INJ_VIRQ, "vector"),
     ("IOCTL_CMD", "syscalls", "sys_enter_ioctl", "cmd"),
     ("FPU_LOAD", "kvm", "kvm_fpu", "load"),
 )
@@ -69,6 +80,16 @@ USERSPACE_ENDS = ("kvm_fpu", "sys_enter_ioctl")
 PENDING_STORES = ("task_storage", "lru_hash")
 COUNT_KEYS = ["pid", "event", "reason"]
 HIST_KEYS = ["pid", "kind", "reason"]
+# The program's own counters for kicks (stat.c, "Kicks"), as event ids above the tracepoints'
+# (the packed hot-slot key has 5 bits for the event): PIO reads per port, PIO writes a
+# user-space exit claimed (per port), MMIO writes one claimed, and claims a PIO read's
+# completion gave back (per port).
+EV_PIO_READ, EV_USER_PIO_WRITE, EV_USER_MMIO_WRITE, EV_READ_CLAIM = 28, 29, 30, 31
+BOOKKEEPING = (EV_PIO_READ, EV_USER_PIO_WRITE, EV_USER_MMIO_WRITE, EV_READ_CLAIM)
+# kvm_mmio's reason: the access type (KVM_TRACE_MMIO_*), and stat.c's own for writes to the
+# devices inside KVM.
+MMIO_TYPES = {0: "unsatisfied read", 1: "read", 2: "write", 3: "write to local APIC/IOAPIC"}
+MMIO_WRITE = 2
 
 
 class Stat:
@@ -128,6 +149,12 @@ class Stat:
         values["END_IOCTL"] = int(self.userspace_end == "sys_enter_ioctl")
         values.update(
             {f"EV_{name.upper()}": i for name, i in EVENT_IDS.items() if name in STAT_EVENTS}
+        )
+        values.update(
+            EV_PIO_READ=EV_PIO_READ,
+            EV_USER_PIO_WRITE=EV_USER_PIO_WRITE,
+            EV_USER_MMIO_WRITE=EV_USER_MMIO_WRITE,
+            EV_READ_CLAIM=EV_READ_CLAIM,
         )
         for prefix, system, event, name in _FIELDS:
             fields = read_format(events, system, event) or {}
@@ -233,7 +260,13 @@ class Stat:
                 self._bpf.attach_tracepoint(tp=where.encode(), fn_name=f"on_{ev}".encode())
 
     def snapshot(self) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Cumulative (counts, histogram) frames, summed over CPUs."""
+        """Cumulative (counts, histogram) frames, summed over CPUs: counts of the
+        tracepoints' events; the histogram's ``total`` events and their summed ``ns``."""
+        counts, hist = self.snapshot_all()
+        return counts.filter(~pl.col("event").is_in(BOOKKEEPING)), hist
+
+    def snapshot_all(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """:meth:`snapshot` with the program's kick counters (BOOKKEEPING) in the counts."""
         c_rows = [
             (k.pid, k.event, k.reason, sum(v)) for k, v in self._bpf[b"counts"].items()
         ]  # one row per (pid, event, reason) key, not per event
@@ -251,7 +284,10 @@ class Stat:
             hot[:, 1].tolist(),
             strict=True,
         )
-        h_rows = [(k.pid, k.kind, k.reason, k.slot, sum(v)) for k, v in self._bpf[b"hist"].items()]
+        h_rows = [
+            (k.pid, k.kind, k.reason, k.slot, sum(c.n for c in v), sum(c.ns for c in v))
+            for k, v in self._bpf[b"hist"].items()
+        ]  # one row per (pid, kind, reason, slot) key
         counts = (
             pl.DataFrame(
                 c_rows, schema=dict.fromkeys([*COUNT_KEYS, "total"], pl.Int64), orient="row"
@@ -260,7 +296,9 @@ class Stat:
             .agg(pl.col("total").sum())
         )
         hist = pl.DataFrame(
-            h_rows, schema=dict.fromkeys([*HIST_KEYS, "slot", "total"], pl.Int64), orient="row"
+            h_rows,
+            schema=dict.fromkeys([*HIST_KEYS, "slot", "total", "ns"], pl.Int64),
+            orient="row",
         )
         return counts, hist
 
@@ -337,6 +375,10 @@ def _names(counts: pl.DataFrame, tables: s.ReasonTables, isa: str) -> pl.DataFra
         )
         .when(ev == EVENT_IDS[s.KVM_PIO])
         .then(pl.format("port 0x{}", pl.col("reason").map_batches(_hex, return_dtype=pl.String)))
+        .when(ev == EVENT_IDS[s.KVM_MMIO])
+        .then(pl.col("reason").replace_strict(MMIO_TYPES, default=None, return_dtype=pl.String))
+        .when(ev == EVENT_IDS[s.KVM_INJ_VIRQ])
+        .then(pl.format("vector 0x{}", pl.col("reason").map_batches(_hex, return_dtype=pl.String)))
         .otherwise(pl.lit("")),
     )
 
@@ -417,6 +459,243 @@ def check_interval(interval_s: float) -> None:
         )
 
 
+def kicks(counts: pl.DataFrame) -> pl.DataFrame:
+    """Cumulative kicks per VM and where they went, from :meth:`Stat.snapshot_all` counts:
+    columns ``pid``, ``target`` (``port 0x..``, ``mmio`` or ``fast_mmio``) and ``total``.
+
+    A port's kicks are its PIO writes (kvm_pio - reads) less the writes a user-space exit
+    claimed, plus the claims a read's completion gave back; the ports of the devices inside
+    KVM (PIC, PIT, ELCR) are not kicks. MMIO: writes (not to the local APIC or IOAPIC) less
+    claimed ones, and every kvm_fast_mmio."""
+    ev, n = pl.col("event"), pl.col("total")
+    in_kernel = pl.lit(False)
+    for lo, hi in IN_KERNEL_DEVICE_PORTS:
+        in_kernel = in_kernel | pl.col("reason").is_between(lo, hi)
+    pio = (
+        counts.filter(
+            ev.is_in([EVENT_IDS[s.KVM_PIO], EV_PIO_READ, EV_USER_PIO_WRITE, EV_READ_CLAIM])
+            & ~in_kernel
+        )
+        .group_by("pid", "reason")
+        .agg(total=pl.when(ev.is_in([EV_PIO_READ, EV_USER_PIO_WRITE])).then(-n).otherwise(n).sum())
+        .select(
+            "pid",
+            target=pl.format("port 0x{}", pl.col("reason").map_batches(_hex, pl.String)),
+            total="total",
+        )
+    )
+    mmio = (
+        counts.filter(
+            ((ev == EVENT_IDS[s.KVM_MMIO]) & (pl.col("reason") == MMIO_WRITE))
+            | (ev == EV_USER_MMIO_WRITE)
+        )
+        .group_by("pid")
+        .agg(total=pl.when(ev == EV_USER_MMIO_WRITE).then(-n).otherwise(n).sum())
+        .select("pid", target=pl.lit("mmio"), total="total")
+    )
+    fast = (
+        counts.filter(ev == EVENT_IDS[s.KVM_FAST_MMIO])
+        .group_by("pid")
+        .agg(pl.col("total").sum())
+        .select("pid", target=pl.lit("fast_mmio"), total="total")
+    )
+    return (
+        pl.concat([pio, mmio, fast])
+        .filter(pl.col("total") > 0)
+        .sort("pid", "target")
+        .with_columns(pl.col("total").cast(pl.Int64))
+    )
+
+
+# --- Prometheus ----------------------------------------------------------------------------
+
+# Histogram bucket upper bounds: the in-kernel log2 buckets' own bounds, 2^10 ns (about 1 µs)
+# to 2^30 ns (about 1.07 s), so every bucket is exact; faster events fall in the first.
+BUCKET_SLOTS = range(9, 30)  # log2 slot k holds [2^k, 2^(k+1)) ns: bound 2^(k+1)
+BUCKET_BOUNDS_S = [2 ** (k + 1) / 1e9 for k in BUCKET_SLOTS]
+DEFAULT_BIND = "127.0.0.1"
+_ADDRESS = re.compile(r"^(?:(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]*)):)?(?P<port>[^:]*)$")
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (``[ADDR]:PORT`` for IPv6) -> (host, port); host defaults to
+    127.0.0.1 (scrapes from this host only) and PORT must be 1 to 65535."""
+    m = _ADDRESS.match(spec.strip())
+    if m is None:
+        raise VtraceError(f"--prometheus: {spec!r} is not [HOST:]PORT (e.g. 9464 or 0.0.0.0:9464)")
+    host = m["v6"] if m["v6"] is not None else m["host"]
+    if host is not None and not host:
+        raise VtraceError(f"--prometheus: {spec!r} has an empty HOST before the colon")
+    port = m["port"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise VtraceError(f"--prometheus: port {port!r} is not a number from 1 to 65535")
+    return host or DEFAULT_BIND, int(port)
+
+
+def serve(host: str, port: int, registry: Any) -> Any:
+    """The OpenMetrics HTTP server on (host, port), serving ``registry``: bound here, so a
+    port in use or a host this machine does not have is one line before anything attaches."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise VtraceError(
+            f"--prometheus: cannot listen on {host}:{port}: {e.strerror or e}"
+        ) from None
+    return server
+
+
+class MetricsCollector:
+    """A prometheus_client collector over a :class:`Stat`: each scrape reads the in-kernel
+    maps once (:meth:`Stat.snapshot_all`) and turns them into counter and histogram families
+    per VM (``pid``, ``vm``) and ``reason``."""
+
+    def __init__(self, tables: s.ReasonTables, isa: str) -> None:
+        self.tables, self.isa = tables, isa
+        self.stat: Stat | None = None  # set once the probes are attached
+        self.created = time.time()
+        self._lock = threading.Lock()  # the map reads and the counters' high-water marks
+        self._high: dict[tuple[str, tuple[str, ...]], int] = {}
+        # A VM's name, learnt while its process lives (a label must not change when it ends).
+        self._vm: dict[int, str] = {}
+        self.names = {KIND_EXIT: "exit_handling", KIND_USERSPACE: "userspace_handling"}
+
+    def vm(self, pid: int) -> str:
+        if pid not in self._vm:
+            self._vm[pid] = vm_name(pid)
+        return self._vm[pid]
+
+    def learn_names(self) -> None:
+        """Name the pids the maps hold now (run every interval: a short-lived VM is named
+        while it lives, even when no scrape comes before it ends)."""
+        with self._lock:
+            if self.stat is not None:
+                counts, _ = self.stat.snapshot()
+                for pid in counts["pid"].unique().to_list():  # one per VM, not per event
+                    self.vm(pid)
+
+    def _monotonic(self, name: str, labels: tuple[str, ...], value: int) -> int:
+        # A write and the exit that claims it are two events: a scrape between them sees the
+        # write as a kick for a moment. A counter never goes down (Prometheus would read a
+        # reset): hold the high-water mark until the true count reaches it again.
+        key = (name, labels)
+        value = max(value, self._high.get(key, 0))
+        self._high[key] = value
+        return value
+
+    def collect(self) -> Any:
+        from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        with self._lock:
+            if self.stat is None:
+                return
+            counts, hist = self.stat.snapshot_all()
+            named = _names(
+                counts.filter(~pl.col("event").is_in(BOOKKEEPING)), self.tables, self.isa
+            )
+            kick_rows = kicks(counts)
+            pids = set(named["pid"].to_list()) | set(kick_rows["pid"].to_list())
+            pids |= set(hist["pid"].to_list())
+            vm = {pid: self.vm(pid) for pid in pids}
+            labels = ["pid", "vm", "reason"]
+            ev = pl.col("event")
+            reason = pl.coalesce(pl.col("reason_name"), pl.col("reason").cast(pl.String))
+            families = (
+                ("exits", "KVM exits (kvm_exit), by exit reason", ev == EVENT_IDS[s.KVM_EXIT]),
+                (
+                    "userspace_exits",
+                    "Returns of KVM_RUN to the VMM (kvm_userspace_exit), by KVM_EXIT_* reason",
+                    ev == EVENT_IDS[s.KVM_USERSPACE_EXIT],
+                ),
+                (
+                    "interrupts",
+                    "Interrupts injected into the VM's vCPUs (kvm_inj_virq), by vector",
+                    ev == EVENT_IDS[s.KVM_INJ_VIRQ],
+                ),
+                (
+                    "irq_raised",
+                    "Interrupt lines and MSIs raised (kvm_set_irq, kvm_msi_set_irq), by the "
+                    "raising process (a kernel worker for an irqfd's injection)",
+                    ev.is_in([EVENT_IDS[s.KVM_SET_IRQ], EVENT_IDS[s.KVM_MSI_SET_IRQ]]),
+                ),
+            )
+            out = []
+            for name, doc, which in families:
+                fam = CounterMetricFamily(f"vtrace_{name}", doc, labels=labels)
+                rows = named.filter(which)
+                if name == "irq_raised":
+                    rows = rows.with_columns(reason_name=pl.col("event_name"))
+                rows = (
+                    rows.group_by("pid", reason.alias("r"))
+                    .agg(pl.col("total").sum())
+                    .sort("pid", "r")
+                )
+                for pid, r, total in rows.iter_rows():  # one row per series, not per event
+                    lv = (str(pid), vm[pid], r)
+                    fam.add_metric(lv, self._monotonic(name, lv, total), created=self.created)
+                out.append(fam)
+            fam = CounterMetricFamily(
+                "vtrace_kicks",
+                "Device notifications KVM handled in the kernel (an ioeventfd): writes with no "
+                "user-space exit for them, by port, mmio or fast_mmio",
+                labels=labels,
+            )
+            for pid, target, total in kick_rows.iter_rows():  # one row per series
+                lv = (str(pid), vm[pid], target)
+                fam.add_metric(lv, self._monotonic("kicks", lv, total), created=self.created)
+            out.append(fam)
+            out += self._histograms(hist, vm, HistogramMetricFamily, floatToGoString)
+        yield from out
+
+    def _histograms(self, hist: pl.DataFrame, vm: dict[int, str], family: Any, fmt: Any) -> list:
+        """The handling-time histograms: cumulative buckets at BUCKET_BOUNDS_S, +Inf, and the
+        summed seconds, per (pid, reason)."""
+        docs = {
+            KIND_EXIT: "Time from kvm_exit to the thread's next kvm_entry (the whole exit; "
+            "needs vmx/svm), by exit reason",
+            KIND_USERSPACE: "Time the VMM spent in user space on an exit (kvm_userspace_exit "
+            "to the thread's next KVM_RUN), by KVM_EXIT_* reason",
+        }
+        bounds = pl.DataFrame({"bound_slot": list(BUCKET_SLOTS)}, schema={"bound_slot": pl.Int64})
+        cum = (
+            hist.join(bounds, how="cross")
+            .filter(pl.col("slot") <= pl.col("bound_slot"))
+            .group_by(*HIST_KEYS, "bound_slot")
+            .agg(pl.col("total").sum())
+        )
+        totals = hist.group_by(HIST_KEYS).agg(pl.col("total").sum(), pl.col("ns").sum())
+        # Every (series, bound) pair, 0 where no event is that fast.
+        grid = (
+            totals.select(HIST_KEYS)
+            .join(bounds, how="cross")
+            .join(cum, on=[*HIST_KEYS, "bound_slot"], how="left")
+            .with_columns(pl.col("total").fill_null(0))
+            .sort([*HIST_KEYS, "bound_slot"])
+            .group_by(HIST_KEYS, maintain_order=True)
+            .agg(pl.col("total").alias("cum"))
+        )
+        series = totals.join(grid, on=HIST_KEYS).sort(HIST_KEYS)
+        tables = {
+            KIND_EXIT: self.tables.svm if self.isa == "svm" else self.tables.vmx,
+            KIND_USERSPACE: self.tables.userspace,
+        }
+        les = [fmt(b) for b in BUCKET_BOUNDS_S]
+        out = []
+        for kind in (KIND_EXIT, KIND_USERSPACE):
+            fam = family(
+                f"vtrace_{self.names[kind]}_seconds", docs[kind], labels=["pid", "vm", "reason"]
+            )
+            rows = series.filter(pl.col("kind") == kind)
+            for r in rows.iter_rows(named=True):  # one row per series
+                reason = tables[kind].get(r["reason"], str(r["reason"]))
+                buckets = [*zip(les, r["cum"], strict=True), ("+Inf", r["total"])]
+                fam.add_metric([str(r["pid"]), vm[r["pid"]], reason], buckets, r["ns"] / 1e9)
+            out.append(fam)
+        return out
+
+
 def run(
     console: Console,
     *,
@@ -425,17 +704,35 @@ def run(
     once: bool = False,
     pids: list[int] | None = None,
     classic: bool = False,
+    prometheus: str | None = None,
+    duration_s: float | None = None,
 ) -> None:
-    """The live loop: refresh every ``interval_s`` until Ctrl-C / SIGTERM (or once)."""
+    """The live loop: refresh every ``interval_s`` until Ctrl-C / SIGTERM / ``duration_s``
+    (or once). With ``prometheus`` ([HOST:]PORT) it serves OpenMetrics there instead."""
     check_interval(interval_s)
+    if duration_s is not None and not 0 < duration_s <= MAX_INTERVAL_S * 365:
+        raise VtraceError(f"--duration: {duration_s:g} is not a positive number of seconds")
+    listen = parse_listen(prometheus) if prometheus is not None else None
+    if listen and (csv or once):
+        raise VtraceError("--prometheus serves metrics until stopped: not with --csv or --once")
     stop = threading.Event()
     old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     tables = s.load_reason_tables(prefer_host=True)
     isa = host_facts()["isa"]
     started = time.monotonic()
+    deadline = None if duration_s is None else started + duration_s
     header_done = False
+    server = None
     try:
-        with Stat(pids, classic=classic) as st:
+        st = Stat(pids, classic=classic)  # checks --pid before the port is taken
+        if listen:
+            from prometheus_client import CollectorRegistry
+
+            collector = MetricsCollector(tables, isa)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(collector)  # type: ignore[arg-type]
+            server = serve(*listen, registry)
+        with st:
             prev = st.snapshot()
             # On stderr, so CSV on stdout stays clean; scripts can wait for this line.
             print(
@@ -451,9 +748,26 @@ def run(
                     file=sys.stderr,
                     flush=True,
                 )
+            if listen:
+                collector.stat = st
+                host, port = listen
+                shown = f"[{host}]" if ":" in host else host
+                print(
+                    f"vtrace stat: serving OpenMetrics on http://{shown}:{port}/metrics",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                while not _wait(stop, interval_s, deadline):
+                    collector.learn_names()
+                with collector._lock:  # no scrape is reading the maps while they go
+                    collector.stat = None
+                return
             while True:
+                wait_s = interval_s
+                if deadline is not None:
+                    wait_s = min(wait_s, max(deadline - time.monotonic(), 0.0))
                 try:
-                    if stop.wait(interval_s):
+                    if stop.wait(wait_s):
                         break
                 except KeyboardInterrupt:
                     break
@@ -477,7 +791,22 @@ def run(
                         .iter_rows()
                     }
                     console.print(table_view(counts, hist, interval_s, elapsed, names))
-                if once:
+                if once or (deadline is not None and time.monotonic() >= deadline):
                     break
     finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         signal.signal(signal.SIGTERM, old_term)
+
+
+def _wait(stop: threading.Event, interval_s: float, deadline: float | None) -> bool:
+    """Wait up to ``interval_s``: True once it is time to stop (SIGTERM sets ``stop``,
+    Ctrl-C, the deadline)."""
+    wait_s = interval_s if deadline is None else min(interval_s, deadline - time.monotonic())
+    try:
+        return stop.wait(max(wait_s, 0.0)) or (
+            deadline is not None and time.monotonic() >= deadline
+        )
+    except KeyboardInterrupt:
+        return True
