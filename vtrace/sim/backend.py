@@ -25,6 +25,7 @@ import simpy
 
 from vtrace.sim.device_server import DeviceServer
 from vtrace.sim.draws import Draws
+from vtrace.sim.host import HostCpus
 from vtrace.sim.interrupts import completed, inject_interrupt
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import BackendParams
@@ -59,6 +60,8 @@ class BackendThread:
         self.done: list[tuple[int, QueuePath]] = []  # device completions not yet handled
         self.next_path = 0
         self.current: QueuePath | None = None  # the queue whose handler runs
+        self.woken_by: QueuePath | None = None  # the queue whose kick or completion woke it
+        self.host: HostCpus | None = None  # fewer host CPUs than threads: it takes a vCPU's
         if self.polling:  # a polling thread keeps kicks off on every queue for good
             for path in paths:
                 path.vq.disable_notification()
@@ -69,6 +72,7 @@ class BackendThread:
     def signal(self, path: QueuePath) -> None:
         """A kick: ``path``'s eventfd is signalled."""
         path.eventfd = True
+        self.woken_by = path
         self._wake()
 
     def poke(self) -> None:
@@ -77,6 +81,7 @@ class BackendThread:
 
     def device_completed(self, request: int, path: QueuePath) -> None:
         self.done.append((request, path))
+        self.woken_by = path
         self._wake()
 
     def _wake(self) -> None:
@@ -163,7 +168,10 @@ class BackendThread:
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:
             self.monitor.backend_busy_ns += wake_ns
-            yield env.timeout(wake_ns)
+            if self.host is None:
+                yield env.timeout(wake_ns)
+            else:
+                yield from self._work(wake_ns, self.woken_by)
 
     def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, bool]:
         """Serve what ``path`` has available, at most ``max_per_pass`` requests; True when
@@ -193,7 +201,10 @@ class BackendThread:
         busy = self.p.per_request_ns + self.service.next()
         if busy > 0:
             self.monitor.backend_busy_ns += busy
-            yield env.timeout(busy)
+            if self.host is None:
+                yield env.timeout(busy)
+            else:
+                yield from self._work(busy, path)
         path.vq.push_used(request)
         if self.guest_polls:
             path.space_freed()
@@ -221,7 +232,10 @@ class BackendThread:
         busy = t - env.now
         if busy > 0:
             monitor.backend_busy_ns += busy
-            yield env.timeout(busy)
+            if self.host is None:
+                yield env.timeout(busy)
+            else:
+                yield from self._work(busy, path)
         for request in taken:
             vq.push_used(request)
         if self.guest_polls:
@@ -238,11 +252,28 @@ class BackendThread:
         for _ in range(take):
             if per_request_ns > 0:
                 self.monitor.backend_busy_ns += per_request_ns
-                yield env.timeout(per_request_ns)
+                if self.host is None:
+                    yield env.timeout(per_request_ns)
+                else:
+                    yield from self._work(per_request_ns, path)
             device.submit(vq.pop(), self, path)
         if self.p.per_pass_ns > 0:
             self.monitor.backend_busy_ns += self.p.per_pass_ns
-            yield env.timeout(self.p.per_pass_ns)
+            if self.host is None:
+                yield env.timeout(self.p.per_pass_ns)
+            else:
+                yield from self._work(self.p.per_pass_ns, path)
+
+    def _work(self, cost_ns: float, path: QueuePath | None) -> Generator[simpy.Event, None, None]:
+        """``cost_ns`` of work on a host with fewer CPUs than threads: on a free CPU, on one
+        taken from a running vCPU, or shared with the other busy back-end threads."""
+        host = self.host
+        took = host.backend_runs(self.env.now, cost_ns, path.vcpus if path is not None else [])
+        host.backends_busy += 1
+        try:
+            yield self.env.timeout(took)
+        finally:
+            host.backends_busy -= 1
 
     def _complete(self) -> Generator[simpy.Event, None, None]:
         """Put what the device finished on the used rings and decide on interrupts: one

@@ -103,6 +103,15 @@ SCHEMA: dict[str, dict[str, Param]] = {
             maximum=1024,
             why="KVM's limit on vCPUs per VM (KVM_MAX_VCPUS is 1024 on x86)",
         ),
+        "host_cpus": Param(
+            int,
+            0,
+            "host CPUs the VM's threads run on; 0: one per thread. Fewer than vCPUs plus "
+            "back-end threads: the back end's work takes a CPU from a running vCPU",
+            minimum=0,
+            maximum=4096,
+            why="Linux's default CONFIG_NR_CPUS range tops out at 4096 on x86 distributions",
+        ),
     },
     "workload": {
         "jobs": Param(

@@ -31,6 +31,7 @@ from vtrace.sim.config import Config
 from vtrace.sim.device import service_sampler
 from vtrace.sim.device_server import DeviceServer
 from vtrace.sim.draws import Draws, stalled
+from vtrace.sim.host import HostCpus
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import ModelParams, model_params, preemption_chance
 from vtrace.sim.queuepath import QueuePath
@@ -88,6 +89,14 @@ class Machine:
             for v in range(p.vm.vcpus)
         ]  # fmt: skip
         self.workload.attach(self.vcpus)
+        self.host: HostCpus | None = None
+        cpus = p.vm.host_cpus
+        if 0 < cpus < len(self.vcpus) + len(self.threads):  # threads wait for CPUs
+            self.host = HostCpus(cpus)
+            for vcpu in self.vcpus:
+                self.host.add_vcpu(vcpu)
+            for thread in self.threads:
+                thread.host = self.host
 
 
 @dataclass

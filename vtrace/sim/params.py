@@ -33,6 +33,7 @@ class WorkloadParams:
 class VmParams:
     vcpus: int
     queues: int
+    host_cpus: int = 0  # 0: a host CPU per thread
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,16 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         coalesce_requests=irq["coalesce_requests"],
         coalesce_ns=irq["coalesce_ns"],
     )
+    vcpus, host_cpus = vm.get("vcpus", 1), vm.get("host_cpus", 0)
+    if 0 < host_cpus < vcpus:
+        raise VtraceError(
+            f"{cfg.path}: vm.host_cpus = {host_cpus}: fewer host CPUs than vCPUs ({vcpus}) "
+            "is not modelled; give 0 (a CPU per thread) or at least vm.vcpus"
+        )
     return ModelParams(
         kind=kind,
         workload=workload,
-        vm=VmParams(vm.get("vcpus", 1), queues),
+        vm=VmParams(vcpus, queues, host_cpus),
         guest=guest,
         ring=ring,
         backend=backend,

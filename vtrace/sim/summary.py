@@ -60,6 +60,7 @@ def summarize(m: Machine, frame: pl.DataFrame, cfg: Config) -> dict[str, Any]:
     if p.backend.mode == "poll":  # a polling thread spends its whole core
         utilization = 1.0
     vcpu_exit_ns = sum(t.exit_ns for t in m.timelines)
+    preempted_ns = m.host.preempted_ns if m.host is not None else 0.0
     summary: dict[str, Any] = {
         "model": cfg.name,
         "kind": cfg.kind,
@@ -75,6 +76,8 @@ def summarize(m: Machine, frame: pl.DataFrame, cfg: Config) -> dict[str, Any]:
         "irqs_per_request": (totals["interrupts"] + tail.interrupts) * per,
         "backend_wakeups_per_request": mon.backend_wakeups / m.n,
         "vcpu_exit_time_share": vcpu_exit_ns / (end_ns * len(m.timelines)) if end_ns > 0 else 0.0,
+        # vCPU time the back end's work took on a host with fewer CPUs than threads
+        "vcpu_preempted_share": preempted_ns / (end_ns * len(m.timelines)) if end_ns > 0 else 0.0,
         "ring_full_stalls": mon.ring_full_stalls,
         "empty_polls": mon.empty_polls,
         "backend_utilization": utilization,
@@ -104,6 +107,8 @@ def summarize(m: Machine, frame: pl.DataFrame, cfg: Config) -> dict[str, Any]:
              "interrupts": q.interrupts}
             for q in m.paths
         ]  # fmt: skip
+    if p.vm.host_cpus:
+        summary["host_cpus"] = p.vm.host_cpus
     if m.device is not None:
         summary["device_most_in_service"] = m.device.most_in_service
     if p.guest.drop_when_full:

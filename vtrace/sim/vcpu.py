@@ -76,6 +76,7 @@ class Vcpu:
         self.unkicked = 0
         self.last_added = 0
         self.held = False  # dispatch stopped: the rest waits for a completion
+        self.running = True  # holds a host CPU: False while the guest halts, and at the end
         self.arrival_wait: simpy.Event | None = None
         self.batch_timer_generation = 0
         path.vcpus.append(self)
@@ -140,7 +141,7 @@ class Vcpu:
                         continue
                     yield from self._poll_used_ring()
                     continue
-                yield self._wait()
+                yield from self._halt(self._wait())
                 continue
             request, arrival = pending[0]
             wake = arrival
@@ -157,7 +158,7 @@ class Vcpu:
                         yield from self._poll_used_ring()
                     self.held = False
                     continue
-                yield self._wait()
+                yield from self._halt(self._wait())
                 continue
             # A virtio driver builds the request, then finds the ring full when it adds; an
             # emulated device's register writes are the submission, so it waits for room first.
@@ -183,7 +184,7 @@ class Vcpu:
                 if poll:
                     yield from self._poll_used_ring()
                     continue
-                yield path.wait_for_space()
+                yield from self._halt(path.wait_for_space())
                 continue
             if not prepared and prep_ns > 0:
                 # the driver's own work plus, for an emulated device, its register exits (plus,
@@ -227,6 +228,13 @@ class Vcpu:
                 path.take_used()
                 continue
             yield from self._poll_used_ring()
+        self.running = False
+
+    def _halt(self, wake: simpy.Event) -> Generator[simpy.Event, None, None]:
+        """The guest has nothing to run until ``wake`` (HLT): its thread leaves the CPU."""
+        self.running = False
+        yield wake
+        self.running = True
 
     def _reap(self) -> None:
         """A polling driver's look that finds used buffers: it takes them all back (they
