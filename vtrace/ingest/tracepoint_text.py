@@ -12,15 +12,17 @@ nor comments, nor lost-event markers are counted as unparsed.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from vtrace import schema as s
 from vtrace.errors import VtraceError
-from vtrace.ingest.kvm_payloads import PAYLOADS, field
+from vtrace.ingest.kvm_payloads import PAYLOADS, PayloadFormat, field
 from vtrace.ingest.textlines import (
     TextLines,
     check_last_line,
@@ -61,7 +63,7 @@ class LineFormat:
 
 
 CPU_FIELD = r"\[\d+\]"
-# A window long enough for most event names (a longer one goes the general way).
+# Event names longer than this go the general way (kernel event names are far shorter).
 NAME_WINDOW = 64
 EVENT_NAME = re.compile(r"\w+", re.ASCII)
 
@@ -71,19 +73,26 @@ def split_fast(text: TextLines) -> tuple[pl.DataFrame | None, pl.DataFrame]:
 
     Returns ``(events, rest)``: the columns of :func:`split_lines` (without ``line``) for
     the lines of that layout, and ``lineno``/``line`` of every other line, for the general
-    path. The header comes from the bytes; the event name and the text from two slices of
-    each line. The checks are those of the general patterns (the first ``[`` starts the
-    CPU field, the timestamp ends at the first ``": "``, then a word, a colon and a blank
-    or the end of the line), so both paths give the same result for these lines.
+    path; ``events`` is None when the file's lines cannot be located in its bytes.
     """
-    lines = text.lines
     if text.starts is None:
-        return None, lines
+        return None, text.lines
+    return _split_fast_run(text.lines, text.data, text.starts, ascii=text.data.isascii())
+
+
+def _split_fast_run(
+    lines: pl.DataFrame, data: bytes, starts: np.ndarray, *, ascii: bool
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`split_fast` for a run of lines; ``starts`` are their offsets in ``data``.
+
+    The header comes from the bytes; the event name and the text from slices of each line.
+    The checks are those of the general patterns (the first ``[`` starts the CPU field, the
+    timestamp ends at the first ``": "``, then a word, a colon and a blank or the end of the
+    line), so both paths give the same result for these lines.
+    """
     line = pl.col("line")
     # Slices count characters, the header bytes: only ASCII lines here.
-    ascii_line = (
-        pl.lit(True) if text.data.isascii() else line.str.len_bytes() == line.str.len_chars()
-    )
+    ascii_line = pl.lit(True) if ascii else line.str.len_bytes() == line.str.len_chars()
     pos = lines.select(
         b=line.str.find("[", literal=True),
         c1=line.str.find(": ", literal=True),
@@ -92,37 +101,55 @@ def split_fast(text: TextLines) -> tuple[pl.DataFrame | None, pl.DataFrame]:
     bracket, colon = pos.get_column("b"), pos.get_column("c1")
     usable = bracket.is_not_null() & colon.is_not_null() & pos.get_column("ascii")
     head = tracefs_header(
-        text.data,
-        text.starts,
+        data,
+        starts,
         bracket.fill_null(0).to_numpy(),
         colon.fill_null(0).to_numpy(),
         usable.to_numpy(),
     )
-    c1, name_text, name_end = pl.col("c1"), pl.col("name_text"), pl.col("name_end")
-    df = lines.with_columns(c1=colon, name_text=line.str.slice(colon + 2, NAME_WINDOW))
-    df = df.with_columns(name_end=name_text.str.find(":", literal=True))
-    df = df.with_columns(
-        event=name_text.str.slice(0, name_end).cast(pl.Categorical),
-        # A blank, or the end of the line (not just of the window), after the name's colon.
-        name_next=(name_text.str.slice(name_end + 1, 1) == " ")
-        | (c1 + 3 + name_end == line.str.len_bytes()),
-        payload=line.str.slice(c1 + 3 + name_end).str.strip_chars(),
-        ts_ns=pl.Series(head.ts_ns),
-        pid=pl.lit(None, pl.Int32),
-        tid=pl.Series(head.tid).cast(pl.Int32),
-        cpu=pl.Series(head.cpu).cast(pl.Int16),
-        ok=pl.Series(head.ok),
+    # After the timestamp's ": ": the event name, up to the next ": " or to a colon that
+    # ends the line (an event with no text), then the text. One lazy query: the text
+    # after the timestamp is sliced once and shared.
+    tail = pl.col("tail")
+    name_end = pl.coalesce(
+        tail.str.find(": ", literal=True),
+        pl.when(tail.str.ends_with(":")).then(tail.str.len_bytes() - 1),
+    )
+    df = (
+        lines.with_columns(c1=colon)
+        .lazy()
+        .select(
+            "lineno",
+            tail=line.str.slice(pl.col("c1") + 2),
+            ok=pl.Series(head.ok),
+            ts_ns=pl.Series(head.ts_ns),
+            tid=pl.Series(head.tid, dtype=pl.Int32),
+            cpu=pl.Series(head.cpu, dtype=pl.Int16),
+        )
+        .with_columns(name_end=name_end)
+        .select(
+            "lineno",
+            "ok",
+            "ts_ns",
+            "tid",
+            "cpu",
+            "name_end",
+            event=tail.str.slice(0, pl.col("name_end")).cast(pl.Categorical),
+            payload=tail.str.slice(pl.col("name_end") + 2).str.strip_chars(),
+        )
+        .collect(engine="in-memory")
     )
     # Event names are few: check each once, not once per line.
     names = df.get_column("event").unique().drop_nulls().cast(pl.String).to_list()
     bad = [n for n in names if not EVENT_NAME.fullmatch(n)]
-    fast = pl.col("ok") & pl.col("name_next")
+    fast = pl.col("ok") & (pl.col("name_end") <= NAME_WINDOW)
     if bad:
         fast &= ~pl.col("event").cast(pl.String).is_in(bad)
-    df = df.with_columns(fast=fast.fill_null(False))
-    events = df.filter("fast").select("lineno", "payload", "ts_ns", "pid", "tid", "cpu", "event")
-    rest = df.filter(~pl.col("fast")).select("lineno", "line")
-    return events, rest
+    claimed = df.select(fast.fill_null(False)).to_series()
+    events = df.filter(claimed).select(
+        "lineno", "payload", "ts_ns", pl.lit(None, pl.Int32).alias("pid"), "tid", "cpu", "event"
+    )
+    return events, lines.filter(~claimed)
 
 
 def split_lines(lines: pl.DataFrame, fmt: LineFormat) -> pl.DataFrame:
@@ -213,6 +240,24 @@ HEADER_COLUMNS = ("ts_ns", "event", "pid", "tid", "cpu")
 PAYLOAD_COLUMNS = tuple(c for c in s.COLUMNS if c not in (*HEADER_COLUMNS, "source", "raw"))
 
 
+def _extract(lines: pl.DataFrame, spec: PayloadFormat) -> pl.LazyFrame:
+    """``lines`` with ``f``, the struct of the pattern's groups (null fields: no match).
+
+    With a ``quick`` pattern, it runs first and the full one only on the payloads it did not
+    match: where the quick one matches it captures what the full one would.
+    """
+    payload = pl.col("payload")
+    if spec.quick is None:
+        return lines.lazy().with_columns(f=payload.str.extract_groups(f"^{spec.pattern}"))
+    quick = lines.with_columns(f=payload.str.extract_groups(f"^{spec.quick}"))
+    missed = field(spec.required).is_null()
+    rest = quick.filter(missed)
+    if rest.height == 0:
+        return quick.lazy()
+    rest = rest.with_columns(f=payload.str.extract_groups(f"^{spec.pattern}"))
+    return pl.concat([quick.filter(~missed), rest]).lazy()
+
+
 def parse_event_lines(events: pl.DataFrame, *, nul: bool = False) -> pl.DataFrame:
     """Event lines (``lineno``, ``payload`` and the header columns, in line order) -> rows.
 
@@ -236,7 +281,7 @@ def parse_event_lines(events: pl.DataFrame, *, nul: bool = False) -> pl.DataFram
         if spec is None:
             other.append(lines.lazy())
             continue
-        part = lines.lazy().with_columns(f=pl.col("payload").str.extract_groups(f"^{spec.pattern}"))
+        part = _extract(lines, spec)
         if spec.lookup is not None:
             group, table = spec.lookup
             part = part.join(table().lazy(), left_on=field(group), right_on="key", how="left")
@@ -291,6 +336,13 @@ def parse_event_lines(events: pl.DataFrame, *, nul: bool = False) -> pl.DataFram
 def event_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(events, rest)``: the split event lines in line order, and the other lines."""
     fast, rest = split_fast(text) if fmt.tracefs_layout else (None, text.lines)
+    return _with_general(fast, rest, fmt)
+
+
+def _with_general(
+    fast: pl.DataFrame | None, rest: pl.DataFrame, fmt: LineFormat
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split ``rest`` with the general parser; its events merged in line order with ``fast``."""
     if fast is not None and rest.height == 0:
         return fast, rest
     general = split_lines(rest, fmt)
@@ -306,6 +358,53 @@ def event_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame, pl.Data
     return events, rest
 
 
+# Lines per run of the tracefs fast path: runs are split and parsed by parallel threads
+# (polars and numpy release the GIL), each run small enough to stay in the caches longer.
+FAST_RUN_LINES = 200_000
+
+
+def parsed_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame | None, pl.DataFrame]:
+    """``(parsed, rest)``: every event line parsed (:func:`parse_event_lines`, line order;
+    None without events) and the lines that are not events.
+
+    With the tracefs layout, runs of lines are split and parsed in parallel; the lines that
+    do not have the layout are split by the general parser afterwards and merged in.
+    """
+    lines = text.lines
+    if not fmt.tracefs_layout or text.starts is None:
+        events, rest = _with_general(None, lines, fmt)
+        return (parse_event_lines(events, nul=text.has_nul) if events.height else None), rest
+    ascii = text.data.isascii()
+    starts = text.starts
+
+    def run(offset: int) -> tuple[pl.DataFrame | None, pl.DataFrame]:
+        events, rest = _split_fast_run(
+            lines.slice(offset, FAST_RUN_LINES),
+            text.data,
+            starts[offset : offset + FAST_RUN_LINES],
+            ascii=ascii,
+        )
+        return (parse_event_lines(events, nul=text.has_nul) if events.height else None), rest
+
+    offsets = range(0, lines.height, FAST_RUN_LINES)
+    if len(offsets) > 1:
+        with ThreadPoolExecutor(min(len(offsets), pl.thread_pool_size())) as pool:
+            runs = list(pool.map(run, offsets))
+    else:
+        runs = [run(0)]
+    fast = [p for p, _ in runs if p is not None]
+    rest = pl.concat([r for _, r in runs])
+    general, rest = _with_general(None, rest, fmt)
+    if general.height:
+        fast.append(parse_event_lines(general, nul=text.has_nul))
+    if not fast:
+        return None, rest
+    parsed = pl.concat(fast)
+    if general.height:
+        parsed = parsed.sort("lineno")
+    return parsed, rest
+
+
 def read_tracepoint_text(
     fmt: LineFormat, path: str | Path, *, strict: bool = False
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -316,8 +415,7 @@ def read_tracepoint_text(
     check_last_line(p, lines, ends_in_newline=text.ends_in_newline, what=fmt.name)
     total = lines.height
     line = pl.col("line")
-    events, rest = event_lines(text, fmt)
-    parsed = parse_event_lines(events, nul=text.has_nul) if events.height else None
+    parsed, rest = parsed_lines(text, fmt)
 
     is_ignored = line.str.contains(fmt.ignore)
     ignored = rest.filter(is_ignored).height
