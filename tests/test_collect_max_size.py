@@ -277,7 +277,7 @@ def test_qemu_log_is_rotated_and_read_whole(tmp_path: Path) -> None:
         peak_files, peak_bytes = 0, 0
         until = time.monotonic() + 4
         while time.monotonic() < until:
-            logs = list(log_dir.glob("*.log"))
+            logs = list(log_dir.glob("qemu-*.log"))
             peak_files = max(peak_files, len(logs))
             peak_bytes = max(peak_bytes, sum(p.stat().st_size for p in logs if p.exists()))
             time.sleep(0.02)
@@ -296,4 +296,6 @@ def test_qemu_log_is_rotated_and_read_whole(tmp_path: Path) -> None:
     by = dict(events.group_by(pl.col("event").cast(pl.String)).len().iter_rows())
     assert abs(by["virtqueue_pop"] - by["virtio_queue_notify"]) <= 2, by
     assert meta["lines_unparsed"] == 0
-    assert peak_bytes < 32_000 * 4
+    # Never more than the rotation size plus what QEMU writes in a read interval: a small
+    # share of what went through the log.
+    assert meta["log_bytes"] > 8 * 32_000 and peak_bytes < meta["log_bytes"] / 3

@@ -12,6 +12,11 @@ kernel events carry CLOCK_MONOTONIC. The offset between the two is measured in t
 when each batch of lines is read (and at start and stop, stored in meta), and subtracted.
 Without timestamps the lines have no time at all: their events are kept as counts (per
 event, device and queue) in meta, not as events.
+
+The log is rotated: once the file QEMU writes holds ``log_rotate_bytes``, QEMU is pointed at
+a new one (HMP ``logfile``), the old one is read to its end once QEMU has closed it, then
+removed. A recording of hours keeps at most two log files of about that size per VM; the
+events themselves go into the trace's parts (bounded by ``--max-size``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ COUNTS_NOTE = (
     "switches the events on and off one at a time, so each counts a slightly different window"
 )
 READ_INTERVAL_S = 0.5
+# The QEMU log file's size at which it is rotated (see the module's docstring).
+LOG_ROTATE_BYTES = 64 << 20
+# How long QEMU may take to close a log it was moved off (it frees the old file after an
+# RCU grace period, usually within milliseconds).
+LOG_CLOSE_TIMEOUT_S = 5.0
 
 
 def state_dir() -> Path:
@@ -193,8 +203,13 @@ def restore(qmp: Qmp, state: dict[str, Any]) -> list[str]:
 class QemuAttach:
     """One running VM's QEMU events for a recording (see the module's docstring)."""
 
-    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike[str], log_rotate_bytes: int = LOG_ROTATE_BYTES
+    ) -> None:
         self.socket = Path(socket_path)
+        self.log_rotate_bytes = log_rotate_bytes
+        self.log_rotations = 0
+        self.log_bytes = 0  # read from QEMU's log files
         # A QMP socket serves one client at a time: vtrace connects only to switch and
         # query, so other tools (and `vtrace doctor --qmp`) can use it while recording.
         with Qmp(self.socket) as qmp:
@@ -228,6 +243,9 @@ class QemuAttach:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # One QMP session at a time (a rotation in the follower, the stop in the caller),
+        # and no rotation once the stop has put the log back.
+        self._qmp_lock = threading.Lock()
         self._sink: Any = None
         self.meta: dict[str, Any] = {}
         self.counts: dict[tuple[str, str | None, int | None], int] = {}
@@ -272,16 +290,7 @@ class QemuAttach:
             }
             if not self.timestamps:
                 self.meta["note"] = COUNTS_NOTE
-            write_state(
-                self.state_path,
-                {
-                    "socket": str(self.socket),
-                    "pid": self.pid,
-                    "previous": self.previous,
-                    "logfile": self.logfile,
-                    "log": str(self.log_path),
-                },
-            )
+            self._write_state()
             self._on = True
             self._switch_on(qmp, start)
         finally:
@@ -290,6 +299,18 @@ class QemuAttach:
             target=self._follow, name=f"vtrace-qemu-{self.pid}", daemon=True
         )
         self._thread.start()
+
+    def _write_state(self) -> None:
+        write_state(
+            self.state_path,
+            {
+                "socket": str(self.socket),
+                "pid": self.pid,
+                "previous": self.previous,
+                "logfile": self.logfile,
+                "log": str(self.log_path),
+            },
+        )
 
     def _connect(self) -> Qmp:
         """A QMP session with this VM (the same process as at the start)."""
@@ -317,20 +338,21 @@ class QemuAttach:
         if not self._on:
             self._close()
             return self.meta
-        self._on = False
         problems: list[str] = []
-        turning_off = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self._window_end = turning_off  # lines the follower reads from now on are cut here
         qmp: Qmp | None = None
-        try:
-            qmp = self._connect()
-            restore(qmp, {"previous": self.previous, "logfile": self.logfile})
-            self.state_path.unlink(missing_ok=True)
-        except (OSError, VtraceError) as e:
-            problems.append(
-                f"could not restore QEMU pid {self.pid}'s trace events ({e}); "
-                f"run vtrace doctor --qmp {self.socket} --fix"
-            )
+        with self._qmp_lock:  # after a rotation under way; none starts after this
+            self._on = False
+            turning_off = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            self._window_end = turning_off  # lines the follower reads from now on are cut
+            try:
+                qmp = self._connect()
+                restore(qmp, {"previous": self.previous, "logfile": self.logfile})
+                self.state_path.unlink(missing_ok=True)
+            except (OSError, VtraceError) as e:
+                problems.append(
+                    f"could not restore QEMU pid {self.pid}'s trace events ({e}); "
+                    f"run vtrace doctor --qmp {self.socket} --fix"
+                )
         stop: dict[str, Any] = {
             "events_off_monotonic_ns": [turning_off, time.clock_gettime_ns(time.CLOCK_MONOTONIC)],
             "unix": time.time(),
@@ -344,6 +366,8 @@ class QemuAttach:
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(OSError, VtraceError):
+            if self.log_path is not None and not problems:
+                self._wait_closed(self.log_path)  # QEMU flushes it as it closes it
             self._read_batch()  # what was written before the log moved
         self.meta["stop"] = stop
         if "blockstats" in stop:
@@ -352,6 +376,8 @@ class QemuAttach:
             )
         self.meta["events_recorded"] = self.events_added
         self.meta["lines_unparsed"] = self.lines_unparsed
+        self.meta["log_rotations"] = self.log_rotations
+        self.meta["log_bytes"] = self.log_bytes
         if self.timestamps:
             self.meta["window_monotonic_ns"] = [self._window_start, self._window_end]
             self.meta["outside_window"] = self.outside_window
@@ -379,59 +405,111 @@ class QemuAttach:
             self._errors.append(e)
 
     def _read_batch(self) -> None:
-        """Import the complete lines written since the last batch."""
-        from vtrace.ingest.qemu import read_qemu
-
+        """Import the complete lines written since the last batch; rotate the log once it
+        holds ``log_rotate_bytes``."""
         assert self.log_path is not None
         with self._lock:
             with self.log_path.open("rb") as f:
                 f.seek(self._offset)
                 data = f.read()
             end = data.rfind(b"\n") + 1  # a line QEMU is still writing waits for the next
-            if end == 0:
-                return
             self._offset += end
-            offset_ns = clock_offset_ns()
-            chunk = self.log_path.with_name("batch.log")
-            chunk.write_bytes(data[:end])
-            try:
-                events, meta = read_qemu(chunk)
-            except VtraceError:  # no event in these lines (other log output)
-                self.lines_unparsed += data[:end].count(b"\n")
+            self._import(data[:end])
+            if self._offset >= self.log_rotate_bytes:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        """Point QEMU's log at a new file, read the old one to its end, remove it."""
+        assert self.log_path is not None
+        old, offset = self.log_path, self._offset
+        new = old.with_name(f"qemu-{self.pid}.{self.log_rotations + 1}.log")
+        with self._qmp_lock:
+            if not self._on:  # stopping: the log goes back where it was instead
                 return
+            new.touch()
+            qmp = self._connect()
+            try:
+                qmp.hmp(f"logfile {new}")
             finally:
-                chunk.unlink(missing_ok=True)
-            self.lines_unparsed += int(meta.get("unparsed", 0) or 0)
-            events = self._name_queues(events)
-            if self.timestamps:
-                aligned = pl.col("ts_ns") - offset_ns
-                inside = aligned >= self._window_start
-                if self._window_end is not None:
-                    inside &= aligned <= self._window_end
-                kept = events.filter(inside)
-                self.outside_window += events.height - kept.height
-                events = kept
-                frame = events.with_columns(
-                    ts_ns=aligned,
-                    pid=pl.lit(self.pid, pl.Int32),
-                    vcpu=pl.coalesce(
-                        "vcpu",
-                        pl.col("tid").replace_strict(
-                            self.vcpu_threads, default=None, return_dtype=pl.Int32
-                        ),
+                qmp.close()
+            self.log_path, self._offset = new, 0
+            self.log_rotations += 1
+            self._write_state()
+        self._wait_closed(old)
+        with old.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+        old.unlink()
+        end = data.rfind(b"\n") + 1
+        self._import(data[:end])
+        if end < len(data):  # QEMU closed it in mid-line: nothing more will come
+            self.lines_unparsed += 1
+
+    def _wait_closed(self, path: Path) -> None:
+        """Until QEMU holds no descriptor of ``path`` (it has flushed and closed it)."""
+        fd_dir = Path(f"/proc/{self.pid}/fd")
+        until = time.monotonic() + LOG_CLOSE_TIMEOUT_S
+        while time.monotonic() < until:
+            try:
+                held = any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir())
+            except FileNotFoundError:  # an fd closed while listing: look again
+                continue
+            except OSError:  # not ours to look at: give QEMU the read interval
+                time.sleep(READ_INTERVAL_S)
+                return
+            if not held:
+                return
+            time.sleep(0.005)
+
+    def _import(self, data: bytes) -> None:
+        """Hand the events of these complete lines to the recording and count them."""
+        from vtrace.ingest.qemu import read_qemu
+
+        assert self.log_path is not None
+        if not data:
+            return
+        self.log_bytes += len(data)
+        offset_ns = clock_offset_ns()
+        chunk = self.log_path.with_name("batch.log")
+        chunk.write_bytes(data)
+        try:
+            events, meta = read_qemu(chunk)
+        except VtraceError:  # no event in these lines (other log output)
+            self.lines_unparsed += data.count(b"\n")
+            return
+        finally:
+            chunk.unlink(missing_ok=True)
+        self.lines_unparsed += int(meta.get("unparsed", 0) or 0)
+        events = self._name_queues(events)
+        if self.timestamps:
+            aligned = pl.col("ts_ns") - offset_ns
+            inside = aligned >= self._window_start
+            if self._window_end is not None:
+                inside &= aligned <= self._window_end
+            kept = events.filter(inside)
+            self.outside_window += events.height - kept.height
+            events = kept
+            frame = events.with_columns(
+                ts_ns=aligned,
+                pid=pl.lit(self.pid, pl.Int32),
+                vcpu=pl.coalesce(
+                    "vcpu",
+                    pl.col("tid").replace_strict(
+                        self.vcpu_threads, default=None, return_dtype=pl.Int32
                     ),
-                )
-                self.events_added += frame.height
-                self._sink(frame)
-            counts = (
-                events.group_by(
-                    pl.col("event").cast(pl.String), pl.col("device").cast(pl.String), "queue"
-                )
-                .len()
-                .iter_rows()
-            )  # a row per event, device and queue: a handful
-            for e, d, q, n in counts:
-                self.counts[(e, d, q)] = self.counts.get((e, d, q), 0) + n
+                ),
+            )
+            self.events_added += frame.height
+            self._sink(frame)
+        counts = (
+            events.group_by(
+                pl.col("event").cast(pl.String), pl.col("device").cast(pl.String), "queue"
+            )
+            .len()
+            .iter_rows()
+        )  # a row per event, device and queue: a handful
+        for e, d, q, n in counts:
+            self.counts[(e, d, q)] = self.counts.get((e, d, q), 0) + n
 
     def _name_queues(self, events: pl.DataFrame) -> pl.DataFrame:
         """Queue index and device of events whose queue was named in an earlier batch.
