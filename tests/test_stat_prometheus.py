@@ -221,3 +221,15 @@ def test_kicks_are_the_writes_no_exit_claimed(classic: bool, ioeventfd: bool) ->
     got = kicks(counts).select("target", "total").rows()
     assert got == ([("port 0x10", outs)] if ioeventfd else [])
     assert result["kicks"] == (outs if ioeventfd else 0)
+
+
+def test_a_host_it_cannot_listen_on_is_one_line() -> None:
+    err = _stat_error("--prometheus", "256.1.1.1:9464")
+    assert "cannot listen on 256.1.1.1:9464: " in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_duration_it_cannot_wait_is_one_line(value: str) -> None:
+    assert f"--duration: {value} is not a positive number of seconds" in _stat_error(
+        "--prometheus", "9464", "--duration", value
+    )

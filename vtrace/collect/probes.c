@@ -22,9 +22,9 @@ struct rec {
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 // bcc's ring buffer has no lost-event callback: count failed reservations per CPU here.
+// Events seen (after the pid filter) are the records the ring took (its producer position,
+// which the consumer reads) plus these: no counter of its own on every event.
 BPF_PERCPU_ARRAY(lost, u64, 1);
-// Events seen (after the pid filter), per CPU: the consumer checks records against it.
-BPF_PERCPU_ARRAY(seen, u64, 1);
 // The VM processes to record (filled from Python), when FILTER_PIDS is 1.
 BPF_HASH(pids, u32, u8, 1024);
 
@@ -49,12 +49,9 @@ static __always_inline struct rec *start(u8 ev, int irq_rule) {
     u32 tgid = id >> 32;
     if (!wanted(tgid, irq_rule))
         return 0;
-    u32 zero = 0;
-    u64 *n = seen.lookup(&zero);
-    if (n)
-        *n += 1;
     struct rec *r = events.ringbuf_reserve(sizeof(struct rec));
     if (!r) {
+        u32 zero = 0;
         u64 *l = lost.lookup(&zero);
         if (l)
             *l += 1;

@@ -459,8 +459,11 @@ class Recording:
         return [int(v) for v in self._bpf[b"lost"][ct.c_int(0)]]
 
     def seen(self) -> int:
-        """Events the BPF program saw after the pid filter (delivered + lost), so far."""
-        return int(sum(self._bpf[b"seen"][ct.c_int(0)])) if self._bpf is not None else 0
+        """Events the BPF program saw after the pid filter (delivered + lost), so far: the
+        records the ring buffer took (producer position) and the reservations it refused."""
+        if self._bpf is None or self._reader is None:
+            return 0
+        return self._reader.produced_records() + sum(self.lost_per_cpu())
 
     def program_run_ns(self) -> dict[str, dict[str, int]]:
         """Kernel-measured run time of each attached BPF function (``run_time_ns``,

@@ -52,6 +52,11 @@ class RingReader:
     def _positions(self) -> tuple[int, int]:
         return int(self._cons_pos[0]), int(self._prod_pos[0])
 
+    def produced_records(self) -> int:
+        """Records the kernel has reserved since the map was made (the producer position
+        only grows; every record has one size and none is discarded)."""
+        return int(self._prod_pos[0]) // self._size
+
     def pending_bytes(self) -> int:
         cons, prod = self._positions()
         return prod - cons
