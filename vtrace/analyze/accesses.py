@@ -25,6 +25,8 @@ QEMU's `memory_region_ops_read/write` are accesses QEMU emulated (user space); t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from vtrace.analyze.exits import HANDLED
@@ -50,8 +52,9 @@ ACCESS_COLUMNS = (
 )  # fmt: skip
 
 
-def kvm_accesses_from_timeline(t: pl.LazyFrame) -> pl.LazyFrame:
-    """The KVM rows of :func:`accesses` from a :func:`~vtrace.analyze.timeline.kvm_timeline`."""
+def kvm_accesses_from_timeline(t: pl.LazyFrame, keep: Sequence[str] = ()) -> pl.LazyFrame:
+    """The KVM rows of :func:`accesses` from a :func:`~vtrace.analyze.timeline.kvm_timeline`
+    (plus its columns named in ``keep``)."""
     same2_prev = pl.col("tid").shift(2) == pl.col("tid")
     same2_next = pl.col("tid").shift(-2) == pl.col("tid")
     t = t.with_columns(
@@ -102,7 +105,7 @@ def kvm_accesses_from_timeline(t: pl.LazyFrame) -> pl.LazyFrame:
             # kvm_fast_mmio is always a write; it has no direction field.
             pl.when(ev == KVM_FAST_MMIO).then(True).otherwise(pl.col("write")).alias("write"),
         )
-        .select(ACCESS_COLUMNS)
+        .select(*ACCESS_COLUMNS, *keep)
     )
 
 
@@ -141,16 +144,16 @@ def accesses(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     return accesses_plan(events.lazy()).collect()
 
 
-def accesses_by_target_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
-    """The lazy plan of :func:`accesses_by_target`."""
+ACCESS_KEYS = ("source", "event", "device", "addr")
+
+
+def access_counts(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """Accesses, reads, writes, in user space and in the kernel per target
+    (:data:`ACCESS_KEYS`): what :func:`accesses_by_target` is made of, and what the counts of
+    several chunks of a trace merge into (:func:`accesses_by_target_from_counts`)."""
     return (
         frame.lazy()
-        .group_by(
-            "source",
-            "event",
-            "device",
-            "addr",
-        )
+        .group_by(ACCESS_KEYS)
         .agg(
             pl.len().cast(pl.Int64).alias("count"),
             (~pl.col("write")).sum().cast(pl.Int64).alias("reads"),
@@ -158,12 +161,26 @@ def accesses_by_target_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
             (pl.col("handled") == "user").sum().cast(pl.Int64).alias("user"),
             (pl.col("handled") == "kernel").sum().cast(pl.Int64).alias("kernel"),
         )
+    )
+
+
+def accesses_by_target_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`accesses_by_target` from one or more :func:`access_counts` stacked."""
+    return (
+        counts.lazy()
+        .group_by(ACCESS_KEYS)
+        .agg(pl.col("count", "reads", "writes", "user", "kernel").sum())
         .with_columns(
             pl.col("source", "event", "device").cast(pl.String),
             (pl.col("user") / pl.col("count")).alias("user_share"),
         )
         .sort(["count", "source", "event", "addr"], descending=[True, False, False, False])
     )
+
+
+def accesses_by_target_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """The lazy plan of :func:`accesses_by_target`."""
+    return accesses_by_target_from_counts(access_counts(frame))
 
 
 def accesses_by_target(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:

@@ -11,6 +11,8 @@ and the time until the thread's next KVM event.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from vtrace.analyze.distributions import percentile_exprs
@@ -33,11 +35,12 @@ def exits_plan(events: pl.LazyFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS) -
 
 
 def exits_from_timeline(
-    timeline: pl.LazyFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS
+    timeline: pl.LazyFrame, tolerance_ns: int = DEFAULT_TOLERANCE_NS, keep: Sequence[str] = ()
 ) -> pl.LazyFrame:
     """:func:`exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline` (shared by several
-    analyses of one trace)."""
+    analyses of one trace), plus the timeline's columns named in ``keep``."""
     exits = timeline.filter(pl.col("event") == KVM_EXIT).select(
+        *keep,
         "tid",
         "pid",
         "vcpu",
@@ -104,6 +107,7 @@ def exits_from_timeline(
         .then(pl.lit("kernel", HANDLED))
         .alias("handled"),
         pl.when(went_user).then(pl.col("user_reason_name")).alias("user_reason_name"),
+        *keep,
     )
 
 
@@ -130,8 +134,9 @@ def user_exits_plan(events: pl.LazyFrame) -> pl.LazyFrame:
     return user_exits_from_timeline(kvm_timeline(events.lazy()))
 
 
-def user_exits_from_timeline(timeline: pl.LazyFrame) -> pl.LazyFrame:
-    """:func:`user_exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline`."""
+def user_exits_from_timeline(timeline: pl.LazyFrame, keep: Sequence[str] = ()) -> pl.LazyFrame:
+    """:func:`user_exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline` (plus its
+    columns named in ``keep``)."""
     return timeline.filter(pl.col("event") == KVM_USERSPACE_EXIT).select(
         "tid",
         "pid",
@@ -143,6 +148,7 @@ def user_exits_from_timeline(timeline: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("next_event").cast(pl.String).cast(pl.Categorical),
         "next_ts_ns",
         (pl.col("next_ts_ns") - pl.col("ts_ns")).alias("until_next_ns"),
+        *keep,
     )
 
 
@@ -160,12 +166,20 @@ def user_exits(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
 
 def by_reason_plan(frame: pl.DataFrame | pl.LazyFrame, col: str) -> pl.LazyFrame:
     """The lazy plan of :func:`by_reason`."""
-    timed = percentile_exprs(col)
-    timed[0] = timed[0].alias("timed")
-    return (
+    return by_reason_from_stats(
         frame.lazy()
         .group_by("reason_name")
-        .agg(pl.len().cast(pl.Int64).alias("count"), *timed)
+        .agg(pl.len().cast(pl.Int64).alias("rows"), *percentile_exprs(col))
+    )
+
+
+def by_reason_from_stats(stats: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`by_reason` from per-reason `rows` and the columns of
+    :func:`~vtrace.analyze.distributions.percentile_exprs` (`count` is the timed rows), as
+    :meth:`~vtrace.analyze.partials.DurationStats.table` gives them too."""
+    return (
+        stats.lazy()
+        .rename({"count": "timed", "rows": "count"})
         .with_columns(
             pl.col("reason_name").cast(pl.String),
             (pl.col("count") / pl.col("count").sum()).alias("share"),

@@ -88,25 +88,37 @@ def interrupts(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     return interrupts_plan(events.lazy()).collect()
 
 
-def interrupts_by_line_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
-    """The lazy plan of :func:`interrupts_by_line`."""
+LINE_KEYS = ("source", "event", "device", "queue", "gsi", "vector")
+
+
+def interrupt_counts(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """`count` and `raised` per line (:data:`LINE_KEYS`): what :func:`interrupts_by_line` is
+    made of, and what the counts of several chunks of a trace merge into
+    (:func:`interrupts_by_line_from_counts`)."""
     return (
         frame.lazy()
-        .group_by(
-            "source",
-            "event",
-            "device",
-            "queue",
-            "gsi",
-            "vector",
-        )
+        .group_by(LINE_KEYS)
         .agg(
             pl.len().cast(pl.Int64).alias("count"),
             (pl.col("level") == 1).sum().cast(pl.Int64).alias("raised"),
         )
+    )
+
+
+def interrupts_by_line_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`interrupts_by_line` from one or more :func:`interrupt_counts` stacked."""
+    return (
+        counts.lazy()
+        .group_by(LINE_KEYS)
+        .agg(pl.col("count", "raised").sum())
         .with_columns(pl.col("source", "event", "device").cast(pl.String))
         .sort(["count", "source", "event"], descending=[True, False, False])
     )
+
+
+def interrupts_by_line_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """The lazy plan of :func:`interrupts_by_line`."""
+    return interrupts_by_line_from_counts(interrupt_counts(frame))
 
 
 def interrupts_by_line(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:

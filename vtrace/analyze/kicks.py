@@ -76,6 +76,11 @@ def kicks_plan(events: pl.LazyFrame) -> pl.LazyFrame:
 def kicks_from_accesses(access: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFrame:
     """:func:`kicks` from :func:`~vtrace.analyze.accesses.accesses` (KVM kicks) and the
     events (lab and QEMU kicks)."""
+    return pl.concat([kvm_kicks(access), vmm_kicks(events)], how="vertical")
+
+
+def kvm_kicks(access: pl.LazyFrame) -> pl.LazyFrame:
+    """The `kvm` rows of :func:`kicks`: notify writes KVM handled in the kernel."""
     ev = pl.col("event")
     in_kernel_device = (
         pl.when(ev == KVM_PIO)
@@ -84,17 +89,21 @@ def kicks_from_accesses(access: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFr
         .then(_in_ranges(IN_KERNEL_DEVICE_GPAS))
         .otherwise(False)
     )
-    kvm = access.filter(
+    return access.filter(
         (pl.col("source") == "kvm")
         & (pl.col("handled") == "kernel")
         & pl.col("write")
         & ~in_kernel_device
     ).select(KICK_COLUMNS)
-    vmm = events.filter(
+
+
+def vmm_kicks(events: pl.LazyFrame) -> pl.LazyFrame:
+    """The `lab` and `qemu` rows of :func:`kicks`: the back ends seeing a notification."""
+    ev = pl.col("event")
+    return events.filter(
         ((pl.col("source") == SOURCE_LAB) & (ev == LAB_KICK))
         | ((pl.col("source") == SOURCE_QEMU) & (ev == VIRTIO_QUEUE_NOTIFY))
     ).select(KICK_COLUMNS)
-    return pl.concat([kvm, vmm], how="vertical")
 
 
 def kicks(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
@@ -105,23 +114,47 @@ def kicks(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     return kicks_plan(events.lazy()).collect()
 
 
-def kicks_by_queue_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
-    """The lazy plan of :func:`kicks_by_queue`."""
-    kicks = pl.col("count").fill_null(1).cast(pl.Int64).sum()
-    span_s = (pl.col("ts_ns").max() - pl.col("ts_ns").min()) / 1e9
+KICK_KEYS = ("source", "event", "device", "queue", "addr")
+
+
+def kick_counts(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """Kicks, rows, first and last timestamp per queue (:data:`KICK_KEYS`): what
+    :func:`kicks_by_queue` is made of, and what the counts of several chunks of a trace
+    merge into (:func:`kicks_by_queue_from_counts`)."""
     return (
         frame.lazy()
-        .group_by("source", "event", "device", "queue", "addr")
+        .group_by(KICK_KEYS)
         .agg(
-            kicks.alias("kicks"),
+            pl.col("count").fill_null(1).cast(pl.Int64).sum().alias("kicks"),
             pl.len().cast(pl.Int64).alias("events"),
             pl.col("ts_ns").min().alias("first_ts_ns"),
             pl.col("ts_ns").max().alias("last_ts_ns"),
-            pl.when(span_s > 0).then(kicks / span_s).alias("rate_per_s"),
         )
-        .with_columns(pl.col("source", "event", "device").cast(pl.String))
+    )
+
+
+def kicks_by_queue_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`kicks_by_queue` from one or more :func:`kick_counts` stacked."""
+    span_s = (pl.col("last_ts_ns") - pl.col("first_ts_ns")) / 1e9
+    return (
+        counts.lazy()
+        .group_by(KICK_KEYS)
+        .agg(
+            pl.col("kicks", "events").sum(),
+            pl.col("first_ts_ns").min(),
+            pl.col("last_ts_ns").max(),
+        )
+        .with_columns(
+            pl.when(span_s > 0).then(pl.col("kicks") / span_s).alias("rate_per_s"),
+            pl.col("source", "event", "device").cast(pl.String),
+        )
         .sort(["kicks", "source", "device", "queue"], descending=[True, False, False, False])
     )
+
+
+def kicks_by_queue_plan(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """The lazy plan of :func:`kicks_by_queue`."""
+    return kicks_by_queue_from_counts(kick_counts(frame))
 
 
 def kicks_by_queue(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:

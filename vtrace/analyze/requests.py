@@ -51,8 +51,18 @@ REQUEST_EVENTS: dict[str, tuple[tuple[str, ...], ...]] = {
 POPS, COMPLETIONS, KICKS, INTERRUPTS = range(4)
 QUEUE_KEYS = ("source", "pid", "device", "queue")
 QUEUE_EVENT_COLUMNS = (
-    "ts_ns", "source", "event", "pid", "tid", "vcpu", "device", "queue", "addr", "value", "count",
-)  # fmt: skip
+    "ts_ns",
+    "source",
+    "event",
+    "pid",
+    "tid",
+    "vcpu",
+    "device",
+    "queue",
+    "addr",
+    "value",
+    "count",
+)
 
 
 def queue_events(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -104,6 +114,32 @@ def _queue_events(events: pl.LazyFrame, kind: int) -> pl.LazyFrame:
             "count",
         )
         .sort([*QUEUE_KEYS, "ts_ns"], maintain_order=True)
+    )
+
+
+def _queue_kinds(events: pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`_queue_events` of every kind at once, with `_kind` (:data:`POPS` ...), in the
+    order of ``events``."""
+    kind = pl.lit(None, pl.Int8)
+    for source, kinds in REQUEST_EVENTS.items():
+        for k, names in enumerate(kinds):
+            if names:
+                is_kind = (pl.col("source") == source) & pl.col("event").is_in(names)
+                kind = pl.when(is_kind).then(pl.lit(k, pl.Int8)).otherwise(kind)
+    return (
+        events.with_columns(kind.alias("_kind"))
+        .filter(pl.col("_kind").is_not_null())
+        .select(
+            # Categorical keys compare, sort and join as integers; strings only in the result.
+            "source",
+            pl.col("pid").fill_null(-1),
+            pl.col("device").fill_null(""),
+            pl.col("queue").fill_null(-1),
+            "tid",
+            "ts_ns",
+            "count",
+            "_kind",
+        )
     )
 
 
@@ -181,7 +217,13 @@ def requests_plan(events: pl.LazyFrame) -> pl.LazyFrame:
         )
         .sort([*keys, "seq"])
     )
-    return with_irq.select(
+    return _request_rows(with_irq)
+
+
+def _request_rows(matched: pl.LazyFrame) -> pl.LazyFrame:
+    """The rows of :func:`requests` from pops with their completion, kick and interrupt
+    (`ts_ns` is the pop's), the placeholder keys back to nulls."""
+    return matched.select(
         "source",
         pl.when(pl.col("pid") >= 0).then(pl.col("pid")).alias("pid"),
         pl.when(pl.col("device") != "").then(pl.col("device")).alias("device"),
@@ -213,9 +255,246 @@ def requests(events: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     return requests_plan(events.lazy()).collect()
 
 
+# What RequestChunks carries, per queue (`_q`, its number in the order first seen): totals
+# so far, the pops not final, and the completions a pop can still match.
+_TOTALS = pl.Schema(
+    {"_q": pl.Int64, "_pops": pl.Int64, "_done": pl.Int64, "_kick_ts": pl.Int64,
+     "_complete_ts": pl.Int64}
+)  # fmt: skip
+_PENDING = pl.Schema(
+    {"_q": pl.Int64, "seq": pl.Int64, "tid": pl.Int32, "ts_ns": pl.Int64, "kick_ts_ns": pl.Int64}
+)
+_COMPLETIONS = pl.Schema(
+    {"_q": pl.Int64, "done": pl.Int64, "complete_ts_ns": pl.Int64, "irq_ts_ns": pl.Int64}
+)
+
+
+class RequestChunks:
+    """:func:`requests` of a trace read a chunk at a time, in memory that does not grow with
+    the trace: the same rows, each given once it is final.
+
+    A request is final once its completion and the queue's next completion are seen (its
+    interrupt comes before that one, or it has none). What crosses a chunk boundary is
+    carried per queue: the pops and completions so far (the matching is by count), the last
+    kick and completion (a later pop's kick), the pops not final with their kick, and the
+    completions a pop still to come can match (normally the last one). Chunks must come in
+    time order, each later than every event before it
+    (:func:`vtrace.analyze.chunks.plan_chunks`).
+    """
+
+    def __init__(self) -> None:
+        self._queues: pl.DataFrame | None = None  # the queue keys and their `_q`
+        self._totals = pl.DataFrame(schema=_TOTALS)
+        self._pending = pl.DataFrame(schema=_PENDING)
+        self._completions = pl.DataFrame(schema=_COMPLETIONS)
+
+    def _numbered(self, queued: pl.DataFrame) -> pl.DataFrame:
+        """``queued`` with its queue's number `_q` in place of the keys, sorted by queue then
+        time (one integer to sort and join on, not four columns, two of them strings)."""
+        keys = list(QUEUE_KEYS)
+        seen = queued.select(keys).unique(maintain_order=True)
+        if self._queues is not None:
+            seen = seen.join(self._queues, on=keys, how="anti", nulls_equal=True)
+            first = self._queues.height
+        else:
+            first = 0
+        seen = seen.with_columns(pl.int_range(first, first + pl.len(), dtype=pl.Int64).alias("_q"))
+        self._queues = seen if self._queues is None else pl.concat([self._queues, seen])
+        return (
+            queued.join(self._queues, on=keys, how="left", nulls_equal=True)
+            .drop(keys)
+            .sort("_q", "ts_ns", maintain_order=True)
+        )
+
+    def step(self, events: pl.DataFrame, final: bool) -> pl.DataFrame:
+        """The requests that are final after ``events`` (a chunk's :func:`queue_events`,
+        collected), in the schema of :func:`requests`; ``final``: no chunk follows."""
+        q = ["_q"]
+        queued = self._numbered(_queue_kinds(events.lazy()).collect()).lazy()
+        pops, comps, kicks, irqs = (queued.filter(pl.col("_kind") == k) for k in range(4))
+        totals = self._totals.lazy()
+
+        def after(frame: pl.LazyFrame, col: str, total: str) -> pl.LazyFrame:
+            # The chunk's running count goes on from the queue's total so far.
+            return frame.join(
+                totals.select("_q", total), on=q, how="left", maintain_order="left"
+            ).with_columns((pl.col(col) + pl.col(total).fill_null(0)).alias(col))
+
+        new_pops = after(
+            pops.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(q).alias("seq")),
+            "seq",
+            "_pops",
+        )
+        new_done = after(
+            comps.with_columns(
+                pl.col("count").fill_null(1).cast(pl.Int64).cum_sum().over(q).alias("done")
+            ),
+            "done",
+            "_done",
+        ).select("_q", "done", pl.col("ts_ns").alias("complete_ts_ns"))
+        # A new pop's kick: the latest kick at or before it, unless a completion came between.
+        kick_at = pl.concat(
+            [
+                totals.filter(pl.col("_kick_ts").is_not_null()).select(
+                    "_q", pl.col("_kick_ts").alias("kick_ts_ns")
+                ),
+                kicks.select("_q", pl.col("ts_ns").alias("kick_ts_ns")),
+            ]
+        ).sort("_q", "kick_ts_ns")
+        done_at = pl.concat(
+            [
+                totals.filter(pl.col("_complete_ts").is_not_null()).select(
+                    "_q", pl.col("_complete_ts").alias("_prev_done_ts")
+                ),
+                new_done.select("_q", pl.col("complete_ts_ns").alias("_prev_done_ts")),
+            ]
+        ).sort("_q", "_prev_done_ts")
+        new_pops = (
+            new_pops.join_asof(
+                kick_at,
+                left_on="ts_ns",
+                right_on="kick_ts_ns",
+                by=q,
+                strategy="backward",
+                check_sortedness=False,
+            )
+            .join_asof(
+                done_at,
+                left_on="ts_ns",
+                right_on="_prev_done_ts",
+                by=q,
+                strategy="backward",
+                allow_exact_matches=False,
+                check_sortedness=False,
+            )
+            .with_columns(
+                pl.when(
+                    pl.col("_prev_done_ts").is_null()
+                    | (pl.col("kick_ts_ns") > pl.col("_prev_done_ts"))
+                )
+                .then(pl.col("kick_ts_ns"))
+                .alias("kick_ts_ns")
+            )
+            .select(_PENDING.names())
+        )
+        # Completions in queue order (carried ones are earlier), each with the queue's next
+        # one and its first interrupt at or after it (found earlier, or in this chunk).
+        completions = (
+            pl.concat(
+                [
+                    self._completions.lazy(),
+                    new_done.with_columns(pl.lit(None, pl.Int64).alias("irq_ts_ns")),
+                ]
+            )
+            .sort("_q", maintain_order=True)
+            .with_columns(pl.col("complete_ts_ns").shift(-1).over(q).alias("next_complete_ts_ns"))
+            .join_asof(
+                irqs.select("_q", pl.col("ts_ns").alias("_irq")),
+                left_on="complete_ts_ns",
+                right_on="_irq",
+                by=q,
+                strategy="forward",
+                check_sortedness=False,
+            )
+            .with_columns(pl.coalesce("irq_ts_ns", "_irq").alias("irq_ts_ns"))
+            .drop("_irq")
+        )
+        matched, completions = pl.collect_all(
+            [
+                pl.concat([self._pending.lazy(), new_pops])
+                .sort("_q", "seq")
+                .join_asof(
+                    completions,
+                    left_on="seq",
+                    right_on="done",
+                    by=q,
+                    strategy="forward",
+                    check_sortedness=False,
+                ),
+                completions,
+            ]
+        )
+        return self._advance(queued, matched, completions, final)
+
+    def _advance(
+        self, queued: pl.LazyFrame, matched: pl.DataFrame, completions: pl.DataFrame, final: bool
+    ) -> pl.DataFrame:
+        complete, following = pl.col("complete_ts_ns"), pl.col("next_complete_ts_ns")
+        settled = pl.lit(True) if final else complete.is_not_null() & following.is_not_null()
+        assert self._queues is not None
+        rows = _request_rows(
+            matched.lazy()
+            .filter(settled)
+            .join(self._queues.lazy(), on="_q", how="left")
+            .with_columns(
+                pl.when(
+                    complete.is_not_null()
+                    & (following.is_null() | (pl.col("irq_ts_ns") < following))
+                )
+                .then(pl.col("irq_ts_ns"))
+                .alias("irq_ts_ns")
+            )
+        ).collect()
+        if final:
+            return rows
+        self._pending = matched.filter(~settled).select(_PENDING.names())
+        kind, ts = pl.col("_kind"), pl.col("ts_ns")
+        self._totals = (
+            pl.concat(
+                [
+                    self._totals.lazy(),
+                    queued.group_by("_q").agg(
+                        (kind == POPS).sum().cast(pl.Int64).alias("_pops"),
+                        pl.col("count")
+                        .fill_null(1)
+                        .cast(pl.Int64)
+                        .filter(kind == COMPLETIONS)
+                        .sum()
+                        .alias("_done"),
+                        ts.filter(kind == KICKS).max().alias("_kick_ts"),
+                        ts.filter(kind == COMPLETIONS).max().alias("_complete_ts"),
+                    ),
+                ],
+                how="vertical_relaxed",
+            )
+            .group_by("_q")
+            .agg(pl.col("_pops", "_done").sum(), pl.col("_kick_ts", "_complete_ts").max())
+            .select(_TOTALS.names())
+            .cast(dict(_TOTALS))
+            .collect()
+        )
+        # Completions a pop can still match: from the one the first pop not final (or the
+        # next pop) needs; always the queue's last, which the next completion follows.
+        first_open = (
+            pl.concat(
+                [
+                    self._pending.lazy().group_by("_q").agg(pl.col("seq").min().alias("_from")),
+                    self._totals.lazy().select("_q", (pl.col("_pops") + 1).alias("_from")),
+                ]
+            )
+            .group_by("_q")
+            .agg(pl.col("_from").min())
+        )
+        self._completions = (
+            completions.lazy()
+            .join(first_open, on="_q", how="left", maintain_order="left")
+            .filter((pl.col("done") >= pl.col("_from")) | pl.col("next_complete_ts_ns").is_null())
+            .select(_COMPLETIONS.names())
+            .collect()
+        )
+        return rows
+
+
 @requires_events(VIRTQUEUE_POP, LAB_POP)
 def batching_plan(events: pl.LazyFrame) -> pl.LazyFrame:
     """The lazy plan of :func:`batching`."""
+    return batching_from_counts(*batching_counts(events))
+
+
+def batching_counts(events: pl.LazyFrame | pl.DataFrame) -> tuple[pl.LazyFrame, ...]:
+    """Per queue: pops, completions, kicks and interrupts counted, what :func:`batching` is
+    made of; the counts of several chunks of a trace, stacked, merge in
+    :func:`batching_from_counts`."""
     events = events.lazy()
     keys = list(QUEUE_KEYS)
     pops = _queue_events(events, POPS).group_by(keys).agg(pl.len().cast(pl.Int64).alias("requests"))
@@ -242,6 +521,25 @@ def batching_plan(events: pl.LazyFrame) -> pl.LazyFrame:
         .group_by(keys)
         .agg(pl.len().cast(pl.Int64).alias("interrupts"))
     )
+    return pops, done, kicks, irqs
+
+
+def batching_from_counts(
+    pops: pl.LazyFrame | pl.DataFrame,
+    done: pl.LazyFrame | pl.DataFrame,
+    kicks: pl.LazyFrame | pl.DataFrame,
+    irqs: pl.LazyFrame | pl.DataFrame,
+) -> pl.LazyFrame:
+    """:func:`batching` from :func:`batching_counts` (each may be several stacked)."""
+    keys = list(QUEUE_KEYS)
+    pops = pops.lazy().group_by(keys).agg(pl.col("requests").sum())
+    done = (
+        done.lazy()
+        .group_by(keys)
+        .agg(pl.col("completed", "completions").sum(), pl.col("max_per_completion").max())
+    )
+    kicks = kicks.lazy().group_by(keys).agg(pl.col("kicks", "kick_events").sum())
+    irqs = irqs.lazy().group_by(keys).agg(pl.col("interrupts").sum())
     return (
         pops.join(done, on=keys, how="left", nulls_equal=True)
         .join(kicks, on=keys, how="left", nulls_equal=True)

@@ -96,3 +96,76 @@ def kvm_timeline(events: pl.LazyFrame, columns: tuple[str, ...] = TIMELINE_COLUM
     not in ``columns`` are not read and stay null (the summary reads only what it shows).
     """
     return with_neighbours(thread_order(events, columns))
+
+
+class ThreadCarry:
+    """Each thread's KVM events read a chunk of the trace at a time, in bounded memory.
+
+    :meth:`timeline` gives :func:`with_neighbours` of a chunk's events after those carried
+    from earlier chunks, with `_emit`: the rows whose derived values are final now and were
+    not given before. A row is final once its thread has two more events (the accesses look
+    two events either way) and, for a `kvm_exit`, once its thread exits again (the pairing
+    never goes past the next exit) or the chunk ends more than ``tolerance_ns`` after it (no
+    later event can pair with it). What is not final is carried to the next chunk with the
+    two events before it, so every thread carries a few events plus, at most, an exit still
+    open and what followed it. Chunks must come in time order, each later than every event
+    before it (:func:`vtrace.analyze.chunks.plan_chunks`).
+    """
+
+    def __init__(self, tolerance_ns: int) -> None:
+        self.tolerance_ns = tolerance_ns
+        self._carry: pl.DataFrame | None = None
+
+    def timeline(self, rows: pl.DataFrame, last_ts_ns: int | None, final: bool) -> pl.DataFrame:
+        """The timeline of ``rows`` (:func:`thread_order` of one chunk, collected) after the
+        carried events. ``last_ts_ns``: the chunk's latest timestamp; ``final``: no chunk
+        follows. Call :meth:`keep` with what :meth:`carry_plan` collects before the next."""
+        frame = rows.with_columns(pl.lit(False).alias("_seen"))
+        if self._carry is not None and self._carry.height:
+            frame = pl.concat([self._carry, frame], how="vertical_relaxed")
+        self._columns = frame.columns
+        timeline = with_neighbours(sort_by_thread(frame).lazy())
+        if final:
+            done = pl.lit(True)
+        else:
+            tid, is_exit = pl.col("tid"), pl.col("event") == KVM_EXIT
+            # Exits so far on each row, and on the last row of its thread (rows of a thread
+            # are contiguous): a later exit of the thread exists when the two differ.
+            upto = is_exit.cast(pl.Int64).cum_sum()
+            at_end = pl.when((tid.shift(-1) != tid).fill_null(True)).then(upto).backward_fill()
+            settled = ~is_exit | (at_end > upto)
+            if last_ts_ns is not None:
+                settled = settled | (pl.col("ts_ns") + self.tolerance_ns < last_ts_ns)
+            done = (tid.shift(-2) == tid).fill_null(False) & settled
+        # Collected once: the exits, user-space exits, accesses and the carry all read it.
+        return (
+            timeline.with_columns(done.alias("_done"))
+            .with_columns((pl.col("_done") & ~pl.col("_seen")).alias("_emit"))
+            .collect()
+        )
+
+    def carry_plan(self, timeline: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+        """The events of :meth:`timeline` the next chunk needs: from two events before each
+        thread's first row that is not final, in time order."""
+        # A row is carried when a row of its thread at most two after it is not final: the
+        # count of such rows up to two rows on (or the thread's end), less the count before
+        # the thread starts, is positive. Rows of a thread are contiguous: running counts
+        # over the whole frame, no window per thread.
+        tid = pl.col("tid")
+        open_upto = (~pl.col("_done")).cast(pl.Int64).cum_sum()
+        starts = (tid.shift(1) != tid).fill_null(True)
+        ends = (tid.shift(-1) != tid).fill_null(True)
+        before = pl.when(starts).then(open_upto.shift(1).fill_null(0)).forward_fill()
+        at_end = pl.when(ends).then(open_upto).backward_fill()
+        ahead = pl.when(tid.shift(-2) == tid).then(open_upto.shift(-2)).otherwise(at_end)
+        return (
+            timeline.lazy()
+            .filter(ahead - before > 0)
+            .with_columns(pl.col("_seen") | pl.col("_done"))
+            .select(self._columns)
+            .sort("ts_ns", maintain_order=True)
+        )
+
+    def keep(self, carry: pl.DataFrame) -> None:
+        """Hold what :meth:`carry_plan` collected for the next chunk."""
+        self._carry = carry
