@@ -129,7 +129,13 @@ def import_cmd(
 
 @app.command("summary")
 def summary_command(
-    trace_dir: str = typer.Argument(..., metavar="DIR", help="A trace directory."),
+    trace_dirs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="DIR...",
+            help="A trace directory; several, or a directory of them, for one row per trace.",
+        ),
+    ],
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (times in ns)."),
     top: int = typer.Option(
         10, "--top", min=1, help="Rows in the accesses, kicks and interrupts tables."
@@ -147,7 +153,8 @@ def summary_command(
 ) -> None:
     """Summarise a trace: what one request cost (exits, user-space exits, trapping accesses,
     kicks, interrupts, time), events, exits and user-space exits by reason, accesses, kicks,
-    requests, batching, interrupts, lost and unparsed counts.
+    requests, batching, interrupts, lost and unparsed counts. Several traces (or a directory
+    of traces): one table, a row per trace, with their totals and per-request costs.
 
     [bold]Examples[/]
 
@@ -158,12 +165,29 @@ def summary_command(
       vtrace summary /tmp/live --requests 20000    per-request costs of a kernel-only recording
 
       vtrace summary mytrace --strict              exit 2 when parts or events are missing
+
+      vtrace summary host1 host2 host3             a row per trace (a fleet of hosts or VMs)
+
+      vtrace summary captures/ --json              a row per trace directory in captures/
     """
     import json
 
     from vtrace.analyze import summary
+    from vtrace.analyze.summary import fleet, holds_traces
 
-    data = summary(trace_dir, top=top, strict=strict, requests=requests)
+    # One trace directory: its full summary; several, or a directory of them: the fleet.
+    if len(trace_dirs) > 1 or holds_traces(trace_dirs[0]):
+        if requests is not None:
+            raise VtraceError("--requests counts the requests of one trace: give one DIR")
+        rows = fleet(trace_dirs, strict=strict)
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        from vtrace.analyze.console import print_fleet
+
+        print_fleet(rows, console)
+        return
+    data = summary(trace_dirs[0], top=top, strict=strict, requests=requests)
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return

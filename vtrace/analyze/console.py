@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -270,3 +271,52 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
         elif key not in follows or follows[key] not in missing:
             why = missing.get(key, "no rows")
             console.print(f"[bold]{title}[/]: [dim]{why}[/]", highlight=False)
+
+
+FLEET_COLUMNS: list[Column] = [
+    ("trace", "name", _text),
+    ("events", "events", _int),
+    ("s", "duration_s", _ratio),
+    ("exits", "exits", _int),
+    ("user", "userspace_exits", _int),
+    ("kicks", "kicks", _int),
+    ("irqs", "interrupts", _int),
+    ("reqs", "requests", _int),
+    ("exits /req", "req_exits", _cost),
+    ("user /req", "req_userspace_exits", _cost),
+    ("traps /req", "req_trapping_accesses", _cost),
+    ("kicks /req", "req_kicks", _cost),
+    ("irqs /req", "req_interrupts", _cost),
+    ("us /req", "req_time_ns", _us),
+]
+FLEET_NOTE = (
+    "s: duration; user: user-space exits; irqs: interrupts; reqs: requests; traps: trapping "
+    "accesses (handled in user space); /req: per request; empty: not in the trace"
+)
+
+
+def print_fleet(rows: Sequence[Row], console: Console) -> None:
+    """Print :func:`vtrace.analyze.summary.fleet`'s rows as one table, a row per trace."""
+    shown = []
+    for r in rows:
+        per = r.get("per_request") or {}
+        duration = r.get("duration_ns")
+        shown.append(
+            {
+                **r,
+                "duration_s": None if duration is None else duration / 1e9,
+                **{f"req_{k}": v for k, v in per.items()},
+            }
+        )
+    table = _table(f"{len(rows)} traces", shown, FLEET_COLUMNS)
+    table.columns[0].justify = "left"
+    # Narrow edges: fourteen columns on an 80-column terminal.
+    table.box = box.SIMPLE_HEAD
+    table.padding = (0, 0, 0, 1)
+    table.caption, table.caption_justify = FLEET_NOTE, "left"
+    console.print(table)
+    for r in rows:
+        problems = [f"{r['lost_events']:,} events lost"] if r.get("lost_events") else []
+        problems += [f"incomplete: {r['integrity']}"] if r.get("integrity") else []
+        if problems:
+            console.print(f"[bold red]{r['name']}: {'; '.join(problems)}[/]", highlight=False)
