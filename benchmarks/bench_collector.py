@@ -416,6 +416,8 @@ def main() -> None:
     extra: dict[tuple[str, str], list[dict]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
     cpu_ratios: dict[tuple[str, str], list[float]] = {}
+    # The host is shared: say how busy it was, with every figure.
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     try:
         if args.toggle_pairs > 0:
             for wl in chosen:
@@ -453,6 +455,7 @@ def main() -> None:
                         )
     finally:
         stats_path.write_text(stats_before)
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     if args.rounds == 0:
         return
     print(f"\nmedians over {args.rounds} rounds, each traced run paired with an untraced one")
