@@ -258,12 +258,47 @@ def timed(fn, path: Path, work: Path, name: str) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
+def phases(path: Path, work: Path, repeats: int) -> None:
+    """Where vtrace's time goes: wall and CPU seconds of each step (medians)."""
+    from vtrace.ingest.ftrace import FTRACE
+    from vtrace.ingest.textlines import read_text_lines
+    from vtrace.ingest.tracepoint_text import parsed_lines
+
+    steps: dict[str, list[tuple[float, float]]] = {}
+
+    def step(name: str, fn, *args, **kwargs):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = fn(*args, **kwargs)
+        steps.setdefault(name, []).append((time.perf_counter() - w0, time.process_time() - c0))
+        return result
+
+    for _ in range(repeats):
+        text = step("read the file into lines", read_text_lines, path)
+        step("split and parse the events", parsed_lines, text, FTRACE)
+        frame, meta = step("whole parse (read_events)", read_events, "ftrace", path)
+        shutil.rmtree(work / "phases", ignore_errors=True)
+        out = work / "phases"
+        step(
+            "write the trace directory",
+            write_trace,
+            out,
+            frame,
+            meta,
+            compression=IMPORT_COMPRESSION,
+        )
+    for name, got in steps.items():
+        wall = statistics.median(r[0] for r in got)
+        cpu = statistics.median(r[1] for r in got)
+        print(f"  {name:28}: {wall:5.2f} s wall, {cpu:5.2f} s CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--lines", type=int, default=1_200_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--phases", action="store_true", help="also time each step of vtrace's import")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="vtrace-bench-") as tmp:
         work = Path(tmp)
@@ -337,6 +372,9 @@ def main() -> None:
             f"vtrace / floor (fastest line read): {vt[0] / floor[0]:.1f}x wall, "
             f"{vt[1] / floor[1]:.1f}x CPU time"
         )
+        if args.phases:
+            print("vtrace's steps:")
+            phases(path, work, args.repeats)
         print("load average after the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         if not same:
             raise SystemExit("the two parsers disagree: fix before trusting the timings")
