@@ -24,7 +24,7 @@ from vtrace.store import Trace
 
 # Events a chunk holds, about: the memory of `summary()` is a few hundred bytes per event of
 # a chunk (the KVM events with their neighbours, the derived tables, the parts' pages).
-CHUNK_ROWS = 2_000_000
+CHUNK_ROWS = 1_000_000
 
 
 @dataclass(frozen=True)

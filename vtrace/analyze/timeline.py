@@ -136,7 +136,8 @@ class ThreadCarry:
             settled = ~is_exit | (at_end > upto)
             if last_ts_ns is not None:
                 settled = settled | (pl.col("ts_ns") + self.tolerance_ns < last_ts_ns)
-            done = (tid.shift(-2) == tid).fill_null(False) & settled
+            # An event without a thread has no neighbours (as in the whole trace): final.
+            done = ((tid.shift(-2) == tid).fill_null(False) & settled) | tid.is_null()
         # Collected once: the exits, user-space exits, accesses and the carry all read it.
         return (
             timeline.with_columns(done.alias("_done"))
