@@ -20,7 +20,15 @@ import polars as pl
 import pytest
 
 from vtrace import schema as s
-from vtrace.analyze import by_reason, exits, log2_histogram, percentiles, requests, user_exits
+from vtrace.analyze import (
+    by_reason,
+    exits,
+    log2_histogram,
+    partials,
+    percentiles,
+    requests,
+    user_exits,
+)
 from vtrace.analyze.chunks import part_ranges, plan_chunks
 from vtrace.analyze.distributions import percentile_exprs
 from vtrace.analyze.partials import DurationStats, relative_error_bound
@@ -28,6 +36,7 @@ from vtrace.analyze.summary import summary
 from vtrace.store import TraceWriter, open_trace
 
 ROOT = Path(__file__).resolve().parent.parent
+summary_module = sys.modules["vtrace.analyze.summary"]  # the package exports the function
 
 # One vCPU action: the events after its kvm_exit, as (event, reason, addr, write) with the
 # exit's own reason first. Each ends in the kvm_entry that resumes the guest.
@@ -187,6 +196,17 @@ def test_chunked_summary_equals_one_chunk(random_dir: Path, chunk_rows: int) -> 
     assert _summary_json(random_dir, chunk_rows=chunk_rows) == whole
 
 
+def test_partial_results_merged_along_the_way(
+    random_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace of many chunks holds a few partial results, merged every MERGE_EVERY
+    chunks: merging them early changes nothing."""
+    whole = _summary_json(random_dir, chunk_rows=10**9)
+    monkeypatch.setattr(summary_module, "MERGE_EVERY", 2)
+    monkeypatch.setattr(partials, "MERGE_EVERY", 2)
+    assert _summary_json(random_dir, chunk_rows=1) == whole
+
+
 def test_one_chunk_is_the_row_analyses(random_dir: Path) -> None:
     """The merged counts give what the per-row analyses give over the whole trace."""
     data = _summary_json(random_dir, chunk_rows=1)
@@ -279,6 +299,7 @@ def test_bucketed_percentiles_against_exact_ones() -> None:
 
 MEMORY_PROBE = """
 import resource, sys
+from vtrace.analyze import partials
 from vtrace.analyze.summary import summary
 from vtrace.store import Trace, open_trace
 t = open_trace(sys.argv[1])

@@ -25,6 +25,8 @@ EXACT_LIMIT = 1 << 20
 # Significant bits a value keeps once the pairs pass EXACT_LIMIT: a bucket is at most
 # 2**-(bits-1) of its values wide, and a group has at most 2**(bits-1) buckets per octave.
 SIGNIFICANT_BITS = 12
+# Partial results held before they are merged into one (a trace of many chunks).
+MERGE_EVERY = 64
 
 
 def relative_error_bound(bits: int = SIGNIFICANT_BITS) -> float:
@@ -72,7 +74,7 @@ class DurationStats:
         counts = self._value_counts(frame.filter(c.is_not_null()).lazy()).collect()
         self._counts.append(counts)
         self._pending += counts.height
-        if self._pending > self.exact_limit:
+        if self._pending > self.exact_limit or len(self._counts) > MERGE_EVERY:
             self._merge()
 
     def _value_counts(self, frame: pl.LazyFrame, weight: str | None = None) -> pl.LazyFrame:

@@ -34,18 +34,20 @@ from vtrace.analyze.exits import (
     user_exits_from_timeline,
 )
 from vtrace.analyze.interrupts import (
+    LINE_KEYS,
     interrupt_counts,
     interrupts_by_line_from_counts,
     interrupts_plan,
 )
 from vtrace.analyze.kicks import (
     KICK_COLUMNS,
+    KICK_KEYS,
     kick_counts,
     kicks_by_queue_from_counts,
     kvm_kicks,
     vmm_kicks,
 )
-from vtrace.analyze.partials import EXACT_LIMIT, DurationStats
+from vtrace.analyze.partials import EXACT_LIMIT, MERGE_EVERY, DurationStats
 from vtrace.analyze.requests import (
     QUEUE_KEYS,
     RequestChunks,
@@ -138,6 +140,42 @@ def _handled_counts(access: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
+def _sums(keys: Sequence[str], sums: Sequence[str] = (), **others: pl.Expr) -> Any:
+    """A merge of stacked partial results: ``sums`` summed per ``keys``, then ``others``."""
+    return lambda f: f.group_by(keys).agg(pl.col(sums).sum(), **others)
+
+
+# How each kind of partial result of the chunks merges (same columns, same order).
+_MERGES: dict[str, Any] = {
+    "events": _sums(
+        ("pid", "source", "event"),
+        ("count",),
+        first_ts_ns=pl.col("first_ts_ns").min(),
+        last_ts_ns=pl.col("last_ts_ns").max(),
+    ),
+    "threads": lambda f: f.group_by("tid").agg(pl.col("pid").first()),
+    "interrupts": _sums(LINE_KEYS, ("count", "raised")),
+    "accesses": _sums(ACCESS_KEYS, ("count", "reads", "writes", "user", "kernel")),
+    "handled": _sums(("source", "handled"), ("count",)),
+    "kicks": _sums(
+        KICK_KEYS,
+        ("kicks", "events"),
+        first_ts_ns=pl.col("first_ts_ns").min(),
+        last_ts_ns=pl.col("last_ts_ns").max(),
+    ),
+    "kick_threads": _sums(("source", "pid", "tid"), ("kicks",)),
+    "request_means": lambda f: f.group_by(QUEUE_KEYS).agg(pl.all().sum()),
+    "batching_pops": _sums(QUEUE_KEYS, ("requests",)),
+    "batching_done": _sums(
+        QUEUE_KEYS,
+        ("completed", "completions"),
+        max_per_completion=pl.col("max_per_completion").max(),
+    ),
+    "batching_kick_counts": _sums(QUEUE_KEYS, ("kicks", "kick_events")),
+    "batching_irqs": _sums(QUEUE_KEYS, ("interrupts",)),
+}
+
+
 class _Summary:
     """The partial results of the chunks read so far, merged into the tables at the end."""
 
@@ -154,8 +192,13 @@ class _Summary:
         self.requests = RequestChunks()
 
     def _keep(self, **frames: pl.DataFrame) -> None:
+        """Hold each chunk's partial results; every MERGE_EVERY, merge them into one (a
+        trace of thousands of chunks holds no more than a few)."""
         for name, frame in frames.items():
-            self.parts.setdefault(name, []).append(frame)
+            held = self.parts.setdefault(name, [])
+            held.append(frame)
+            if len(held) > MERGE_EVERY:
+                self.parts[name] = [_MERGES[name](_stack(held)).collect()]
 
     @staticmethod
     def scan(chunk: Chunk) -> list[pl.DataFrame]:
