@@ -159,3 +159,31 @@ def test_exit_reasons_with_a_blank_still_parse() -> None:
     assert table.get_column("isa").to_list() == ["svm", "vmx", "vmx"]
     assert table.get_column("flags").to_list() == [0, 0x80000000, 0]
     assert table.get_column("rip").to_list() == [0x10, 0x11, 0x12]
+
+
+# From `%5lu` to 10 digits, the last that fits Int64 nanoseconds.
+SECONDS = [99_999, 100_000, 123_456, 1_234_567, 12_345_678, 9_223_372_035]
+
+
+def test_seconds_wider_than_five_digits_take_the_fast_path() -> None:
+    """A host up for more than 27.7 hours prints 6 or more digits of seconds (`%5lu` only
+    pads): those lines are read by position too, and give what the general parser gives."""
+    from vtrace.ingest.textlines import read_text_lines
+
+    lines = []
+    for i, sec in enumerate(SECONDS):
+        lines.append(f"       CPU 0/KVM-2345    [001] d..1. {sec:5d}.{i:06d}: kvm_fpu: load")
+    lines.append("       CPU 0/KVM-2345    [001] ....12345678901.000001: kvm_fpu: load")
+    lines.append("       CPU 0/KVM-2345    [001] .....x123456.000001: kvm_fpu: load")
+    lines.append("       CPU 0/KVM-2345    [001] ..... 9223372037.000001: kvm_fpu: load")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.txt"
+        path.write_text("\n".join(lines) + "\n")
+        text = read_text_lines(path)
+        events, rest = tt.split_tracefs_run(text.lines, text.data, text.starts, ascii=True)
+    assert events.get_column("lineno").to_list() == [1, 2, 3, 4, 5, 6]
+    assert events.get_column("ts_ns").to_list() == [
+        sec * 10**9 + i * 1000 for i, sec in enumerate(SECONDS)
+    ]
+    assert rest.get_column("lineno").to_list() == [7, 8, 9]
+    assert_same(read(lines, run_lines=3), read(lines, run_lines=None, fast=False))

@@ -39,6 +39,11 @@ USEC_WIDTH = 6
 STAMP_WIDTH = 1 + SEC_WIDTH + 1 + USEC_WIDTH
 NS_PER_S = 1_000_000_000
 NS_PER_US = 1_000
+# `%5lu` only pads: a host up for more than 27.7 hours prints 6 or more digits of seconds,
+# then the stamp starts right after the blank that ends the flags. Up to 10 digits here.
+WIDE_SEC_MAX = 10
+# Seconds from here on do not fit Int64 nanoseconds (the general parser leaves them unparsed).
+MAX_SECONDS = (2**63 - 1) // NS_PER_S
 
 
 @dataclass(frozen=True)
@@ -84,12 +89,41 @@ def _number(rows: np.ndarray, ok: np.ndarray, *, pad: str) -> np.ndarray:
     return total
 
 
+def _wide_seconds(buf: np.ndarray, at_dot: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Seconds of 6 to :data:`WIDE_SEC_MAX` digits right before the dot at ``at_dot`` (byte
+    offsets in ``buf``), after a blank; clears ``ok`` where there are none.
+
+    The window before the dot is gathered and transposed like the others, then read from
+    the dot leftwards: the digits run until the first other byte, which must be a blank.
+    """
+    width = WIDE_SEC_MAX + 1
+    at = np.where(ok, at_dot - width, 0)
+    rows = np.ascontiguousarray(sliding_window_view(buf, width)[at].T)
+    n = rows.shape[1]
+    sec = np.zeros(n, dtype=np.int64)
+    digits = np.zeros(n, dtype=np.int8)
+    run = np.ones(n, dtype=bool)  # still in the digits that end at the dot
+    blank_before = np.zeros(n, dtype=bool)
+    scale = 1
+    for row in rows[::-1]:
+        value = row - np.uint8(ZERO)  # wraps below "0": one unsigned compare
+        blank_before |= run & (row == SPACE)
+        run &= value <= 9
+        sec += value * run * np.int64(scale)
+        digits += run
+        scale *= 10
+    ok &= blank_before & (digits > SEC_WIDTH) & (sec < MAX_SECONDS)
+    return sec
+
+
 def tracefs_header(
     data: bytes,
     starts: np.ndarray,
     bracket: np.ndarray,
     colon: np.ndarray,
     usable: np.ndarray,
+    *,
+    wide_seconds: bool = False,
 ) -> Header:
     """Thread id, CPU and timestamp of every line with the tracefs layout.
 
@@ -97,7 +131,8 @@ def tracefs_header(
     offsets, within each line, of its first ``[`` and first ``": "`` (any value where
     ``usable`` is false). The two fixed-width windows of each line (before ``[`` and before
     ``": "``) are copied out in one gather each and transposed, so that every check and
-    sum below runs over one contiguous row of bytes per position.
+    sum below runs over one contiguous row of bytes per position. ``wide_seconds``: also
+    read lines whose seconds have 6 or more digits (:func:`_wide_seconds`).
     """
     buf = np.frombuffer(data, dtype=np.uint8)
     n = len(starts)
@@ -118,8 +153,16 @@ def tracefs_header(
     tid = _number(head[1 : TID_WIDTH + 1], ok, pad="right")
     cpu = _number(head[TID_WIDTH + 3 : TID_WIDTH + 3 + CPU_WIDTH], ok, pad="none")
     # " " SEC (blanks, then digits) "." USEC
-    ok &= (stamp[0] == SPACE) & (stamp[1 + SEC_WIDTH] == DOT)
-    sec = _number(stamp[1 : 1 + SEC_WIDTH], ok, pad="left")
+    ok &= stamp[1 + SEC_WIDTH] == DOT
     usec = _number(stamp[2 + SEC_WIDTH :], ok, pad="none")
+    narrow = ok & (stamp[0] == SPACE)
+    sec = _number(stamp[1 : 1 + SEC_WIDTH], narrow, pad="left").astype(np.int64)
+    if wide_seconds:  # the lines that fail only there may have wider seconds
+        retry = np.flatnonzero(ok & ~narrow)
+        if len(retry):
+            wide = np.ones(len(retry), dtype=bool)
+            sec[retry] = _wide_seconds(buf, at_stamp[retry] + 1 + SEC_WIDTH, wide)
+            narrow[retry] = wide
+    ok = narrow
     ts_ns = sec.astype(np.int64) * NS_PER_S + usec.astype(np.int64) * NS_PER_US
     return Header(ok=ok, tid=tid, cpu=cpu, ts_ns=ts_ns)

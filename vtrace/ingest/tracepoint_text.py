@@ -69,7 +69,8 @@ EVENT_NAME = re.compile(r"\w+", re.ASCII)
 
 
 def split_fast(text: TextLines) -> tuple[pl.DataFrame | None, pl.DataFrame]:
-    """Event lines with the tracefs layout (:mod:`vtrace.ingest.tracefs_layout`).
+    """Event lines with the tracefs layout (:mod:`vtrace.ingest.tracefs_layout`), seconds
+    as `%5lu` (:func:`split_tracefs_run` also takes wider ones).
 
     Returns ``(events, rest)``: the columns of :func:`split_lines` (without ``line``) for
     the lines of that layout, and ``lineno``/``line`` of every other line, for the general
@@ -80,8 +81,16 @@ def split_fast(text: TextLines) -> tuple[pl.DataFrame | None, pl.DataFrame]:
     return _split_fast_run(text.lines, text.data, text.starts, ascii=text.data.isascii())
 
 
-def _split_fast_run(
+def split_tracefs_run(
     lines: pl.DataFrame, data: bytes, starts: np.ndarray, *, ascii: bool
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`split_fast` for a run of lines (``starts``: their offsets in ``data``), also
+    taking lines whose seconds are wider than `%5lu` (a host up for more than 27.7 hours)."""
+    return _split_fast_run(lines, data, starts, ascii=ascii, wide_seconds=True)
+
+
+def _split_fast_run(
+    lines: pl.DataFrame, data: bytes, starts: np.ndarray, *, ascii: bool, wide_seconds: bool = False
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """:func:`split_fast` for a run of lines; ``starts`` are their offsets in ``data``.
 
@@ -106,6 +115,7 @@ def _split_fast_run(
         bracket.fill_null(0).to_numpy(),
         colon.fill_null(0).to_numpy(),
         usable.to_numpy(),
+        wide_seconds=wide_seconds,
     )
     # After the timestamp's ": ": the event name, up to the next ": " or to a colon that
     # ends the line (an event with no text), then the text. Slices are taken of the bytes
@@ -396,7 +406,7 @@ def parsed_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame | None,
     starts = text.starts
 
     def run(offset: int) -> tuple[pl.DataFrame | None, pl.DataFrame]:
-        events, rest = _split_fast_run(
+        events, rest = split_tracefs_run(
             lines.slice(offset, FAST_RUN_LINES),
             text.data,
             starts[offset : offset + FAST_RUN_LINES],
