@@ -40,7 +40,7 @@ def _fold(values: np.ndarray, chunk: int, exact_max: int) -> LatencyStats:
 )
 def test_percentiles_are_numpys_up_to_the_exact_size(values: np.ndarray, chunk: int) -> None:
     s = _fold(values, chunk, exact_max=values.size)
-    assert s.exact and s.n == values.size and s.total == int(values.sum())
+    assert s.exact and s.n == values.size and s.total == sum(int(x) for x in values)
     assert s.percentiles(QS) == pytest.approx(list(np.percentile(values, QS)), rel=1e-12)
 
 
@@ -56,7 +56,8 @@ def test_percentiles_are_numpys_up_to_the_exact_size(values: np.ndarray, chunk: 
 def test_beyond_it_each_percentile_is_within_half_a_bin(values: np.ndarray, chunk: int) -> None:
     s = _fold(values, chunk, exact_max=1)
     assert not s.exact and s.n == values.size
-    assert s.summary()["mean"] == int(values.sum()) / values.size  # the sum stays exact
+    exact_sum = sum(int(x) for x in values)  # Python ints: numpy's int64 sum would wrap
+    assert s.summary()["mean"] == exact_sum / values.size  # the sum stays exact
     x = np.sort(values)
     for q, got in zip(QS, s.percentiles(QS), strict=True):
         rank = q / 100 * (x.size - 1)
@@ -149,3 +150,12 @@ def test_a_recording_gets_every_event_while_the_result_keeps_the_first(
     assert lab.height == r.events_total > r.events.height == 200
     pops = lab.filter(pl.col("event") == schema.LAB_POP).sort("ts_ns")
     assert pops["value"].to_list() == list(range(500))
+
+
+def test_the_sum_of_huge_values_stays_exact() -> None:
+    """Values near 2^62 overflow an int64 sum after two; the mean must not wrap."""
+    values = np.full(4, 1 << 62, dtype=np.int64)
+    for exact_max in (1, 8):  # past the exact window, and inside it
+        s = _fold(values, 4, exact_max=exact_max)
+        assert s.total == 4 << 62
+        assert s.summary()["mean"] == float(1 << 62)

@@ -75,7 +75,9 @@ class LatencyStats:
         lo, hi = int(v.min()), int(v.max())
         self.lo, self.hi = (lo, hi) if self.n == 0 else (min(self.lo, lo), max(self.hi, hi))
         self.n += v.size
-        self.total += int(v.sum())
+        # exact for any chunk: a plain int64 sum wraps past 2^63, so add the high and low 32
+        # bits apart (each sum fits while the chunk has under 2^31 values)
+        self.total += (int((v >> 32).sum()) << 32) + int((v & 0xFFFFFFFF).sum())
         self._bins += np.bincount(_bin(v), minlength=_BINS)
         if self._exact is not None:
             if self.n <= self.exact_max:
