@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from vtrace.analyze.kicks import KICK_COLUMNS
 from vtrace.analyze.requires import requires_events
 from vtrace.schema import (
     LAB_COMPLETE,
@@ -50,19 +51,8 @@ REQUEST_EVENTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 POPS, COMPLETIONS, KICKS, INTERRUPTS = range(4)
 QUEUE_KEYS = ("source", "pid", "device", "queue")
-QUEUE_EVENT_COLUMNS = (
-    "ts_ns",
-    "source",
-    "event",
-    "pid",
-    "tid",
-    "vcpu",
-    "device",
-    "queue",
-    "addr",
-    "value",
-    "count",
-)
+# a queue's events carry the columns of a kick
+QUEUE_EVENT_COLUMNS = KICK_COLUMNS
 
 
 def queue_events(events: pl.LazyFrame) -> pl.LazyFrame:
