@@ -65,3 +65,33 @@ def test_readable_at_80_columns_when_not_a_terminal() -> None:
     assert "Per request: 1,024 requests (meta.json)" in r.stdout
     assert "trapping accesses │        26.0" in r.stdout
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
+
+
+def test_a_ring_trimmed_trace_is_not_divided_by_the_whole_runs_count(tmp_path: Path) -> None:
+    """meta's request count covers the whole run; after the ring dropped the oldest parts
+    the kept events are only the end of it, so that count would under-state every cost."""
+    import polars as pl
+
+    from vtrace.store import TraceWriter
+
+    t = open_trace(TRACES / "lab-virtio-b8")
+    kernel = ~pl.col("event").cast(pl.String).str.starts_with("lab_")  # no request events
+    events = t.events.filter(kernel).sort("ts_ns").collect()
+    half = events.height // 2
+    path = tmp_path / "trimmed"
+    with TraceWriter(path, dict(t.meta), max_bytes=1, on_full="ring") as writer:
+        for piece in (events.slice(0, half), events.slice(half)):
+            writer.append(piece)
+            writer.flush()  # a part each: the first is dropped
+        writer.close()
+    assert open_trace(path).meta["dropped"]["parts"] == 1
+    data = summary(path)
+    assert data["per_request"] is None
+    given = summary(path, requests=1000)["per_request"]  # --requests still counts
+    assert given["requests"] == 1000 and given["requests_from"] == "--requests"
+    r = subprocess.run(
+        [sys.executable, "-m", "vtrace.cli", "summary", str(path)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert "give --requests N for the kept events" in " ".join(r.stdout.split())

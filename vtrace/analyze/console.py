@@ -130,6 +130,12 @@ def print_summary(data: dict[str, Any], console: Console) -> None:
     )
     if data.get("dropped"):
         console.print(f"[yellow]{dropped_line(data['dropped'])}[/]", highlight=False)
+        if not data.get("per_request"):
+            console.print(
+                "[yellow]no per-request costs: the capture's request count is the whole "
+                "run's; give --requests N for the kept events[/]",
+                highlight=False,
+            )
     if data.get("integrity"):
         console.print(f"[bold red]incomplete trace: {data['integrity']}[/]", highlight=False)
     if t.get("complete") is False:

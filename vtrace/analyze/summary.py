@@ -58,7 +58,7 @@ from vtrace.analyze.requests import (
 from vtrace.analyze.requires import missing_events
 from vtrace.analyze.timeline import ThreadCarry, thread_order
 from vtrace.errors import VtraceError
-from vtrace.store import META_NAME, Trace, open_trace
+from vtrace.store import META_NAME, Trace, dropped_parts, open_trace
 
 # Why an analysis can be empty, shown next to it.
 NOT_RECORDED = {
@@ -524,12 +524,15 @@ def request_count(
 ) -> tuple[int, str] | None:
     """The requests a trace covers and where the count comes from: ``requests`` if given,
     else the requests the trace shows (QEMU's or the lab's pops), else the count the
-    capture wrote in meta; None when none is known."""
+    capture wrote in meta, unless a size-bounded recording dropped its oldest parts (that
+    count is the whole run's); None when none is known."""
     if requests:
         return requests, "--requests"
     shown = _total(data["requests"], "requests")
     if shown:
         return shown, "request events"
+    if dropped_parts(meta):
+        return None
     lab = meta.get("qemu_lab") or meta.get("lab") or {}
     counted = int(lab.get("requests") or 0)
     return (counted, "meta.json") if counted else None
