@@ -167,11 +167,7 @@ class BackendThread:
         wake_ns = self.wakeups.next()
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:
-            self.monitor.backend_busy_ns += wake_ns
-            if self.host is None:
-                yield env.timeout(wake_ns)
-            else:
-                yield from self._work(wake_ns, self.woken_by)
+            yield self._work(wake_ns, self.woken_by)
 
     def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, bool]:
         """Serve what ``path`` has available, at most ``max_per_pass`` requests; True when
@@ -200,11 +196,7 @@ class BackendThread:
         self.monitor.started(request, env.now)
         busy = self.p.per_request_ns + self.service.next()
         if busy > 0:
-            self.monitor.backend_busy_ns += busy
-            if self.host is None:
-                yield env.timeout(busy)
-            else:
-                yield from self._work(busy, path)
+            yield self._work(busy, path)
         path.vq.push_used(request)
         if self.guest_polls:
             path.space_freed()
@@ -231,11 +223,7 @@ class BackendThread:
         t += self.p.per_pass_ns
         busy = t - env.now
         if busy > 0:
-            monitor.backend_busy_ns += busy
-            if self.host is None:
-                yield env.timeout(busy)
-            else:
-                yield from self._work(busy, path)
+            yield self._work(busy, path)
         for request in taken:
             vq.push_used(request)
         if self.guest_polls:
@@ -245,35 +233,29 @@ class BackendThread:
 
     def _submit(self, path: QueuePath, take: int) -> Generator[simpy.Event, None, None]:
         """Pop ``take`` requests and hand each to the device as it is popped."""
-        env = self.env
         vq = path.vq
         per_request_ns = self.p.per_request_ns
         device = self.device
         for _ in range(take):
             if per_request_ns > 0:
-                self.monitor.backend_busy_ns += per_request_ns
-                if self.host is None:
-                    yield env.timeout(per_request_ns)
-                else:
-                    yield from self._work(per_request_ns, path)
+                yield self._work(per_request_ns, path)
             device.submit(vq.pop(), self, path)
         if self.p.per_pass_ns > 0:
-            self.monitor.backend_busy_ns += self.p.per_pass_ns
-            if self.host is None:
-                yield env.timeout(self.p.per_pass_ns)
-            else:
-                yield from self._work(self.p.per_pass_ns, path)
+            yield self._work(self.p.per_pass_ns, path)
 
-    def _work(self, cost_ns: float, path: QueuePath | None) -> Generator[simpy.Event, None, None]:
-        """``cost_ns`` of work on a host with fewer CPUs than threads: on a free CPU, on one
-        taken from a running vCPU, or shared with the other busy back-end threads."""
+    def _work(self, cost_ns: float, path: QueuePath | None) -> simpy.Event:
+        """``cost_ns`` of the thread's work, counted as busy time: the event it ends with.
+        With fewer host CPUs than threads (``host``) it runs on a free CPU, on one taken
+        from a running vCPU, or shared with the other busy back-end threads."""
+        self.monitor.backend_busy_ns += cost_ns
         host = self.host
+        if host is None:
+            return self.env.timeout(cost_ns)
         took = host.backend_runs(self.env.now, cost_ns, path.vcpus if path is not None else [])
         host.backends_busy += 1
-        try:
-            yield self.env.timeout(took)
-        finally:
-            host.backends_busy -= 1
+        done = self.env.timeout(took)
+        done.callbacks.append(host.backend_done)
+        return done
 
     def _complete(self) -> Generator[simpy.Event, None, None]:
         """Put what the device finished on the used rings and decide on interrupts: one

@@ -38,6 +38,10 @@ class HostCpus:
         self.vcpus.append(vcpu)
         self.preempted_until.append(0.0)
 
+    def backend_done(self, _event: object) -> None:
+        """A back-end thread's work on a CPU ended."""
+        self.backends_busy -= 1
+
     def backend_runs(self, now: float, cost_ns: float, home: list[Vcpu]) -> float:
         """A back-end thread works ``cost_ns`` from ``now`` (``home``: the vCPUs of the queue
         it serves); returns how long the work takes on the CPUs it gets."""
