@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 import pytest
 from test_collect_capture import GuestProcess, _wait_for
+from test_collect_disk_full import _events  # random values: parts that do not compress
 
 from vtrace import open_trace
 from vtrace.analyze import summary
@@ -31,20 +32,6 @@ from vtrace.store import TraceWriter, check_whole
 
 VTRACE = [sys.executable, "-m", "vtrace.cli"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _events(n: int, seed: int) -> pl.DataFrame:
-    # Random values: parts that do not compress, so their sizes are predictable.
-    rng = np.random.default_rng(seed)
-    return pl.DataFrame(
-        {
-            "ts_ns": np.arange(n, dtype=np.int64) + seed * n,
-            "source": ["kvm"] * n,
-            "event": ["kvm_pio"] * n,
-            "addr": rng.integers(0, 1 << 62, n, dtype=np.int64),
-            "value": rng.integers(0, 1 << 62, n, dtype=np.int64),
-        }
-    )
 
 
 def _part_bytes(trace_dir: Path) -> int:
