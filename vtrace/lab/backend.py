@@ -30,6 +30,7 @@ from vtrace.lab import layout as L
 from vtrace.lab import records
 from vtrace.lab.records import EventLog, LatencyStats, as_array
 from vtrace.lab.result import DEVICE_NAMES, LabResult, events_frame, reason_names
+from vtrace.lab.threadclock import ThreadClock
 from vtrace.lab.virtqueue import DeviceQueue, RingLayout, ring_layout
 from vtrace.lab.vmm import Vm, guest_program, param_block
 
@@ -79,6 +80,7 @@ class QueueServer:
         # completes (one per pass); pop_pass indexes this fold's passes.
         self.kick_ns: list[int] = []
         self.kick_count: list[int] = []
+        self.kick_cpu_ns: list[int] = []  # the wake-up's CPU (0: read without sleeping)
         self.pop_ns: list[int] = []
         self.pop_head: list[int] = []
         self.pop_bytes: list[int] = []
@@ -96,12 +98,24 @@ class QueueServer:
             self.kicks += kicks
             self.kick_ns.append(wake_ns)
             self.kick_count.append(kicks)
+            self.kick_cpu_ns.append(0)
         return stop
 
-    def drain(self, wake_ns: int) -> None:
-        """Serve the queue until it is empty with kicks back on (a thread of its own)."""
+    def _woke(self, cpu0: int, clock: ThreadClock) -> None:
+        """The wake-up just recorded cost the thread's CPU since ``cpu0`` (its
+        ``thread_time_ns`` before it slept): noted on the kick and in ``clock``."""
+        cpu = time.thread_time_ns() - cpu0
+        self.kick_cpu_ns[-1] = cpu
+        clock.wakeups += 1
+        clock.wakeup_cpu_ns += cpu
+
+    def drain(self, wake_ns: int, cpu0: int = 0, clock: ThreadClock | None = None) -> None:
+        """Serve the queue until it is empty with kicks back on (a thread of its own);
+        ``cpu0``: the thread's CPU time before it slept, for the wake-up's CPU."""
         q = self.queue
         q.set_no_notify(True)
+        if clock is not None:
+            self._woke(cpu0, clock)
         start_ns = wake_ns
         while True:
             self._pass(start_ns)
@@ -113,11 +127,14 @@ class QueueServer:
                 return
             q.set_no_notify(True)
 
-    def serve_pass(self) -> bool:
+    def serve_pass(self, cpu0: int = 0, clock: ThreadClock | None = None) -> bool:
         """One pass, then kicks back on and a look once more (a thread shared with other
-        queues, which get their turn before this one's next pass); True if requests wait."""
+        queues, which get their turn before this one's next pass); True if requests wait.
+        ``clock``: the thread slept and this is its first pass since (see :meth:`drain`)."""
         q = self.queue
         q.set_no_notify(True)
+        if clock is not None:
+            self._woke(cpu0, clock)
         self._pass(self.start_ns)
         q.set_no_notify(False)
         with self._fence:
@@ -172,7 +189,7 @@ class QueueServer:
         self.log.add(rows, self._frame)
         self.popped += len(self.pop_ns)
         for records_list in (
-            self.kick_ns, self.kick_count, self.pop_ns, self.pop_head, self.pop_bytes,
+            self.kick_ns, self.kick_count, self.kick_cpu_ns, self.pop_ns, self.pop_head, self.pop_bytes,
             self.pop_pass, self.pass_start_ns, self.complete_ns, self.complete_count,
             self.complete_used,
         ):  # fmt: skip
@@ -193,6 +210,7 @@ class QueueServer:
                     event=schema.LAB_KICK,
                     ts_ns=as_array(self.kick_ns),
                     count=as_array(self.kick_count),
+                    value=as_array(self.kick_cpu_ns),
                     **common,
                 ),
                 events_frame(
@@ -218,15 +236,18 @@ class Backend(threading.Thread):
     """A back-end thread serving one virtqueue, or several in turn (``--backend-threads
     shared``): after each pass of a queue the next queue with work gets its turn."""
 
-    def __init__(self, servers: list[QueueServer], name: str = "vtrace-lab-backend") -> None:
+    def __init__(
+        self, servers: list[QueueServer], name: str = "vtrace-lab-backend", index: int = 0
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.servers = servers
         self.error: BaseException | None = None
+        self.clock = ThreadClock("backend", index)
 
     def run(self) -> None:
-        tid = threading.get_native_id()
+        self.clock.start()
         for server in self.servers:
-            server.tid = tid
+            server.tid = self.clock.tid
         try:
             if len(self.servers) == 1:
                 self._serve_one(self.servers[0])
@@ -234,17 +255,21 @@ class Backend(threading.Thread):
                 self._serve_many()
         except BaseException as e:  # reported by the VMM after the guest stops
             self.error = e
+        finally:
+            self.clock.stop()
 
     def _serve_one(self, server: QueueServer) -> None:
         # Sleeps in read on the queue's eventfd: the cheapest wake-up, as a vhost worker.
+        clock, cpu_time = self.clock, time.thread_time_ns
         while True:
             if len(server.kick_ns) >= server.chunk:  # wake-ups that found nothing to take
                 server.fold()  # here, before the wake-up's time is taken: outside any latency
+            cpu0 = cpu_time()
             value = os.eventfd_read(server.kick_fd)
             wake_ns = time.monotonic_ns()
             if server.kicked(wake_ns, value):
                 return
-            server.drain(wake_ns)
+            server.drain(wake_ns, cpu0, clock)
 
     def _serve_many(self) -> None:
         # Sleeps in poll on every queue's eventfd (QEMU's main loop, an iothread's AioContext)
@@ -260,6 +285,8 @@ class Backend(threading.Thread):
             for s in self.servers:
                 if len(s.kick_ns) >= s.chunk:
                     s.fold()
+            # a sleep (nothing waiting) is a wake-up; its CPU goes to the first pass after it
+            cpu0 = 0 if waiting else time.thread_time_ns()
             ready = poller.poll(0 if waiting else None)
             wake_ns = time.monotonic_ns()
             for fd, _ in ready:
@@ -273,8 +300,9 @@ class Backend(threading.Thread):
             if len(stopped) == len(by_fd):
                 return
             for s in list(waiting):
-                if not s.serve_pass():
+                if not s.serve_pass(cpu0, self.clock if cpu0 else None):
                     waiting.remove(s)
+                cpu0 = 0
 
 
 def split_requests(requests: int, vcpus: int) -> list[int]:
@@ -346,7 +374,7 @@ def run_virtio(
                 queue = DeviceQueue(vm.memory, rings[q])
                 servers.append(QueueServer(q, queue, kick_fd, irq_fd, pid, log))
             if backend_threads == "per-queue":
-                backends = [Backend([s], f"vtrace-lab-backend{s.index}") for s in servers]
+                backends = [Backend([s], f"vtrace-lab-backend{s.index}", s.index) for s in servers]
             else:
                 backends = [Backend(servers)]
             done = vm.stop_on(L.PORT_DONE, L.PORT_STALL)
@@ -374,6 +402,7 @@ def run_virtio(
                 for v in range(vcpus)
             ]
             exits, reasons = vm.userspace_exits, dict(vm.exit_reasons)
+            threads = [v.clock.to_json() for v in vm.vcpus] + [b.clock.to_json() for b in backends]
     finally:
         for fd in fds:
             os.close(fd)
@@ -455,6 +484,7 @@ def run_virtio(
         queues=queues,
         backend_threads=backend_threads,
         per_queue=per_queue,
+        threads=threads,
     )
 
 

@@ -49,6 +49,9 @@ class LabResult:
     backend_threads: str = "shared"  # shared: one thread serves every queue; per-queue
     # one dict per queue: its vCPUs, requests, kicks, completions, latency (docs/lab.md)
     per_queue: list[dict[str, Any]] = field(default_factory=list)
+    # one dict per vCPU thread, then per back-end thread: its CPU time, run-queue wait and,
+    # for a back end, its wake-ups and their CPU (vtrace/lab/threadclock.py, docs/lab.md)
+    threads: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The result without the events frame (``events``: how many the run made), as

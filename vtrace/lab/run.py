@@ -216,6 +216,7 @@ def _recorded(
             guest_kicks=result.guest_kicks,
             completed=result.completed,
             interrupts=result.interrupts,
+            threads=result.threads,
             per_queue=[
                 {
                     k: q[k]

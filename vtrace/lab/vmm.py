@@ -23,6 +23,7 @@ from pathlib import Path
 from vtrace import kvm_api as kvm
 from vtrace.errors import VtraceError
 from vtrace.lab import layout as L
+from vtrace.lab.threadclock import ThreadClock
 
 OutHandler = Callable[[int], None]
 InHandler = Callable[[], int]
@@ -57,6 +58,7 @@ class _Vcpu:
         self.userspace_exits = 0
         self.exit_reasons: dict[int, int] = {}
         self.tid = 0
+        self.clock = ThreadClock("vcpu", index)  # its CPU and scheduler counters
 
 
 class Vm:
@@ -307,6 +309,13 @@ class Vm:
             raise failure[0]
 
     def _run_vcpu(self, vcpu: _Vcpu) -> None:
+        vcpu.clock.start()
+        try:
+            self._run_loop(vcpu)
+        finally:
+            vcpu.clock.stop()
+
+    def _run_loop(self, vcpu: _Vcpu) -> None:
         vcpu.tid = threading.get_native_id()
         area, vcpu_fd = vcpu.run_area, vcpu.fd
         outs, ins = self.out_handlers, self.in_handlers

@@ -163,11 +163,16 @@ class BackendThread:
             if self.p.poll_ns > 0:
                 yield env.timeout(self.p.poll_ns)
             return
-        # woken from its poll loop by an eventfd: a kick or a completion
+        # woken from its poll loop by an eventfd: a kick or a completion. It first waits to
+        # be scheduled, holding no CPU, then runs its way out of the sleep on one
         wake_ns = self.wakeups.next()
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:
-            yield self._work(wake_ns, self.woken_by)
+            cpu_ns = wake_ns * self.p.wakeup_cpu_share
+            if cpu_ns < wake_ns:
+                yield env.timeout(wake_ns - cpu_ns)
+            if cpu_ns > 0:
+                yield self._work(cpu_ns, self.woken_by)
 
     def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, bool]:
         """Serve what ``path`` has available, at most ``max_per_pass`` requests; True when

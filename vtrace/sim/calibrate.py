@@ -69,6 +69,9 @@ class TraceFacts:
     start_port: tuple[int, bool] | None = None
     # virtio back end (pooled samples, ns)
     wake_ns: np.ndarray | None = None
+    # the CPU the back-end thread spent on each of those wake-ups (lab_kick's value: from
+    # just before it slept to its first pass); None for a trace of an older lab
+    wake_cpu_ns: np.ndarray | None = None
     pop_gap_ns: np.ndarray | None = None
     publish_ns: np.ndarray | None = None
     # a lab run on several vCPUs: the requests of the vCPU whose accesses were read (0: all),
@@ -193,7 +196,7 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
             & (pl.col("tid") == backend_tid)
             & (pl.col("queue") == queue)
         )
-        .select("ts_ns", pl.col("event").cast(pl.String))
+        .select("ts_ns", pl.col("event").cast(pl.String), "value")
         .sort("ts_ns")
         .collect()
         .with_columns(
@@ -220,12 +223,10 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     )
     wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
     wakes = wakes.join_asof(kick_writes, on="ts_ns", strategy="backward")
-    facts.wake_ns = (
-        wakes.drop_nulls("kick_ts")
-        .select(pl.col("next_ts") - pl.col("kick_ts"))
-        .to_series()
-        .to_numpy()
-    )
+    wakes = wakes.drop_nulls("kick_ts")
+    facts.wake_ns = wakes.select(pl.col("next_ts") - pl.col("kick_ts")).to_series().to_numpy()
+    if wakes.height and wakes["value"].null_count() == 0:
+        facts.wake_cpu_ns = wakes["value"].cast(pl.Float64).to_numpy()
     return facts
 
 
@@ -256,7 +257,7 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
         fit_virtio(cfg, facts, fitted, values)
     for key, (value, _) in fitted.items():
         if key not in ("device.accesses", "interrupt.accesses"):
-            values[key] = round(value, 6) if key.endswith("probability") else round(value, 1)
+            values[key] = round(value, 6) if key.endswith(("probability", "share")) else round(value, 1)
     return cfg.with_overrides(values, where="calibrate"), fitted
 
 
@@ -388,6 +389,20 @@ def fit_virtio(
             float((w[stalled] - np.median(w)).mean()) if stalled.any() else 0.0,
             f"{names}: mean extra delay of those stalled wake-ups",
         )
+        cpu = [f.wake_cpu_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
+        if all(c is not None for c in cpu):
+            # The model draws wakeup_ns, or with stall_probability wakeup_ns plus a stall,
+            # and holds a CPU for the share of each draw: its mean CPU is the measured mean.
+            drawn = fitted["backend.wakeup_ns"][0] + (
+                fitted["backend.stall_probability"][0] * fitted["backend.stall_ns"][0]
+            )
+            mean_cpu = float(np.concatenate(cpu).mean())  # type: ignore[arg-type]
+            fitted["backend.wakeup_cpu_share"] = (
+                min(1.0, mean_cpu / drawn) if drawn > 0 else 1.0,
+                f"{names}: mean CPU time of the back-end thread per wake-up ({mean_cpu:.0f} ns: "
+                "lab_kick's value, from before its sleep to its first pass) over the mean "
+                f"wake-up the model draws ({drawn:.0f} ns: wakeup_ns and its stalls)",
+            )
     if not math.isnan(publish) and not math.isnan(pop_gap):
         fitted["backend.per_pass_ns"] = (
             max(0.0, publish - pop_gap),

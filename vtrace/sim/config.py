@@ -250,6 +250,15 @@ SCHEMA: dict[str, dict[str, Param]] = {
     "backend": {
         "thread": Param(str, "iothread", "the thread that serves the queue", BACKEND_THREADS),
         "wakeup_ns": Param(float, 0.0, "from the kick's eventfd signal to the back end running"),
+        "wakeup_cpu_share": Param(
+            float,
+            1.0,
+            "share of each wake-up (its stall included) the thread spends on a CPU; the rest "
+            "it waits to be scheduled and holds none (matters with vm.host_cpus)",
+            minimum=0.0,
+            maximum=1.0,
+            why="a share of the wake-up's time",
+        ),
         "stall_probability": Param(
             float,
             0.0,

@@ -81,6 +81,7 @@ class BackendParams:
     publish_per_pass: bool
     max_per_pass: int  # 0: no limit
     poll_ns: float  # poll mode: time to notice a new avail entry
+    wakeup_cpu_share: float = 1.0  # of each wake-up, the part spent on a CPU
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         publish_per_pass=b["publish"] == "per_pass",
         max_per_pass=b.get("max_per_pass", 0),
         poll_ns=b.get("poll_ns", 0.0),
+        wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
     )
     interrupt = InterruptParams(
         counted=True,
