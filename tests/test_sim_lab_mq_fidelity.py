@@ -61,7 +61,9 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, dict]:
     out = {}
     print(
         f"\nvCPUs x queues, threads, batch   real req/s (2nd)   model  error"
-        f" (a CPU per thread) | kicks/req real (runs)  model  error   [{HOST_CPUS} host CPUs]"
+        f" (a CPU per thread) [wake-up all CPU] | kicks/req real (runs)  model  error"
+        f"   [{HOST_CPUS} host CPUs, load {os.getloadavg()[0]:.2f}, wake-up CPU share "
+        f"{load_config(fit)['backend.wakeup_cpu_share']:.3f}]"
     )
     for shape, group in runs.items():
         vcpus, queues, threads, batch = shape
@@ -74,28 +76,45 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, dict]:
             "vm.host_cpus": HOST_CPUS if vcpus <= HOST_CPUS else 0,
         }
         s = simulate(load_config(fit, over)).summary
-        # the same run on a host CPU per thread, to see what vm.host_cpus changes
+        # the same run on a host CPU per thread, to see what vm.host_cpus changes, and with
+        # every wake-up counted as CPU work (backend.wakeup_cpu_share 1), as before the split
         free = simulate(load_config(fit, {**over, "vm.host_cpus": 0})).summary
+        whole = simulate(load_config(fit, {**over, "backend.wakeup_cpu_share": 1.0})).summary
         rates = sorted((r.requests_per_s for r in group), reverse=True)
+        fastest = max(group, key=lambda r: r.requests_per_s)
+        ran = sum(t.get("run_ns", t["cpu_ns"]) for t in fastest.threads)
+        back = [t for t in fastest.threads if t["role"] == "backend"]
+        wakes = sum(t["wakeups"] for t in back)
         kicks = [r.kicks / r.requests for r in group]
         row = {
             "real_rps": rates[0],
             "model_rps": s["throughput_rps"],
             "model_rps_cpu_each": free["throughput_rps"],
+            "model_rps_whole_wake": whole["throughput_rps"],
             "threads": vcpus + (queues if threads == "per-queue" else 1),
             "agreement": (rates[0] - rates[1]) / rates[0],
             "real_kicks": statistics.median(kicks),
             "kicks_range": (min(kicks), max(kicks)),
             "model_kicks": s["kicks_per_request"],
+            # the fastest run's threads: their CPU over the host's, the back end's CPU and
+            # wake-ups per request, and the model's
+            "cpu_used": ran / (fastest.duration_s * 1e9 * HOST_CPUS),
+            "wakeups": wakes / fastest.requests,
+            "backend_cpu_ns": sum(t["cpu_ns"] for t in back) / fastest.requests,
+            "model_backend_cpu_ns": s["backend_utilization"] * s["simulated_ns"] * len(back) / N,
         }
         out[shape] = row
         print(
             f"{vcpus} x {queues} {threads:9s} b{batch:<2d}"
             f" {rates[0]:16.0f} ({rates[1]:.0f}) {row['model_rps']:7.0f}"
             f" {row['model_rps'] / rates[0] - 1:+6.1%}"
-            f" ({row['model_rps_cpu_each'] / rates[0] - 1:+6.1%}) | {row['real_kicks']:.3f}"
+            f" ({row['model_rps_cpu_each'] / rates[0] - 1:+6.1%})"
+            f" [{row['model_rps_whole_wake'] / rates[0] - 1:+6.1%}] | {row['real_kicks']:.3f}"
             f" ({min(kicks):.3f}-{max(kicks):.3f}) {row['model_kicks']:.3f}"
             f" {row['model_kicks'] / row['real_kicks'] - 1:+6.1%}"
+            f" | host CPU used {row['cpu_used']:4.0%}, back end per request:"
+            f" {row['wakeups']:.2f} wake-ups (model {s['backend_wakeups_per_request']:.2f}),"
+            f" {row['backend_cpu_ns'] / 1e3:4.1f} us CPU (model {row['model_backend_cpu_ns'] / 1e3:4.1f})"
         )
     return out
 

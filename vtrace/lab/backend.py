@@ -80,7 +80,6 @@ class QueueServer:
         # completes (one per pass); pop_pass indexes this fold's passes.
         self.kick_ns: list[int] = []
         self.kick_count: list[int] = []
-        self.kick_cpu_ns: list[int] = []  # the wake-up's CPU (0: read without sleeping)
         self.pop_ns: list[int] = []
         self.pop_head: list[int] = []
         self.pop_bytes: list[int] = []
@@ -98,24 +97,12 @@ class QueueServer:
             self.kicks += kicks
             self.kick_ns.append(wake_ns)
             self.kick_count.append(kicks)
-            self.kick_cpu_ns.append(0)
         return stop
 
-    def _woke(self, cpu0: int, clock: ThreadClock) -> None:
-        """The wake-up just recorded cost the thread's CPU since ``cpu0`` (its
-        ``thread_time_ns`` before it slept): noted on the kick and in ``clock``."""
-        cpu = time.thread_time_ns() - cpu0
-        self.kick_cpu_ns[-1] = cpu
-        clock.wakeups += 1
-        clock.wakeup_cpu_ns += cpu
-
-    def drain(self, wake_ns: int, cpu0: int = 0, clock: ThreadClock | None = None) -> None:
-        """Serve the queue until it is empty with kicks back on (a thread of its own);
-        ``cpu0``: the thread's CPU time before it slept, for the wake-up's CPU."""
+    def drain(self, wake_ns: int) -> None:
+        """Serve the queue until it is empty with kicks back on (a thread of its own)."""
         q = self.queue
         q.set_no_notify(True)
-        if clock is not None:
-            self._woke(cpu0, clock)
         start_ns = wake_ns
         while True:
             self._pass(start_ns)
@@ -127,14 +114,11 @@ class QueueServer:
                 return
             q.set_no_notify(True)
 
-    def serve_pass(self, cpu0: int = 0, clock: ThreadClock | None = None) -> bool:
+    def serve_pass(self) -> bool:
         """One pass, then kicks back on and a look once more (a thread shared with other
-        queues, which get their turn before this one's next pass); True if requests wait.
-        ``clock``: the thread slept and this is its first pass since (see :meth:`drain`)."""
+        queues, which get their turn before this one's next pass); True if requests wait."""
         q = self.queue
         q.set_no_notify(True)
-        if clock is not None:
-            self._woke(cpu0, clock)
         self._pass(self.start_ns)
         q.set_no_notify(False)
         with self._fence:
@@ -189,7 +173,7 @@ class QueueServer:
         self.log.add(rows, self._frame)
         self.popped += len(self.pop_ns)
         for records_list in (
-            self.kick_ns, self.kick_count, self.kick_cpu_ns, self.pop_ns, self.pop_head, self.pop_bytes,
+            self.kick_ns, self.kick_count, self.pop_ns, self.pop_head, self.pop_bytes,
             self.pop_pass, self.pass_start_ns, self.complete_ns, self.complete_count,
             self.complete_used,
         ):  # fmt: skip
@@ -210,7 +194,6 @@ class QueueServer:
                     event=schema.LAB_KICK,
                     ts_ns=as_array(self.kick_ns),
                     count=as_array(self.kick_count),
-                    value=as_array(self.kick_cpu_ns),
                     **common,
                 ),
                 events_frame(
@@ -260,16 +243,16 @@ class Backend(threading.Thread):
 
     def _serve_one(self, server: QueueServer) -> None:
         # Sleeps in read on the queue's eventfd: the cheapest wake-up, as a vhost worker.
-        clock, cpu_time = self.clock, time.thread_time_ns
+        clock = self.clock
         while True:
             if len(server.kick_ns) >= server.chunk:  # wake-ups that found nothing to take
                 server.fold()  # here, before the wake-up's time is taken: outside any latency
-            cpu0 = cpu_time()
             value = os.eventfd_read(server.kick_fd)
             wake_ns = time.monotonic_ns()
             if server.kicked(wake_ns, value):
                 return
-            server.drain(wake_ns, cpu0, clock)
+            clock.wakeups += 1
+            server.drain(wake_ns)
 
     def _serve_many(self) -> None:
         # Sleeps in poll on every queue's eventfd (QEMU's main loop, an iothread's AioContext)
@@ -285,8 +268,7 @@ class Backend(threading.Thread):
             for s in self.servers:
                 if len(s.kick_ns) >= s.chunk:
                     s.fold()
-            # a sleep (nothing waiting) is a wake-up; its CPU goes to the first pass after it
-            cpu0 = 0 if waiting else time.thread_time_ns()
+            slept = not waiting  # a sleep in poll that ends with work is a wake-up
             ready = poller.poll(0 if waiting else None)
             wake_ns = time.monotonic_ns()
             for fd, _ in ready:
@@ -299,10 +281,11 @@ class Backend(threading.Thread):
                     waiting.append(s)
             if len(stopped) == len(by_fd):
                 return
+            if slept and waiting:
+                self.clock.wakeups += 1
             for s in list(waiting):
-                if not s.serve_pass(cpu0, self.clock if cpu0 else None):
+                if not s.serve_pass():
                     waiting.remove(s)
-                cpu0 = 0
 
 
 def split_requests(requests: int, vcpus: int) -> list[int]:

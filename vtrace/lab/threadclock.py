@@ -3,11 +3,11 @@
 Each vCPU and back-end thread reads its own counters when it starts and when it ends: its
 CPU time (``CLOCK_THREAD_CPUTIME_ID``, :func:`time.thread_time_ns`) and the kernel's
 ``/proc/self/task/TID/schedstat`` line, which gives the time it ran on a CPU, the time it
-waited on a run queue (runnable, holding no CPU: the scheduling latency of its wake-ups
-and of being pre-empted) and how many times it was switched in. A back-end thread also
-counts its wake-ups and the CPU each one cost (from just before it sleeps to just before
-its first pass), which splits a wake-up's latency into the part that uses a CPU and the
-part that only waits.
+waited on a run queue (runnable, holding no CPU: the scheduling latency of its wake-ups and
+of being pre-empted) and how many times it was switched in. A back-end thread also counts
+its wake-ups (sleeps that ended with work), so that its CPU time, less what its passes
+took, gives the CPU one wake-up costs: ``vtrace calibrate`` sets from it the share of a
+wake-up's latency that holds a CPU (docs/model.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class ThreadClock:
         self.cpu_ns = 0
         self.sched: tuple[int, int, int] | None = None
         self.wakeups = 0  # back end: sleeps that ended with work to do
-        self.wakeup_cpu_ns = 0  # back end: their CPU, sleep to first pass (see the module)
         self._cpu0 = 0
         self._sched0: tuple[int, int, int] | None = None
 
@@ -59,7 +58,7 @@ class ThreadClock:
 
     def to_json(self) -> dict[str, Any]:
         """``role``, ``index``, ``tid``, ``cpu_ns``; ``run_ns``, ``wait_ns``, ``slices``
-        where the kernel keeps schedstat; a back end's ``wakeups`` and ``wakeup_cpu_ns``."""
+        where the kernel keeps schedstat; a back end's ``wakeups``."""
         out: dict[str, Any] = {
             "role": self.role,
             "index": self.index,
@@ -70,5 +69,4 @@ class ThreadClock:
             out["run_ns"], out["wait_ns"], out["slices"] = self.sched
         if self.role == "backend":
             out["wakeups"] = self.wakeups
-            out["wakeup_cpu_ns"] = self.wakeup_cpu_ns
         return out

@@ -69,11 +69,14 @@ class TraceFacts:
     start_port: tuple[int, bool] | None = None
     # virtio back end (pooled samples, ns)
     wake_ns: np.ndarray | None = None
-    # the CPU the back-end thread spent on each of those wake-ups (lab_kick's value: from
-    # just before it slept to its first pass); None for a trace of an older lab
-    wake_cpu_ns: np.ndarray | None = None
     pop_gap_ns: np.ndarray | None = None
     publish_ns: np.ndarray | None = None
+    # that back-end thread's CPU time over the run, its wake-ups, and the requests and passes
+    # it served (meta.json lab threads; a trace of an older lab has none: cpu is nan)
+    backend_cpu_ns: float = math.nan
+    backend_wakeups: int = 0
+    backend_requests: int = 0
+    backend_passes: int = 0
     # a lab run on several vCPUs: the requests of the vCPU whose accesses were read (0: all),
     # and the run's shape as config values (vm.vcpus, virtqueue.queues, backend.threads)
     vcpu_requests: int = 0
@@ -196,7 +199,7 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
             & (pl.col("tid") == backend_tid)
             & (pl.col("queue") == queue)
         )
-        .select("ts_ns", pl.col("event").cast(pl.String), "value")
+        .select("ts_ns", pl.col("event").cast(pl.String))
         .sort("ts_ns")
         .collect()
         .with_columns(
@@ -223,10 +226,26 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     )
     wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
     wakes = wakes.join_asof(kick_writes, on="ts_ns", strategy="backward")
-    wakes = wakes.drop_nulls("kick_ts")
-    facts.wake_ns = wakes.select(pl.col("next_ts") - pl.col("kick_ts")).to_series().to_numpy()
-    if wakes.height and wakes["value"].null_count() == 0:
-        facts.wake_cpu_ns = wakes["value"].cast(pl.Float64).to_numpy()
+    facts.wake_ns = (
+        wakes.drop_nulls("kick_ts")
+        .select(pl.col("next_ts") - pl.col("kick_ts"))
+        .to_series()
+        .to_numpy()
+    )
+    mine = [t for t in lab.get("threads", []) if t.get("tid") == backend_tid]
+    if mine and mine[0].get("wakeups"):
+        # every queue the thread served: its CPU time covers them all
+        served = (
+            events.filter((pl.col("tid") == backend_tid) & (pl.col("source") == "lab"))
+            .group_by(pl.col("event").cast(pl.String))
+            .len()
+            .collect()
+        )
+        counts = dict(served.iter_rows())
+        facts.backend_cpu_ns = float(mine[0]["cpu_ns"])
+        facts.backend_wakeups = int(mine[0]["wakeups"])
+        facts.backend_requests = counts.get(LAB_POP, 0)
+        facts.backend_passes = counts.get(LAB_COMPLETE, 0)
     return facts
 
 
@@ -257,7 +276,8 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
         fit_virtio(cfg, facts, fitted, values)
     for key, (value, _) in fitted.items():
         if key not in ("device.accesses", "interrupt.accesses"):
-            values[key] = round(value, 6) if key.endswith(("probability", "share")) else round(value, 1)
+            digits = 6 if key.endswith(("probability", "share")) else 1
+            values[key] = round(value, digits)
     return cfg.with_overrides(values, where="calibrate"), fitted
 
 
@@ -389,19 +409,31 @@ def fit_virtio(
             float((w[stalled] - np.median(w)).mean()) if stalled.any() else 0.0,
             f"{names}: mean extra delay of those stalled wake-ups",
         )
-        cpu = [f.wake_cpu_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
-        if all(c is not None for c in cpu):
-            # The model draws wakeup_ns, or with stall_probability wakeup_ns plus a stall,
-            # and holds a CPU for the share of each draw: its mean CPU is the measured mean.
+        timed = [f for f in facts if not math.isnan(f.backend_cpu_ns)]
+        if timed and len(timed) == len(facts) and not math.isnan(pop_gap):
+            # The back-end thread's CPU that its passes do not account for (pop to publish)
+            # is what its wake-ups cost: going to sleep, being woken, finding the work. The
+            # model draws wakeup_ns (plus a stall now and then) and holds a CPU for the
+            # share of each draw, so its mean CPU per wake-up is the measured one.
+            per_pass = 0.0 if math.isnan(publish) else max(0.0, publish - pop_gap)
+            outside = sum(
+                f.backend_cpu_ns - f.backend_requests * pop_gap - f.backend_passes * per_pass
+                for f in timed
+            )
+            wakeups = sum(f.backend_wakeups for f in timed)
+            per_wake = max(0.0, outside / wakeups)
             drawn = fitted["backend.wakeup_ns"][0] + (
                 fitted["backend.stall_probability"][0] * fitted["backend.stall_ns"][0]
             )
-            mean_cpu = float(np.concatenate(cpu).mean())  # type: ignore[arg-type]
+            share = min(1.0, per_wake / drawn) if drawn > 0 else 1.0
+            capped = " (capped at 1: the wake-ups cost more CPU than their latency)"
             fitted["backend.wakeup_cpu_share"] = (
-                min(1.0, mean_cpu / drawn) if drawn > 0 else 1.0,
-                f"{names}: mean CPU time of the back-end thread per wake-up ({mean_cpu:.0f} ns: "
-                "lab_kick's value, from before its sleep to its first pass) over the mean "
-                f"wake-up the model draws ({drawn:.0f} ns: wakeup_ns and its stalls)",
+                share,
+                f"{names}: meta.json lab threads: the back-end thread's CPU time less its "
+                f"passes' work (requests x per_request_ns + passes x per_pass_ns), per "
+                f"wake-up ({per_wake:.0f} ns over {wakeups}), over the mean wake-up the model "
+                f"draws ({drawn:.0f} ns: wakeup_ns and its stalls)"
+                + (capped if per_wake > drawn else ""),
             )
     if not math.isnan(publish) and not math.isnan(pop_gap):
         fitted["backend.per_pass_ns"] = (
