@@ -82,21 +82,26 @@ def log2_histogram(
     2**(k+1) (values v with lo <= v < hi), `count`, and `share` (of the group's count).
     Negative values are an error in the data, not a bucket: they are dropped here.
     """
-    unit = _unit(col)
     keys = [] if by is None else ([by] if isinstance(by, str) else list(by))
     lf = frame.lazy().filter(pl.col(col).is_not_null() & (pl.col(col) >= 0))
     counted = lf.group_by([*keys, log2_bucket(col)]).agg(pl.len().cast(pl.Int64).alias("count"))
+    return log2_histogram_from_counts(counted, col, keys).collect()
+
+
+def log2_histogram_from_counts(
+    counted: pl.LazyFrame, col: str, keys: Sequence[str] = ()
+) -> pl.LazyFrame:
+    """:func:`log2_histogram` from the keys, `bucket` and `count` (one row per bucket of a
+    group), as the counts of a trace's chunks merge into."""
+    unit = _unit(col)
+    keys = list(keys)
     total = pl.col("count").sum()
-    return (
-        counted.with_columns(
-            pl.when(pl.col("bucket") == 0)
-            .then(0)
-            .otherwise(2 ** pl.col("bucket"))
-            .cast(pl.Int64)
-            .alias(f"lo{unit}"),
-            (2 ** (pl.col("bucket") + 1)).cast(pl.Int64).alias(f"hi{unit}"),
-            (pl.col("count") / (total.over(keys) if keys else total)).alias("share"),
-        )
-        .sort([*keys, "bucket"])
-        .collect()
-    )
+    return counted.with_columns(
+        pl.when(pl.col("bucket") == 0)
+        .then(0)
+        .otherwise(2 ** pl.col("bucket"))
+        .cast(pl.Int64)
+        .alias(f"lo{unit}"),
+        (2 ** (pl.col("bucket") + 1)).cast(pl.Int64).alias(f"hi{unit}"),
+        (pl.col("count") / (total.over(keys) if keys else total)).alias("share"),
+    ).sort([*keys, "bucket"])

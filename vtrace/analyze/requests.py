@@ -291,7 +291,8 @@ class RequestChunks:
         seen = seen.with_columns(pl.int_range(first, first + pl.len(), dtype=pl.Int64).alias("_q"))
         self._queues = seen if self._queues is None else pl.concat([self._queues, seen])
         return (
-            queued.join(self._queues, on=keys, how="left", nulls_equal=True)
+            # Keep the trace's order of events at the same time (the sort below is stable).
+            queued.join(self._queues, on=keys, how="left", nulls_equal=True, maintain_order="left")
             .drop(keys)
             .sort("_q", "ts_ns", maintain_order=True)
         )
@@ -415,7 +416,7 @@ class RequestChunks:
         rows = _request_rows(
             matched.lazy()
             .filter(settled)
-            .join(self._queues.lazy(), on="_q", how="left")
+            .join(self._queues.lazy(), on="_q", how="left", maintain_order="left")
             .with_columns(
                 pl.when(
                     complete.is_not_null()
