@@ -40,6 +40,11 @@ REFERENCE = [(1, 1, "shared", 1), (1, 1, "shared", 8)]
 # That race is not modelled: the case is printed in the table, and not judged.
 RACE_BORN = {(2, 2, "per-queue", 8)}
 HOST_CPUS = os.cpu_count() or 1  # the model is told the host's CPUs (vm.host_cpus)
+# A 2 x 2 run has at least two threads that always run (its polling vCPUs): on a host of two
+# CPUs it uses them all unless other work takes some. The model knows only the VM's threads,
+# so throughput on fewer CPUs than threads is judged where the fastest run's threads ran for
+# at least this share of the host's CPU time (the runs' threads report it, docs/lab.md).
+HAD_THE_HOST = 0.90
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +168,29 @@ def test_two_by_two_throughput_predicted(table: dict) -> None:
             "test_fewer_host_cpus_than_threads_are_modelled instead; run on a larger host"
         )
     for shape in _calm(table, fit):
+        t = table[shape]
+        assert t["model_rps"] == pytest.approx(t["real_rps"], rel=THROUGHPUT_GOAL), shape
+
+
+@pytest.mark.kvm
+@pytest.mark.root
+@pytest.mark.bcc
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_by_two_throughput_on_fewer_host_cpus_predicted(table: dict) -> None:
+    """Shapes with more threads than the host has CPUs, but for the batch-8 race of a thread
+    per queue: within 15 %, where the fastest run had the host's CPUs to itself."""
+    short = [s for s in SHAPES if table[s]["threads"] > HOST_CPUS and s not in RACE_BORN]
+    if not short:
+        pytest.skip(f"{HOST_CPUS} host CPUs: every run has a CPU per thread")
+    had = [s for s in short if table[s]["cpu_used"] >= HAD_THE_HOST]
+    if not had:
+        used = ", ".join(f"{table[s]['cpu_used']:.0%}" for s in short)
+        pytest.skip(
+            f"other work took the host: the fastest runs' threads ran {used} of its CPU time "
+            f"(judged from {HAD_THE_HOST:.0%}); run on a quiet host"
+        )
+    for shape in _calm(table, had):
         t = table[shape]
         assert t["model_rps"] == pytest.approx(t["real_rps"], rel=THROUGHPUT_GOAL), shape
 

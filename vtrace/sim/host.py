@@ -2,15 +2,17 @@
 
 A vCPU thread holds a CPU while it runs guest code, spinning included; it gives it up only
 when the guest halts (an interrupt-driven driver waiting for a completion). A back-end
-thread holds one while it works. When a back-end thread has work and every CPU is held, it
-takes the CPU of a running vCPU for that work, as Linux's scheduler lets a thread that
-wakes after a sleep pre-empt the running one (CFS places a sleeper's virtual run time
-behind the current thread's; Documentation/scheduler/sched-design-CFS.rst). The vCPU's
-time line moves on by the back end's work: what the guest was doing finishes that much
-later. It prefers a vCPU of the queue it serves (the waker's CPU, where the wake-up lands
-when the waker's CPU is busy), then any running vCPU not already pre-empted. When no vCPU
-can give way (more busy back-end threads than CPUs beside the halted vCPUs), the back-end
-threads share what is left and each one's work takes proportionally longer.
+thread holds one while it works: its passes, and of a wake-up only the part it spends on a
+CPU (``backend.wakeup_cpu_share``); for the rest of a wake-up it waits to be scheduled, or
+for an idle CPU to wake, and holds none. When a back-end thread has work and every CPU is
+held, it takes the CPU of a running vCPU for that work, as Linux's scheduler lets a thread
+that wakes after a sleep pre-empt the running one (CFS places a sleeper's virtual run time
+behind the current thread's; Documentation/scheduler/sched-design-CFS.rst). The vCPU's time
+line moves on by the back end's work: what the guest was doing finishes that much later. It
+prefers a vCPU of the queue it serves (the waker's CPU, where the wake-up lands when the
+waker's CPU is busy), then any running vCPU not already pre-empted. When no vCPU can give
+way (more busy back-end threads than CPUs beside the halted vCPUs), the back-end threads
+share what is left and each one's work takes proportionally longer.
 
 vCPUs sharing CPUs among themselves (fewer CPUs than vCPUs) is not modelled: the loader
 refuses it.
