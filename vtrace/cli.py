@@ -196,6 +196,72 @@ def summary_command(
     print_summary(data, console)
 
 
+# --- table ------------------------------------------------------------------------------------
+
+
+@app.command(
+    "table",
+    epilog="Examples:\n\n"
+    "  vtrace table exits mytrace -o exits.parquet          one row per VM exit\n\n"
+    "  vtrace table requests mytrace -o req.parquet --force  replace an older file\n\n"
+    "  vtrace table exits_by_reason mytrace                  print an aggregate\n\n"
+    "  vtrace table kicks_by_queue mytrace -o kicks.parquet  or write it\n\n"
+    "Row tables: exits, user_exits, accesses, kicks, requests, interrupts (need -o). "
+    "Aggregates: exits_by_reason, user_exits_by_reason, accesses_by_target, kicks_by_queue, "
+    "interrupts_by_line, batching. Read the file with polars, pandas, DuckDB or Spark.",
+)
+def table_cmd(
+    name: str = typer.Argument(..., metavar="TABLE", help="A row table or an aggregate (below)."),
+    trace_dir: str = typer.Argument(..., metavar="DIR", help="A trace directory."),
+    out: str | None = typer.Option(
+        None, "-o", "--out", help="Parquet file to write (an aggregate prints without it)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Write an analysis table of a trace to Parquet, or print an aggregate: the rows,
+    columns and order of the Python analysis (`vtrace.analyze.exits(events)` ...), in memory
+    that does not grow with the trace (a chunk of about a million events at a time). The
+    file is written under a temporary name and renamed when complete; times are in ns."""
+    from vtrace.analyze.tables import AGGREGATES, ROW_TABLES, aggregate, write_table
+
+    if name not in ROW_TABLES and name not in AGGREGATES:
+        raise VtraceError(
+            f"{name}: no such table; row tables: {', '.join(ROW_TABLES)}; "
+            f"aggregates: {', '.join(AGGREGATES)}"
+        )
+    if name in ROW_TABLES:
+        if out is None:
+            raise VtraceError(
+                f"{name}: a row table (a row per event it derives from); give -o FILE.parquet, "
+                f"or print an aggregate ({', '.join(a for a in AGGREGATES if name in a)})"
+            )
+        done = write_table(name, trace_dir, out, force=force)
+        console.print(
+            f"wrote {done.path}: {done.rows:,} rows of {name} in {done.seconds:.1f} s",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+        return
+    from vtrace.output import check_new_file, write_file
+
+    if out is not None:
+        check_new_file(out, force=force)  # before the work: a bad -o costs nothing
+    frame = aggregate(name, trace_dir)
+    if out is None:
+        from vtrace.analyze.console import print_frame
+
+        print_frame(f"{name} of {trace_dir}", frame.to_dicts(), console)
+        return
+    write_file(out, frame.write_parquet, force=force)
+    console.print(
+        f"wrote {out}: {frame.height:,} rows of {name}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+
+
 # --- export -----------------------------------------------------------------------------------
 
 export_app = typer.Typer(

@@ -326,3 +326,39 @@ def print_fleet(rows: Sequence[Row], console: Console) -> None:
         problems += [f"incomplete: {r['integrity']}"] if r.get("integrity") else []
         if problems:
             console.print(f"[bold red]{r['name']}: {'; '.join(problems)}[/]", highlight=False)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+    return str(value)
+
+
+def print_frame(title: str, rows: Sequence[Row], console: Console) -> None:
+    """Print an aggregate's rows (a polars frame's `to_dicts()`) as one table, its columns
+    as they are named (times stay in ns, as in the frame)."""
+    if not rows:
+        console.print(f"{title}: no rows", highlight=False, markup=False)
+        return
+    names = list(rows[0])
+    cells = [[_cell(row[n]) for n in names] for row in rows]
+    table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    for name in names:
+        numeric = isinstance(next((r[name] for r in rows if r[name] is not None), 0), int | float)
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    # Every column whole, wider than the terminal if it must (a pager or a file reads it).
+    widths = [max(len(n), *(len(r[i]) for r in cells)) for i, n in enumerate(names)]
+    was = console.width
+    console.width = max(was, sum(widths) + 3 * len(widths) + 4)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = was
