@@ -49,9 +49,7 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     # the vCPU is free before the interrupt lands, it keeps running guest code until then
     # (adding requests, kicking): the handler takes its time only from when it starts.
     if start > timeline.busy_until_ns and start > env.now:
-        env.timeout(start - env.now).callbacks.append(
-            lambda _event: timeline.occupy(start, cost)
-        )
+        env.timeout(start - env.now).callbacks.append(lambda _event: timeline.occupy(start, cost))
     else:
         timeline.occupy(start, cost)
     env.timeout(end - env.now).callbacks.append(path.guest_interrupt_handler)
