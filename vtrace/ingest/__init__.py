@@ -3,7 +3,8 @@
 :func:`read_events` parses one file into an events frame (the schema of
 :mod:`vtrace.schema`) and a meta dict; :func:`import_file` also writes it as a trace
 directory. Parsing is vectorised: the file becomes one column of lines and every step is a
-polars expression over whole columns.
+polars expression over whole columns; in ftrace files, a compiled reader
+(:mod:`vtrace.ingest.native`) takes the lines with tracefs' layout that it is sure of first.
 """
 
 from __future__ import annotations

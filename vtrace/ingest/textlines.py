@@ -28,7 +28,7 @@ BINARY_PROBE_BYTES = 64 * 1024
 UNIT_SEPARATOR = b"\x1f"
 
 
-def _raise_not_utf8(path: Path, data: bytes) -> None:
+def check_utf8(path: Path, data: bytes) -> None:
     """Raise a VtraceError naming the first line that is not UTF-8 (if any)."""
     try:
         data.decode("utf-8")
@@ -39,7 +39,7 @@ def _raise_not_utf8(path: Path, data: bytes) -> None:
 
 def _split_in_python(path: Path, data: bytes) -> pl.DataFrame:
     """Lines of a file that holds the CSV reader's separator (one string split by polars)."""
-    _raise_not_utf8(path, data)
+    check_utf8(path, data)
     text = data.decode("utf-8").removesuffix("\n")
     lines = pl.Series("line", [text], dtype=pl.String).str.split("\n").explode().to_frame()
     return lines.select(pl.col("line").str.strip_suffix("\r"))
@@ -123,9 +123,8 @@ def read_regular_file(p: Path) -> bytes:
             raise VtraceError(f"{p}: cannot read: {e.strerror or e}") from None
 
 
-def read_text_lines(path: str | os.PathLike[str]) -> TextLines:
-    """Like :func:`read_lines`, keeping the bytes and where each line starts in them."""
-    p = Path(path)
+def read_text_bytes(p: Path) -> bytes:
+    """The bytes of a text trace: a regular file, not empty, not binary."""
     data = read_regular_file(p)
     # Cheap checks first; whitespace-only large files fail later as "no events".
     if not data or (len(data) < BINARY_PROBE_BYTES and not data.strip()):
@@ -135,6 +134,17 @@ def read_text_lines(path: str | os.PathLike[str]) -> TextLines:
             f"{p}: binary file, expected text (convert perf.data with `perf script`, "
             "trace.dat with `trace-cmd report`)"
         )
+    return data
+
+
+def read_text_lines(path: str | os.PathLike[str], data: bytes | None = None) -> TextLines:
+    """Like :func:`read_lines`, keeping the bytes and where each line starts in them.
+
+    ``data``: the file's bytes, already read by :func:`read_text_bytes`.
+    """
+    p = Path(path)
+    if data is None:
+        data = read_text_bytes(p)
     ends_in_newline = data.endswith(b"\n")
     if UNIT_SEPARATOR in data:
         lines = _split_in_python(p, data)
@@ -152,7 +162,7 @@ def read_text_lines(path: str | os.PathLike[str]) -> TextLines:
                 infer_schema=False,
             ).select(pl.col("line").fill_null(""))
         except pl.exceptions.ComputeError as e:
-            _raise_not_utf8(p, data)
+            check_utf8(p, data)
             raise VtraceError(f"{p}: cannot be read as lines of text: {e}") from None
     lines = lines.with_row_index("lineno", offset=1)
     starts = _line_starts(lines, data, ends_in_newline)
@@ -175,10 +185,14 @@ def check_last_line(path: Path, lines: pl.DataFrame, *, ends_in_newline: bool, w
     """
     if ends_in_newline or lines.height == 0:
         return
-    last = lines.get_column("line")[-1]
+    check_last_text(path, lines.get_column("line")[-1], lineno=lines.height, what=what)
+
+
+def check_last_text(path: Path, last: str, *, lineno: int, what: str) -> None:
+    """:func:`check_last_line` given the text of the last line (which has no newline)."""
     if last.strip():
         raise VtraceError(
-            f"{path}:{lines.height}: truncated: the file ends in the middle of a {what} line "
+            f"{path}:{lineno}: truncated: the file ends in the middle of a {what} line "
             "(no newline after it)"
         )
 

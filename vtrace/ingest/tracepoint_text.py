@@ -1,7 +1,10 @@
 """Text output of kernel tracepoints (ftrace, trace-cmd, perf script) into the events table.
 
 Every format here is a per-line header (task, thread, CPU, timestamp, event name) followed
-by the tracepoint's own text. Lines with tracefs' fixed-width header are read by
+by the tracepoint's own text. In ftrace files, the compiled reader
+(:mod:`vtrace.ingest.native`) takes first the lines it is sure of; every line it hands back,
+and every line of a file read without it, takes the polars path below, where all the checks
+on bad lines are. Lines with tracefs' fixed-width header are read by
 :func:`split_fast` (the header from the file's bytes, :mod:`vtrace.ingest.tracefs_layout`);
 every other line is cut apart with searches and slices over the whole column
 (:func:`split_lines`). The payloads are then parsed once per event name with that
@@ -22,12 +25,16 @@ import polars as pl
 
 from vtrace import schema as s
 from vtrace.errors import VtraceError
+from vtrace.ingest import native
 from vtrace.ingest.kvm_payloads import PAYLOADS, PayloadFormat, field
 from vtrace.ingest.textlines import (
     TextLines,
     check_last_line,
+    check_last_text,
     check_unparsed,
+    check_utf8,
     first_line_numbers,
+    read_text_bytes,
     read_text_lines,
 )
 from vtrace.ingest.tracefs_layout import tracefs_header
@@ -433,17 +440,53 @@ def parsed_lines(text: TextLines, fmt: LineFormat) -> tuple[pl.DataFrame | None,
     return parsed, rest
 
 
+def _compiled_lines(
+    p: Path, data: bytes, fmt: LineFormat
+) -> tuple[int, pl.DataFrame | None, pl.DataFrame] | None:
+    """``(lines, parsed, rest)`` as :func:`parsed_lines` gives them, with the lines the
+    compiled reader accepts (:mod:`vtrace.ingest.native`) parsed there and every other
+    line parsed here; None when the extension is not there or the file is one whose lines
+    polars splits another way (carriage returns, the unit separator)."""
+    got = native.parse(data)
+    if got is None or got.cr or got.unit_separator:
+        return None
+    if got.non_ascii:
+        check_utf8(p, data)  # what reading the lines with polars would report
+    ends_in_newline = data.endswith(b"\n")
+    rest = got.rest
+    if not ends_in_newline:
+        in_rest = rest.height > 0 and int(rest.get_column("lineno")[-1]) == got.lines
+        # A line the compiled reader accepted is an event line: never blank.
+        last = rest.get_column("line")[-1] if in_rest else "event"
+        check_last_text(p, last, lineno=got.lines, what=fmt.name)
+    parsed = got.rows if got.rows.height else None
+    if rest.height == 0:
+        return got.lines, parsed, rest
+    text = TextLines(rest, ends_in_newline, data, got.rest_starts, got.nul)
+    others, rest = parsed_lines(text, fmt)
+    if others is None:
+        return got.lines, parsed, rest
+    if parsed is None:
+        return got.lines, others, rest
+    return got.lines, parsed.merge_sorted(others, key="lineno"), rest
+
+
 def read_tracepoint_text(
     fmt: LineFormat, path: str | Path, *, strict: bool = False
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Parse one text file of tracepoint lines into an events frame and its meta."""
     p = Path(path)
-    text = read_text_lines(p)
-    lines = text.lines
-    check_last_line(p, lines, ends_in_newline=text.ends_in_newline, what=fmt.name)
-    total = lines.height
+    data = read_text_bytes(p)
+    got = _compiled_lines(p, data, fmt) if fmt.tracefs_layout else None
+    if got is None:
+        text = read_text_lines(p, data)
+        lines = text.lines
+        check_last_line(p, lines, ends_in_newline=text.ends_in_newline, what=fmt.name)
+        total = lines.height
+        parsed, rest = parsed_lines(text, fmt)
+    else:
+        total, parsed, rest = got
     line = pl.col("line")
-    parsed, rest = parsed_lines(text, fmt)
 
     is_ignored = line.str.contains(fmt.ignore)
     ignored = rest.filter(is_ignored).height
