@@ -174,7 +174,8 @@ def accesses_by_target_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.La
             pl.col("source", "event", "device").cast(pl.String),
             (pl.col("user") / pl.col("count")).alias("user_share"),
         )
-        .sort(["count", "source", "event", "addr"], descending=[True, False, False, False])
+        # Every key breaks ties: the order never depends on the order rows came in.
+        .sort(["count", "source", "event", "addr", "device"], descending=[True] + [False] * 4)
     )
 
 

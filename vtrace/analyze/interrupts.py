@@ -112,7 +112,8 @@ def interrupts_by_line_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.La
         .group_by(LINE_KEYS)
         .agg(pl.col("count", "raised").sum())
         .with_columns(pl.col("source", "event", "device").cast(pl.String))
-        .sort(["count", "source", "event"], descending=[True, False, False])
+        # Every key breaks ties: the order never depends on the order rows came in.
+        .sort(["count", *LINE_KEYS], descending=[True] + [False] * len(LINE_KEYS))
     )
 
 

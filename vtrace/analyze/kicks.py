@@ -148,7 +148,11 @@ def kicks_by_queue_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.LazyFr
             pl.when(span_s > 0).then(pl.col("kicks") / span_s).alias("rate_per_s"),
             pl.col("source", "event", "device").cast(pl.String),
         )
-        .sort(["kicks", "source", "device", "queue"], descending=[True, False, False, False])
+        # Every key breaks ties: the order never depends on the order rows came in.
+        .sort(
+            ["kicks", "source", "device", "queue", "event", "addr"],
+            descending=[True] + [False] * 5,
+        )
     )
 
 
