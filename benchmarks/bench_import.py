@@ -5,16 +5,18 @@ running an emulated device and a virtio one: exits and entries, PIO and MMIO wit
 user-space exits, MSI and IRQ-line interrupts, injections, instruction emulation and other
 kvm events kept as raw), then times, in the same run and on the same file:
 
-* ``vtrace.ingest.import_file("ftrace", ...)``: read, parse, write the trace directory;
+* ``vtrace.ingest.import_file("ftrace", ...)``: read, parse, write the trace directory, with
+  the compiled reader of tracefs lines (vtrace/ingest/_tracefs.c) as installed;
+* the same with the polars parser only (``VTRACE_PURE_PARSER=1``);
 * the anchor: a loop over lines with Python's ``re`` filling per-column lists, building the
-  same events frame and writing it with the same trace writer.
-
+  same events frame and writing it with the same trace writer;
 * the floor: reading the file's lines into a polars string column and nothing else, the
   fastest of polars' ways (``read_csv`` with a separator that never occurs, ``scan_lines``).
 
-Both produce the same table (checked once). Prints lines/s, wall-clock and CPU time (all
-threads) as medians over the repeats (the three interleaved), the speed-up over the anchor
-and vtrace's time as a multiple of the floor.
+All three produce the same table (checked once). Prints lines/s, wall-clock and CPU time
+(all threads) as medians over the repeats (all of them interleaved), the number of repeats,
+the load average before and after, the speed-ups over the anchor and vtrace's time as a
+multiple of the floor.
 
     .venv/bin/python benchmarks/bench_import.py [--lines N] [--repeats R]
 """
@@ -29,12 +31,14 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 
 from vtrace import schema as s
-from vtrace.ingest import IMPORT_COMPRESSION, import_file, read_events
+from vtrace.ingest import IMPORT_COMPRESSION, import_file, native, read_events
 from vtrace.store import open_trace, write_trace
 
 # (weight, event, payload template); {x} fields are filled per line.
@@ -225,7 +229,30 @@ def run_anchor(path: Path, out: Path) -> None:
 
 
 def run_vtrace(path: Path, out: Path) -> None:
+    if native.module() is None:
+        raise SystemExit(
+            "vtrace.ingest._tracefs is not built: run `bash scripts/setup-python.sh --dev`"
+        )
     import_file("ftrace", path, out)
+
+
+@contextmanager
+def polars_only() -> Iterator[None]:
+    """vtrace without its compiled reader: every line parsed by polars."""
+    saved = os.environ.get(native.PURE_ENV)
+    os.environ[native.PURE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[native.PURE_ENV]
+        else:
+            os.environ[native.PURE_ENV] = saved
+
+
+def run_vtrace_polars(path: Path, out: Path) -> None:
+    with polars_only():
+        import_file("ftrace", path, out)
 
 
 # The floor: the file's lines as one polars column, each way polars has to read lines.
@@ -261,7 +288,7 @@ def timed(fn, path: Path, work: Path, name: str) -> tuple[float, float]:
 def phases(path: Path, work: Path, repeats: int) -> None:
     """Where vtrace's time goes: wall and CPU seconds of each step (medians)."""
     from vtrace.ingest.ftrace import FTRACE
-    from vtrace.ingest.textlines import read_text_lines
+    from vtrace.ingest.textlines import read_text_bytes, read_text_lines
     from vtrace.ingest.tracepoint_text import parsed_lines
 
     steps: dict[str, list[tuple[float, float]]] = {}
@@ -273,9 +300,13 @@ def phases(path: Path, work: Path, repeats: int) -> None:
         return result
 
     for _ in range(repeats):
-        text = step("read the file into lines", read_text_lines, path)
-        step("split and parse the events", parsed_lines, text, FTRACE)
+        data = step("read the file's bytes", read_text_bytes, path)
+        step("compiled reader (all lines)", native.parse, data)
         frame, meta = step("whole parse (read_events)", read_events, "ftrace", path)
+        with polars_only():
+            text = step("polars only: read the lines", read_text_lines, path)
+            step("polars only: split and parse", parsed_lines, text, FTRACE)
+            step("polars only: whole parse", read_events, "ftrace", path)
         shutil.rmtree(work / "phases", ignore_errors=True)
         out = work / "phases"
         step(
@@ -310,33 +341,32 @@ def main() -> None:
             f"generated {args.lines:,} event lines ({size_mb:.0f} MB) in {time.perf_counter() - t0:.1f} s"
         )
 
-        # Same table from both (checked once, outside the timings).
+        # Same table from all three (checked once, outside the timings).
         run_vtrace(path, work / "check-vtrace")
+        run_vtrace_polars(path, work / "check-polars")
         run_anchor(path, work / "check-anchor")
-        a = (
-            open_trace(work / "check-vtrace")
+        a, p, b = (
+            open_trace(work / name)
             .events.collect()
             .with_columns(pl.col(pl.Categorical).cast(pl.String))
+            for name in ("check-vtrace", "check-polars", "check-anchor")
         )
-        b = (
-            open_trace(work / "check-anchor")
-            .events.collect()
-            .with_columns(pl.col(pl.Categorical).cast(pl.String))
-        )
-        same = a.equals(b)
-        print(f"same events table from both: {same} ({a.height:,} rows)")
+        same = a.equals(b) and p.equals(b)
+        print(f"same events table from all three: {same} ({a.height:,} rows)")
 
         print("load average before the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-        runs: dict[str, list[tuple[float, float]]] = {
-            "vtrace import ftrace": [],
-            "per-line re (anchor)": [],
-            **{f"floor: {name}": [] for name in FLOORS},
+        labels = {
+            "vtrace (compiled reader)": run_vtrace,
+            "vtrace (polars only)": run_vtrace_polars,
+            "per-line re (anchor)": run_anchor,
+            **{f"floor: {name}": run_floor(name) for name in FLOORS},
         }
-        fns = [run_vtrace, run_anchor, *[run_floor(name) for name in FLOORS]]
-        for _ in range(args.repeats):
-            for got, fn in zip(runs.values(), fns, strict=True):
-                got.append(timed(fn, path, work, "out"))
+        runs: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
+        for _ in range(args.repeats):  # interleaved: each repeat runs every contender once
+            for label, fn in labels.items():
+                runs[label].append(timed(fn, path, work, "out"))
         lines = args.lines + 3
+        print(f"medians of {args.repeats} interleaved repeats:")
         med: dict[str, tuple[float, float]] = {}
         for label, got in runs.items():
             wall = statistics.median(r[0] for r in got)
@@ -344,40 +374,46 @@ def main() -> None:
             med[label] = (wall, cpu)
             walls = ", ".join(f"{r[0]:.2f}" for r in got)
             print(
-                f"{label:22}: median {wall:6.2f} s wall ({lines / wall:10,.0f} lines/s), "
+                f"{label:25}: {wall:6.2f} s wall ({lines / wall:10,.0f} lines/s), "
                 f"{cpu:6.2f} s CPU  (runs: {walls})"
             )
-        # Parsing alone (no Parquet): where the two differ; the write is the same code.
-        parse_vt, parse_an = [], []
+        # Parsing alone (no Parquet): where they differ; the write is the same code.
+        parse: dict[str, list[float]] = {"compiled": [], "polars only": [], "anchor": []}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             read_events("ftrace", path)
-            parse_vt.append(time.perf_counter() - t0)
+            parse["compiled"].append(time.perf_counter() - t0)
+            with polars_only():
+                t0 = time.perf_counter()
+                read_events("ftrace", path)
+                parse["polars only"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             per_line_parse(path)
-            parse_an.append(time.perf_counter() - t0)
-        pv, pa = statistics.median(parse_vt), statistics.median(parse_an)
+            parse["anchor"].append(time.perf_counter() - t0)
+        pm = {k: statistics.median(v) for k, v in parse.items()}
         print(
-            f"parse only (no write): vtrace {pv:.2f} s ({lines / pv:,.0f} lines/s), "
-            f"anchor {pa:.2f} s ({lines / pa:,.0f} lines/s): {pa / pv:.1f}x"
+            "parse only (no write), wall: "
+            + ", ".join(f"{k} {v:.2f} s ({lines / v:,.0f} lines/s)" for k, v in pm.items())
+            + f"; anchor / compiled {pm['anchor'] / pm['compiled']:.1f}x,"
+            f" anchor / polars only {pm['anchor'] / pm['polars only']:.1f}x"
         )
-        vt, an = med["vtrace import ftrace"], med["per-line re (anchor)"]
+        an = med["per-line re (anchor)"]
         floor = min(
             (m for label, m in med.items() if label.startswith("floor")), key=lambda m: m[0]
         )
-        print(
-            f"speed-up: {an[0] / vt[0]:.1f}x wall, {an[1] / vt[1]:.1f}x CPU time (goal: at least 10x)"
-        )
-        print(
-            f"vtrace / floor (fastest line read): {vt[0] / floor[0]:.1f}x wall, "
-            f"{vt[1] / floor[1]:.1f}x CPU time"
-        )
+        for label in ("vtrace (compiled reader)", "vtrace (polars only)"):
+            vt = med[label]
+            print(
+                f"{label}: {an[0] / vt[0]:.1f}x the anchor in wall time, "
+                f"{an[1] / vt[1]:.1f}x in CPU time (goal: at least 10x); "
+                f"{vt[0] / floor[0]:.1f}x the floor in wall time, {vt[1] / floor[1]:.1f}x in CPU time"
+            )
         if args.phases:
             print("vtrace's steps:")
             phases(path, work, args.repeats)
         print("load average after the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         if not same:
-            raise SystemExit("the two parsers disagree: fix before trusting the timings")
+            raise SystemExit("the parsers disagree: fix before trusting the timings")
 
 
 if __name__ == "__main__":

@@ -114,9 +114,12 @@ typedef struct {
     Py_ssize_t len, cap_slots;
 } dict;
 
+#define HASH_START 1469598103934665603ULL
+#define HASH_STEP(h, ch) (((h) ^ (unsigned char)(ch)) * 1099511628211ULL)
+
 static uint64_t hash_bytes(const char *s, Py_ssize_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ULL;
+    uint64_t h = HASH_START;
+    for (Py_ssize_t i = 0; i < n; i++) h = HASH_STEP(h, s[i]);
     return h;
 }
 
@@ -135,10 +138,12 @@ static void dict_free(dict *d) {
     free(d->slots);
 }
 
-/* Index of (s, n); -1 when absent and `add` is 0 or the dictionary is full. */
-static int32_t dict_find(dict *d, const char *s, Py_ssize_t n, int add, int kind, int limit) {
+/* Index of (s, n), whose hash_bytes is h; -1 when absent and `add` is 0 or the dictionary
+ * is full. */
+static int32_t dict_find_h(dict *d, const char *s, Py_ssize_t n, uint64_t h, int add, int kind,
+                           int limit) {
     Py_ssize_t mask = d->cap_slots - 1;
-    Py_ssize_t i = (Py_ssize_t)(hash_bytes(s, n) & (uint64_t)mask);
+    Py_ssize_t i = (Py_ssize_t)(h & (uint64_t)mask);
     for (;;) {
         int32_t at = d->slots[i];
         if (at < 0) break;
@@ -151,6 +156,10 @@ static int32_t dict_find(dict *d, const char *s, Py_ssize_t n, int add, int kind
     d->e[d->len].kind = kind;
     d->slots[i] = (int32_t)d->len;
     return (int32_t)d->len++;
+}
+
+static int32_t dict_find(dict *d, const char *s, Py_ssize_t n, int add, int kind, int limit) {
+    return dict_find_h(d, s, n, hash_bytes(s, n), add, kind, limit);
 }
 
 /* ---- output ------------------------------------------------------------------------- */
@@ -327,9 +336,10 @@ static int p_exit(state *st, const char *p, Py_ssize_t n, row *r) {
     }
     if (!LIT("reason ")) return 0;
     Py_ssize_t name = i;
-    while (i < n && p[i] != ' ') i++;
+    uint64_t h = HASH_START;
+    while (i < n && p[i] != ' ') h = HASH_STEP(h, p[i]), i++;
     if (i == name) return 0;
-    int32_t at = dict_find(&st->reasons, p + name, i - name, 0, 0, 0);
+    int32_t at = dict_find_h(&st->reasons, p + name, i - name, h, 0, 0, 0);
     if (at < 0) return 0; /* codes in hex, two-word names, unknown names: polars */
     exit_reason *x = &st->reason_rows[at];
     if (!x->has_reason) return 0;
@@ -622,9 +632,12 @@ static int parse_line(state *st, const char *line, Py_ssize_t len, row *r) {
     Py_ssize_t tail_n = len - c - 2;
     Py_ssize_t name_n = find_colon_blank(tail, tail_n);
     if (name_n <= 0 || name_n > NAME_WINDOW) return 0;
-    for (Py_ssize_t k = 0; k < name_n; k++)
+    uint64_t h = HASH_START;
+    for (Py_ssize_t k = 0; k < name_n; k++) {
         if (!is_word((unsigned char)tail[k])) return 0;
-    int32_t ev = dict_find(&st->events, tail, name_n, 0, 0, 0);
+        h = HASH_STEP(h, tail[k]);
+    }
+    int32_t ev = dict_find_h(&st->events, tail, name_n, h, 0, 0, 0);
     if (ev < 0) {
         int kind = K_OTHER;
         for (size_t k = 0; k < N_KNOWN; k++)
@@ -633,7 +646,7 @@ static int parse_line(state *st, const char *line, Py_ssize_t len, row *r) {
                 kind = KNOWN[k].kind;
         if (kind == K_OTHER && dict_find(&st->refused, tail, name_n, 0, 0, 0) >= 0)
             kind = K_REFUSE;
-        ev = dict_find(&st->events, tail, name_n, 1, kind, DICT_MAX);
+        ev = dict_find_h(&st->events, tail, name_n, h, 1, kind, DICT_MAX);
         if (ev < 0) return 0;
     }
     r->event = (uint32_t)ev;
