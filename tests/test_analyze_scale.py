@@ -326,3 +326,19 @@ def test_groups_of_equal_counts_come_in_one_order() -> None:
                      (a.accesses_by_target, access)):  # fmt: skip
         first, second = (fn(f) for f in _tied(rows))
         assert first.equals(second), (first, second)
+
+
+def test_an_imported_trace_opens_with_pyarrow_dataset_alone(tmp_path: Path) -> None:
+    """Any Parquet reader takes an importer's output: pyarrow.dataset, no vtrace code."""
+    from vtrace.ingest import import_file
+
+    trace = import_file("ftrace", ROOT / "tests" / "data" / "kvm_tracefs.txt", tmp_path / "t")
+    dataset = ds.dataset(trace.path, format="parquet", ignore_prefixes=[".", "_", "meta.json"])
+    table = dataset.to_table()
+    assert table.num_rows == trace.meta["events"] > 0
+    events = trace.events.collect()
+    for col in ("ts_ns", "event", "tid", "addr"):
+        assert (
+            pl.from_arrow(table.column(col)).cast(pl.String).to_list()
+            == events.get_column(col).cast(pl.String).to_list()
+        )
