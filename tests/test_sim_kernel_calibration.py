@@ -72,6 +72,7 @@ def test_a_back_end_bound_prediction_needs_the_back_ends_events(tmp_path: Path) 
         f"{b['throughput_rps']:.0f}/s ({b['throughput_rps'] / a['throughput_rps'] - 1:+.0%})"
     )
     assert "backend.wakeup_ns" not in kernel.fitted
+    assert "backend.wakeup_cpu_share" not in kernel.fitted  # nor the CPU part of a wake-up
     assert b["throughput_rps"] > a["throughput_rps"]
 
 

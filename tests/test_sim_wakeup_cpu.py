@@ -10,10 +10,16 @@ wakeup_ns x share)``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import polars as pl
 import pytest
 
+from vtrace import open_trace
 from vtrace.errors import VtraceError
 from vtrace.sim import load_config, simulate
+from vtrace.sim.calibrate import calibrate
+from vtrace.store import write_trace
 
 PREP_NS = 3000.0  # guest CPU per request
 SERVE_NS = 1000.0  # back-end CPU per request
@@ -69,3 +75,55 @@ def test_a_cpu_per_thread_sees_the_same_latency() -> None:
 def test_a_share_out_of_range_is_one_line(bad: float) -> None:
     with pytest.raises(VtraceError, match=r"backend\.wakeup_cpu_share"):
         load_config("lab-virtio", {"backend.wakeup_cpu_share": bad})
+
+
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+
+
+def with_threads(name: str, out: Path, cpu_ns: int, wakeups: int) -> Path:
+    """``traces/name`` with the back-end thread's counters a lab run now puts in its meta."""
+    t = open_trace(TRACES / name)
+    events = t.events.collect()
+    tid = events.filter(pl.col("event").cast(pl.String) == "lab_pop")["tid"][0]
+    lab = {**t.meta["lab"], "threads": [
+        {"role": "vcpu", "index": 0, "tid": 1, "cpu_ns": 1},
+        {"role": "backend", "index": 0, "tid": int(tid), "cpu_ns": cpu_ns, "wakeups": wakeups},
+    ]}  # fmt: skip
+    write_trace(out / name, events, {**t.meta, "lab": lab})
+    return out / name
+
+
+def test_calibrate_takes_the_cpu_of_a_wake_up_from_the_threads(tmp_path: Path) -> None:
+    names = ["lab-virtio-b1", "lab-virtio-b8"]
+    counters = {"lab-virtio-b1": (20_000_000, 1900), "lab-virtio-b8": (5_000_000, 250)}
+    traces = [with_threads(n, tmp_path, *counters[n]) for n in names]
+    fit = calibrate(traces, "lab-virtio", tmp_path / "fit.toml")
+    c = fit.config
+    outside = 0.0
+    for path, (cpu, _) in zip(traces, counters.values(), strict=True):
+        counts = dict(
+            open_trace(path)
+            .events.group_by(pl.col("event").cast(pl.String))
+            .len()
+            .collect()
+            .iter_rows()
+        )
+        outside += cpu - counts["lab_pop"] * c["backend.per_request_ns"]
+        outside -= counts["lab_complete"] * c["backend.per_pass_ns"]
+    per_wake = outside / sum(w for _, w in counters.values())
+    drawn = c["backend.wakeup_ns"] + c["backend.stall_probability"] * c["backend.stall_ns"]
+    assert c["backend.wakeup_cpu_share"] == pytest.approx(min(1.0, per_wake / drawn), abs=2e-6)
+    assert "meta.json lab threads" in fit.notes["backend.wakeup_cpu_share"]
+    assert "wakeup_cpu_share = " in (tmp_path / "fit.toml").read_text()
+
+
+def test_a_trace_without_the_threads_keeps_the_base_models_share(tmp_path: Path) -> None:
+    fit = calibrate(
+        [TRACES / "lab-virtio-b1", TRACES / "lab-virtio-b8"], "lab-virtio", tmp_path / "f.toml"
+    )
+    assert "backend.wakeup_cpu_share" not in fit.fitted
+    assert (
+        fit.config["backend.wakeup_cpu_share"]
+        == load_config("lab-virtio")["backend.wakeup_cpu_share"]
+    )
+    assert "wakeup_cpu_share = 1.0  # from lab-virtio.toml" in (tmp_path / "f.toml").read_text()
