@@ -101,8 +101,12 @@ def test_batching_cuts_kicks_and_interrupts_as_the_ring_allows() -> None:
     for ring in (16, 256):
         kicks = [rows[ring, b]["kicks_per_request"] for b in (1, 4, 16)]
         irqs = [rows[ring, b]["irqs_per_request"] for b in (1, 4, 16)]
-        assert kicks[0] > kicks[1] > kicks[2], (ring, kicks)
-        assert irqs[0] > irqs[1] > irqs[2], (ring, irqs)
+        assert kicks[0] > kicks[1] >= kicks[2], (ring, kicks)
+        assert irqs[0] > irqs[1] >= irqs[2], (ring, irqs)
+    # on the large ring each batch size has its own kick; on the 16-descriptor ring the
+    # guest, which goes on adding while an interrupt is on its way, fills the ring's 5
+    # requests at batch 4 too, and kicks once per ring's worth like batch 16
+    assert rows[256, 4]["kicks_per_request"] > rows[256, 16]["kicks_per_request"]
     # a 16-descriptor ring holds 5 requests of 3 descriptors: a batch of 16 cannot fit, so the
     # guest kicks when the ring fills (once per 5 requests) and stalls
     small, large = rows[16, 16], rows[256, 16]

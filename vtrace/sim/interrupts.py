@@ -45,13 +45,11 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
         cost += exits.time_ns
     end = start + cost
     timeline.handler_free_ns = end
-    # the handler pre-empts the vCPU: whatever it was doing finishes `cost` later. When
-    # the vCPU is free before the interrupt lands, it keeps running guest code until then
-    # (adding requests, kicking): the handler takes its time only from when it starts.
-    if start > timeline.busy_until_ns and start > env.now:
-        env.timeout(start - env.now).callbacks.append(lambda _event: timeline.occupy(start, cost))
-    else:
-        timeline.occupy(start, cost)
+    # the handler pre-empts the vCPU when it starts: whatever the vCPU was doing then
+    # finishes `cost` later. Until it starts the vCPU goes on running guest code (adding
+    # requests, kicking), and completions the back end publishes meanwhile find
+    # used_event where it was: they share this interrupt.
+    timeline.preempt(start, cost)
     env.timeout(end - env.now).callbacks.append(path.guest_interrupt_handler)
     return True
 

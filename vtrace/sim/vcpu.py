@@ -145,6 +145,8 @@ class Vcpu:
                 continue
             request, arrival = pending[0]
             wake = arrival
+            if timeline.preempt_at_ns <= now:  # an interrupt handler has started
+                timeline.catch_up(now)
             if timeline.busy_until_ns > wake:
                 wake = timeline.busy_until_ns
             if wake > now:
