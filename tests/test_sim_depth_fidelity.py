@@ -8,6 +8,14 @@ kick is needed, and how many completions share an interrupt, come out of the mod
 Real runs of the same command differ a lot on a shared 2-core host (traces/README.md: eight
 or nine runs per depth, with the host's load), so a prediction is judged against the range
 of those runs, and the printed table gives its error against the shipped run and the median.
+Where the model is within 10 % of the runs' median it is held there; where it is not, the
+check is a strict expected failure (docs/model.md, "Split lots and shared interrupts"):
+
+- depth 32 kicks: the model keeps the depth-4 count of dispatch splits per lot (0.85),
+  where the depth-32 run split its lots into more single requests before the rest
+  (1.27 extra kicks per lot: (1, 1, 30), (1, 1, 1, 29), ...);
+- depth 16 interrupts: one interrupt per piece (0.115 per request, +10 % on the median
+  0.104), where QEMU completes some pieces before the guest's handler has re-armed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ TRACES = Path(__file__).resolve().parent.parent / "traces"
 RUNS = {
     16: {"kicks": (0.069, 0.117, 0.350), "irqs": (0.067, 0.104, 0.244)},
     32: {"kicks": (0.046, 0.071, 0.095), "irqs": (0.043, 0.059, 0.075)},
+}
+MEDIAN_MISSES = {
+    (32, "kicks"): "the depth-4 dispatch splits per lot (0.85) at depth 32, which split more "
+    "(1.27): -20 % on the median",
+    (16, "irqs"): "one interrupt per piece; QEMU completes some pieces before the guest's "
+    "handler re-armed: +10.3 % on the median",
 }
 
 
@@ -48,11 +62,36 @@ def test_calibration_pools_the_shallow_runs(shallow) -> None:
     assert shallow["workload.dispatch_splits"] == pytest.approx(kicks4 * 4 - 1, abs=1e-3)
 
 
-@pytest.mark.parametrize("depth", [16, 32])
-def test_deeper_queues_predicted(shallow, depth: int) -> None:
+def predict(shallow, depth: int) -> dict:
     over = {"workload.queue_depth": depth, "workload.requests": 16_384,
             "workload.warmup_requests": 0}  # fmt: skip
-    s = simulate(shallow.with_overrides(over)).summary
+    return simulate(shallow.with_overrides(over)).summary
+
+
+@pytest.fixture(scope="module")
+def predicted(shallow) -> dict[int, dict]:
+    return {depth: predict(shallow, depth) for depth in (16, 32)}
+
+
+@pytest.mark.parametrize(
+    ("depth", "name"),
+    [
+        pytest.param(d, n, marks=pytest.mark.xfail(strict=True, reason=MEDIAN_MISSES[d, n]))
+        if (d, n) in MEDIAN_MISSES
+        else pytest.param(d, n)
+        for d in (16, 32)
+        for n in ("kicks", "irqs")
+    ],
+)
+def test_deeper_queues_within_10_percent_of_the_median(predicted, depth: int, name: str) -> None:
+    model = predicted[depth][f"{name}_per_request"]
+    median = RUNS[depth][name][1]
+    assert abs(model / median - 1) <= 0.10, (depth, name, model, median)
+
+
+@pytest.mark.parametrize("depth", [16, 32])
+def test_deeper_queues_predicted(predicted, depth: int) -> None:
+    s = predicted[depth]
     kicks, irqs = measured(depth)
     judge(f"depth {depth} kicks/request", s["kicks_per_request"], kicks, RUNS[depth]["kicks"])
     judge(f"depth {depth} irqs/request", s["irqs_per_request"], irqs, RUNS[depth]["irqs"])
