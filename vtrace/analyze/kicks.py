@@ -150,7 +150,7 @@ def kicks_by_queue_from_counts(counts: pl.DataFrame | pl.LazyFrame) -> pl.LazyFr
         )
         # Every key breaks ties: the order never depends on the order rows came in.
         .sort(
-            ["kicks", "source", "device", "queue", "event", "addr"],
+            ["kicks", "source", "device", "queue", "addr", "event"],
             descending=[True] + [False] * 5,
         )
     )
