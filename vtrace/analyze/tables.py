@@ -9,8 +9,8 @@ flight (:class:`~vtrace.analyze.requests.RequestChunks`). Each chunk gives the r
 final, never one twice. The rows are the ones the in-memory analysis gives (`exits(events)`
 ...), and :func:`write_table` writes them in its order too: rows of the per-thread tables
 come out of a chunk grouped by thread and those of :func:`~vtrace.analyze.requests.requests`
-by queue, so each group's rows of each chunk are held as one row group of a temporary Parquet
-file next to the output and written out group by group. Interrupts are in trace order: each
+by queue, so each chunk's rows are held in a temporary Arrow file (lz4) next to the output,
+a record batch per group, and written out group by group. Interrupts are in trace order: each
 chunk's rows go straight to the output.
 
 Aggregates (:data:`AGGREGATES`, :func:`table_percentiles`, :func:`table_histogram`) reduce
@@ -22,6 +22,7 @@ exact up to ``exact_limit`` distinct (group, value) pairs (then within a documen
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from typing import Any, BinaryIO
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from vtrace.analyze.accesses import (
@@ -205,14 +207,24 @@ class _TraceOrderRows:
 _Rows = _ThreadRows | _QueueRows | _TraceOrderRows
 
 
+# The KVM event columns each per-thread table shows (the rest are not read: they stay null).
+ROW_COLUMNS = {
+    "exits": ("pid", "cpu", "vcpu", "reason_name", "isa", "flags", "rip"),
+    "user_exits": ("pid", "cpu", "vcpu", "reason_name"),
+    "accesses": ("pid", "cpu", "vcpu", "device", "addr", "size", "write", "value", "count",
+                 "queue", "rip"),
+    "kicks": ("pid", "vcpu", "device", "queue", "addr", "write", "value", "count"),
+}  # fmt: skip
+
+
 def _rows_of(
-    name: str, tolerance_ns: int = DEFAULT_TOLERANCE_NS, columns: Sequence[str] = TIMELINE_COLUMNS
+    name: str, tolerance_ns: int = DEFAULT_TOLERANCE_NS, columns: Sequence[str] | None = None
 ) -> _Rows:
     if name == "requests":
         return _QueueRows()
     if name == "interrupts":
         return _TraceOrderRows()
-    return _ThreadRows(name, tolerance_ns, columns)
+    return _ThreadRows(name, tolerance_ns, ROW_COLUMNS[name] if columns is None else columns)
 
 
 def _unreadable(trace: Trace, chunk: Chunk, error: Exception) -> VtraceError:
@@ -221,8 +233,8 @@ def _unreadable(trace: Trace, chunk: Chunk, error: Exception) -> VtraceError:
     return VtraceError(which(Trace(trace.path, trace.meta, chunk.parts), error))
 
 
-def _pieces(trace: Trace, rows: _Rows, chunk_rows: int) -> Iterator[Piece]:
-    """Every piece of the table, chunk by chunk; the next chunk's scans run in a second
+def _chunk_pieces(trace: Trace, rows: _Rows, chunk_rows: int) -> Iterator[list[Piece]]:
+    """The pieces of the table, a chunk's at a time; the next chunk's scans run in a second
     thread while this one's rows are derived (polars releases the GIL)."""
     chunks = plan_chunks(trace, chunk_rows)
     with ThreadPoolExecutor(max_workers=1) as ahead:
@@ -240,7 +252,13 @@ def _pieces(trace: Trace, rows: _Rows, chunk_rows: int) -> Iterator[Piece]:
             except (pl.exceptions.PolarsError, OSError) as e:
                 # A damaged part is bad input, not a bug: name it.
                 raise _unreadable(trace, chunk, e) from None
-            yield from pieces
+            yield pieces
+
+
+def _pieces(trace: Trace, rows: _Rows, chunk_rows: int) -> Iterator[Piece]:
+    """Every piece of the table, chunk by chunk."""
+    for pieces in _chunk_pieces(trace, rows, chunk_rows):
+        yield from pieces
 
 
 def table_chunks(
@@ -334,37 +352,45 @@ def _write_ordered(
             out.add(frame.to_arrow())
         out.close()
         return out.rows
-    # Each group's rows of each chunk become one row group of a temporary file next to the
-    # output; then the groups are copied in order, a row group at a time.
-    spill_path = _spill_file(where, name)
-    groups: dict[tuple[Any, ...], list[int]] = {}
+    # Each chunk's pieces go to a temporary Arrow file (one record batch a piece) in a
+    # directory next to the output; then the groups are copied in order, a batch at a time.
+    spill = _spill_dir(where, name)
+    groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
     try:
-        spill = pq.ParquetWriter(spill_path, schema, compression="lz4")
-        try:
-            for n, (key, frame) in enumerate(_pieces(trace, rows, chunk_rows)):
-                spill.write_table(frame.to_arrow(), row_group_size=max(frame.height, 1))
-                groups.setdefault(key, []).append(n)
-        finally:
-            spill.close()
-        parts = pq.ParquetFile(spill_path)
+        files = 0
+        for pieces in _chunk_pieces(trace, rows, chunk_rows):
+            if not pieces:
+                continue
+            # One table for the chunk: one dictionary per column, as an Arrow file needs.
+            whole = pl.concat([f for _, f in pieces], rechunk=True).to_arrow()
+            with ipc.new_file(spill / f"{files}.arrow", whole.schema, options=_LZ4) as w:
+                at = batch = 0
+                for key, frame in pieces:
+                    for part in whole.slice(at, frame.height).to_batches():
+                        w.write_batch(part)
+                        groups.setdefault(key, []).append((files, batch))
+                        batch += 1
+                    at += frame.height
+            files += 1
         for key in sorted(groups, key=rows.order):
-            for group in groups[key]:
-                # Parquet gives strings back as `string`; the schema's are `large_string`.
-                out.add(parts.read_row_group(group).cast(schema))
+            for file, batch in groups[key]:
+                with pa.OSFile(str(spill / f"{file}.arrow")) as f:
+                    out.add(pa.Table.from_batches([ipc.open_file(f).get_batch(batch)]))
         out.close()
     finally:
-        spill_path.unlink(missing_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)
     return out.rows
 
 
-def _spill_file(where: Path, name: str) -> Path:
-    """A new, private (0600) temporary file for the groups of table ``name`` in ``where``:
-    the output's directory, on the disk chosen for the table's size."""
+_LZ4 = ipc.IpcWriteOptions(compression="lz4")
+
+
+def _spill_dir(where: Path, name: str) -> Path:
+    """A new, private (0700) temporary directory for the pieces of table ``name`` in
+    ``where``: the output's directory, on the disk chosen for the table's size."""
     import tempfile
 
-    fd, path = tempfile.mkstemp(prefix=f".vtrace-{name}-", suffix=".tmp", dir=where)
-    os.close(fd)
-    return Path(path)
+    return Path(tempfile.mkdtemp(prefix=f".vtrace-{name}-", suffix=".tmp", dir=where))
 
 
 def write_table(
@@ -383,8 +409,8 @@ def write_table(
 
     ``out`` is checked before any work (an existing file is replaced only with ``force``)
     and written under a temporary name, renamed when complete: never a partial file. The
-    per-thread and per-queue tables hold a temporary file of about the table's size next to
-    ``out`` while they run."""
+    per-thread and per-queue tables hold temporary files of about the table's size in a
+    hidden directory next to ``out`` while they run."""
     _check_name(name, list(ROW_TABLES), "a row table")
     check_new_file(out, force=force)
     t = _trace(trace)
