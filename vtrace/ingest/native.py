@@ -47,7 +47,7 @@ NATIVE_PAYLOADS = frozenset(
         s.KVM_EMULATE_INSN,
     }
 )
-# Output buffers in the C code's order: (name, numpy dtype, bytes per row).
+# Output buffers in the C code's order: (name, numpy dtype; "view": 16-byte Arrow string views).
 OUTPUTS = (
     ("lineno", np.uint32),
     ("ts_ns", np.int64),
@@ -191,53 +191,14 @@ def parse(data: bytes) -> NativeLines | None:
         return None
     n, n_rest, lines, events, names, flags = got
     buffers = _buffers(data, mod.VIEW_SHIFT)
-    valid = bufs["valid"][:n]
-
-    columns: dict[str, pl.Series | pl.Expr] = {}
-    columns["lineno"] = pl.Series("lineno", bufs["lineno"][:n])
-    columns["ts_ns"] = pl.Series("ts_ns", bufs["ts_ns"][:n])
-    columns["event"] = _dictionary(events).gather(bufs["event"][:n])
-    columns["pid"] = pl.repeat(None, n, dtype=pl.Int32, eager=True)
-    columns["tid"] = pl.Series("tid", bufs["tid"][:n])
-    columns["cpu"] = pl.Series("cpu", bufs["cpu"][:n])
-    columns["ok"] = pl.repeat(True, n, dtype=pl.Boolean, eager=True)
-    name_dict = _dictionary(names)
-    for c in (col for col in s.COLUMNS if col in VALID_BITS or col in ("queue", "device")):
-        if c not in VALID_BITS:
-            columns[c] = pl.repeat(None, n, dtype=s.EVENTS_SCHEMA[c], eager=True)
-            continue
-        mask = (valid & VALID_BITS[c]) != 0
-        if c == "raw":
-            columns[c] = _views(bufs["raw"], n, mask, buffers)
-            continue
-        if not mask.any():
-            columns[c] = pl.repeat(None, n, dtype=s.EVENTS_SCHEMA[c], eager=True)
-            continue
-        values = bufs[c][:n]
-        validity = _validity(mask)
-        if c == "write":
-            arr = pa.Array.from_buffers(
-                pa.bool_(), n, [validity, pa.py_buffer(np.packbits(values != 0, bitorder="little"))]
-            )
-        else:
-            arr = pa.Array.from_buffers(
-                ARROW_TYPES[values.dtype.type], n, [validity, pa.py_buffer(values)]
-            )
-        series = pl.from_arrow(arr)
-        if c in DICTIONARY_COLUMNS:
-            series = name_dict.gather(series)
-        columns[c] = series
-    rows = pl.DataFrame([v.alias(k) for k, v in columns.items()])  # type: ignore[union-attr]
-
-    rest_lineno = bufs["rest_lineno"][:n_rest]
     rest = pl.DataFrame(
         [
-            pl.Series("lineno", rest_lineno),
+            pl.Series("lineno", bufs["rest_lineno"][:n_rest]),
             _views(bufs["rest_view"], n_rest, None, buffers).alias("line"),
         ]
     )
     return NativeLines(
-        rows=rows,
+        rows=_rows(bufs, n, events, names, buffers),
         rest=rest,
         rest_starts=bufs["rest_start"][:n_rest].copy(),
         lines=lines,
@@ -246,3 +207,43 @@ def parse(data: bytes) -> NativeLines | None:
         nul=bool(flags["nul"]),
         non_ascii=bool(flags["non_ascii"]),
     )
+
+
+def _rows(
+    bufs: dict[str, np.ndarray],
+    n: int,
+    events: list[bytes],
+    names: list[bytes],
+    buffers: list[pa.Buffer],
+) -> pl.DataFrame:
+    """The first ``n`` rows of the buffers as the frame of parsed events (no copies but the
+    validity bitmaps; dictionary columns are gathered from their names)."""
+    valid = bufs["valid"][:n]
+    columns: dict[str, pl.Series] = {
+        "lineno": pl.Series(bufs["lineno"][:n]),
+        "ts_ns": pl.Series(bufs["ts_ns"][:n]),
+        "event": _dictionary(events).gather(bufs["event"][:n]),
+        "pid": pl.repeat(None, n, dtype=pl.Int32, eager=True),
+        "tid": pl.Series(bufs["tid"][:n]),
+        "cpu": pl.Series(bufs["cpu"][:n]),
+        "ok": pl.repeat(True, n, dtype=pl.Boolean, eager=True),
+    }
+    name_dict = _dictionary(names)
+    for c in (col for col in s.COLUMNS if col in VALID_BITS or col in ("queue", "device")):
+        mask = (valid & VALID_BITS[c]) != 0 if c in VALID_BITS else None
+        if mask is None or not mask.any():  # a column this reader never fills, or all null
+            columns[c] = pl.repeat(None, n, dtype=s.EVENTS_SCHEMA[c], eager=True)
+        elif c == "raw":
+            columns[c] = _views(bufs["raw"], n, mask, buffers)
+        else:
+            values = bufs[c][:n]
+            if c == "write":  # Arrow booleans are bits
+                kind, data = pa.bool_(), np.packbits(values != 0, bitorder="little")
+            else:
+                kind, data = ARROW_TYPES[values.dtype.type], values
+            series = pl.from_arrow(
+                pa.Array.from_buffers(kind, n, [_validity(mask), pa.py_buffer(data)])
+            )
+            assert isinstance(series, pl.Series)
+            columns[c] = name_dict.gather(series) if c in DICTIONARY_COLUMNS else series
+    return pl.DataFrame([v.alias(k) for k, v in columns.items()])
