@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -443,3 +445,26 @@ def test_runs_and_compiled_lines_agree(tmp_path: Path) -> None:
         assert_same(write(tmp_path, lines))
     finally:
         tt.FAST_RUN_LINES = saved
+
+
+def test_views_reach_every_offset_of_a_large_file() -> None:
+    """Files of more than 1 GiB: a view at offset ``o`` names buffer ``o >> shift`` with the
+    offset within it; every string shorter than ``1 << shift`` lies inside its buffer. Checked
+    with a small shift (the C code uses ``VIEW_SHIFT``, 1 GiB) on views made as it makes them."""
+    shift = 4
+    data = bytes(range(48, 48 + 75))  # 75 bytes: buffers of 32 bytes every 16
+    spans = [(0, 13), (3, 15), (15, 15), (16, 13), (30, 15), (60, 15), (74, 1), (5, 2)]
+    views = np.zeros((len(spans), 16), np.uint8)
+    for row, (at, n) in enumerate(spans):
+        views[row, 0:4] = np.frombuffer(np.int32(n).tobytes(), np.uint8)
+        if n <= 12:
+            views[row, 4 : 4 + n] = np.frombuffer(data[at : at + n], np.uint8)
+        else:
+            views[row, 4:8] = np.frombuffer(data[at : at + 4], np.uint8)
+            views[row, 8:12] = np.frombuffer(np.int32(at >> shift).tobytes(), np.uint8)
+            views[row, 12:16] = np.frombuffer(np.int32(at & ((1 << shift) - 1)).tobytes(), np.uint8)
+    buffers = native._buffers(data, shift)
+    assert len(buffers) == 5
+    arr = pa.Array.from_buffers(pa.string_view(), len(spans), [None, pa.py_buffer(views), *buffers])
+    assert arr.to_pylist() == [data[at : at + n].decode() for at, n in spans]
+    assert len(native._buffers(b"x" * 10, 30)) == 1
