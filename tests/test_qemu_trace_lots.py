@@ -128,7 +128,11 @@ def lot_timing(name: str, depth: int) -> pl.DataFrame:
     ],
 )
 def test_after_a_single_first_piece_the_next_kick_comes_late(
-    name: str, depth: int, gap_min: float, gap_median: float, whole_first: float,
+    name: str,
+    depth: int,
+    gap_min: float,
+    gap_median: float,
+    whole_first: float,
     split_first: float,
 ) -> None:
     """What refutes a guest that goes on adding a request every 5-6 µs while QEMU answers
