@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from vtrace import open_trace
+from vtrace.analyze import aggregate
 from vtrace.analyze.summary import summary
+from vtrace.store import write_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT / "traces"
@@ -95,3 +98,23 @@ def test_a_ring_trimmed_trace_is_not_divided_by_the_whole_runs_count(tmp_path: P
         env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert "give --requests N for the kept events" in " ".join(r.stdout.split())
+
+
+def test_a_vms_kicks_count_repeated_notify_writes_as_the_kicks_table_does(tmp_path: Path) -> None:
+    """A `rep outs` to a notify port is `count` kicks; the per-VM row counted it as one."""
+    t = open_trace(TRACES / "lab-virtio-b8")
+    events = t.events.sort("ts_ns").collect()
+    notify = pl.col("event").cast(pl.String) == "kvm_pio"
+    first_pio = (notify & pl.col("write") & (pl.col("addr") == 512)).arg_true().first()
+    at = int(events.select(first_pio).item())
+    events = events.with_columns(
+        pl.when(pl.int_range(pl.len()) == at).then(3).otherwise(pl.col("count"))
+        .cast(events.schema["count"]).alias("count")
+    )  # fmt: skip
+    write_trace(tmp_path / "rep", events, dict(t.meta))
+    s = summary(tmp_path / "rep")
+    kvm = sum(r["kicks"] for r in s["kicks"] if r["source"] == "kvm")
+    assert kvm == 252  # 250 notify writes, one of them repeated 3 times
+    assert [(v["kicks"], v["kicks_from"]) for v in s["vms"]] == [(kvm, "kvm")]
+    table = aggregate("kicks_by_queue", open_trace(tmp_path / "rep"))
+    assert table.filter(pl.col("source") == "kvm").get_column("kicks").sum() == kvm

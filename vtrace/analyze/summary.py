@@ -104,7 +104,8 @@ def _rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 # The events-table columns the summary's KVM tables read (the rest stay null, unread).
-SUMMARY_TIMELINE_COLUMNS = ("reason_name", "addr", "write", "device", "queue")
+# `count`: a `rep outs` to a notify port is that many kicks, as in kicks_by_queue.
+SUMMARY_TIMELINE_COLUMNS = ("reason_name", "addr", "write", "count", "device", "queue")
 # The columns of the derived tables that the summary's aggregates read.
 EXIT_COLUMNS = ("reason_name", "duration_ns", "handled")
 USER_EXIT_COLUMNS = ("reason_name", "until_next_ns")
@@ -130,7 +131,7 @@ def _stack(frames: list[pl.DataFrame]) -> pl.LazyFrame:
 def _kicks_by_thread(kicks: pl.LazyFrame) -> pl.LazyFrame:
     """Kicks per (source, pid, tid): what the per-VM table counts."""
     return kicks.group_by(pl.col("source").cast(pl.String), "pid", "tid").agg(
-        pl.len().cast(pl.Int64).alias("kicks")
+        pl.col("count").fill_null(1).cast(pl.Int64).sum().alias("kicks")
     )
 
 
