@@ -38,7 +38,7 @@ from pathlib import Path
 import polars as pl
 
 from vtrace import schema as s
-from vtrace.ingest import IMPORT_COMPRESSION, import_file, native, read_events
+from vtrace.ingest import IMPORT_WRITE, import_file, native, read_events
 from vtrace.store import open_trace, write_trace
 
 # (weight, event, payload template); {x} fields are filled per line.
@@ -222,10 +222,8 @@ def per_line_parse(path: Path) -> pl.DataFrame:
 
 
 def run_anchor(path: Path, out: Path) -> None:
-    # The same Parquet as the importer writes: same writer, same compression.
-    write_trace(
-        out, per_line_parse(path), {"importer": "per-line re"}, compression=IMPORT_COMPRESSION
-    )
+    # The same Parquet as the importer writes: same writer, same compression and encodings.
+    write_trace(out, per_line_parse(path), {"importer": "per-line re"}, **IMPORT_WRITE)
 
 
 def run_vtrace(path: Path, out: Path) -> None:
@@ -315,7 +313,7 @@ def phases(path: Path, work: Path, repeats: int) -> None:
             out,
             frame,
             meta,
-            compression=IMPORT_COMPRESSION,
+            **IMPORT_WRITE,
         )
     for name, got in steps.items():
         wall = statistics.median(r[0] for r in got)
@@ -353,6 +351,11 @@ def main() -> None:
         )
         same = a.equals(b) and p.equals(b)
         print(f"same events table from all three: {same} ({a.height:,} rows)")
+        parts = sorted((work / "check-vtrace").glob("part-*.parquet"))
+        print(
+            f"vtrace's trace: {sum(x.stat().st_size for x in parts):,} bytes of Parquet "
+            f"in {len(parts)} part(s), from {path.stat().st_size:,} bytes of text"
+        )
 
         print("load average before the timings: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         labels = {

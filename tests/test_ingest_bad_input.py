@@ -113,12 +113,12 @@ def test_other_tool_output_is_no_events(tmp_path: Path) -> None:
 
 def test_write_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure while writing parts removes the half-written directory."""
-    import polars as pl
+    import pyarrow.parquet as pq
 
     def fail(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", fail)
+    monkeypatch.setattr(pq, "write_table", fail)  # the importers' Parquet writer
     # One line naming the part (tests/test_collect_disk_full.py does it on a real full disk).
     with pytest.raises(VtraceError, match=r"part-000000\.parquet: disk full"):
         import_file("ftrace", TRACEFS, tmp_path / "out")
