@@ -31,8 +31,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -234,22 +232,8 @@ def run_vtrace(path: Path, out: Path) -> None:
     import_file("ftrace", path, out)
 
 
-@contextmanager
-def polars_only() -> Iterator[None]:
-    """vtrace without its compiled reader: every line parsed by polars."""
-    saved = os.environ.get(native.PURE_ENV)
-    os.environ[native.PURE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[native.PURE_ENV]
-        else:
-            os.environ[native.PURE_ENV] = saved
-
-
 def run_vtrace_polars(path: Path, out: Path) -> None:
-    with polars_only():
+    with native.pure_parser():
         import_file("ftrace", path, out)
 
 
@@ -301,7 +285,7 @@ def phases(path: Path, work: Path, repeats: int) -> None:
         data = step("read the file's bytes", read_text_bytes, path)
         step("compiled reader (all lines)", native.parse, data)
         frame, meta = step("whole parse (read_events)", read_events, "ftrace", path)
-        with polars_only():
+        with native.pure_parser():
             text = step("polars only: read the lines", read_text_lines, path)
             step("polars only: split and parse", parsed_lines, text, FTRACE)
             step("polars only: whole parse", read_events, "ftrace", path)
@@ -386,7 +370,7 @@ def main() -> None:
             t0 = time.perf_counter()
             read_events("ftrace", path)
             parse["compiled"].append(time.perf_counter() - t0)
-            with polars_only():
+            with native.pure_parser():
                 t0 = time.perf_counter()
                 read_events("ftrace", path)
                 parse["polars only"].append(time.perf_counter() - t0)

@@ -8,7 +8,6 @@ analysis gives (rows, columns, types and order).
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import polars as pl
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from test_summary_scale import random_trace
+from test_summary_scale import random_trace, write_synthetic
 
 from vtrace import analyze as a
 from vtrace.analyze.tables import (
@@ -290,12 +289,8 @@ def test_memory_does_not_grow_with_the_trace(tmp_path: Path) -> None:
     """Peak memory of the row tables and aggregates on 6M events is within 30% of that on
     1.5M: a chunk at a time, not the trace (the in-memory plans, even on polars' streaming
     engine, hold the whole table: 1.6 GB at 10M events, over 6 GB at 100M)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks/bench_summary.py")
-    assert spec and spec.loader
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     path = tmp_path / "big"
-    bench.write_synthetic(path, 6_000_000, part_rows=250_000)
+    write_synthetic(path, 6_000_000, part_rows=250_000)
     parts = len(open_trace(path).parts)
     peaks = {}
     for n in (parts // 4, parts):

@@ -10,10 +10,7 @@ to valid lines. ``VTRACE_PURE_PARSER=1`` turns the extension off.
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +42,9 @@ def _bench() -> object:
     return mod
 
 
-@contextmanager
-def pure(on: bool) -> Iterator[None]:
-    saved = os.environ.get(native.PURE_ENV)
-    os.environ[native.PURE_ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[native.PURE_ENV]
-        else:
-            os.environ[native.PURE_ENV] = saved
-
-
 def read(path: Path, *, pure_parser: bool, strict: bool = False, fmt: str = "ftrace") -> object:
     """The events (categoricals as strings) and meta, or the error's text."""
-    with pure(pure_parser):
+    with native.pure_parser(pure_parser):
         try:
             events, meta = read_events(fmt, path, strict=strict)
         except VtraceError as e:
@@ -134,10 +118,10 @@ def test_extension_is_built_from_this_source_and_used(tmp_path: Path) -> None:
 
 
 def test_pure_parser_env_turns_it_off() -> None:
-    with pure(True):
+    with native.pure_parser(True):
         assert native.module() is None
         assert native.parse(b"x\n") is None
-    with pure(False):
+    with native.pure_parser(False):
         assert native.module() is not None
 
 

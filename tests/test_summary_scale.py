@@ -309,15 +309,20 @@ print(data["trace"]["events"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def test_memory_does_not_grow_with_the_trace(tmp_path: Path) -> None:
-    """Peak memory of `summary()` on 6M events is within 30% of that on 1.5M (all in memory
-    it was twice as much): it holds a chunk at a time, not the trace."""
+def write_synthetic(path: Path, events: int, part_rows: int) -> None:
+    """benchmarks/bench_summary.py's synthetic trace of ``events`` events at ``path``."""
     spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks/bench_summary.py")
     assert spec and spec.loader
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    bench.write_synthetic(path, events, part_rows=part_rows)
+
+
+def test_memory_does_not_grow_with_the_trace(tmp_path: Path) -> None:
+    """Peak memory of `summary()` on 6M events is within 30% of that on 1.5M (all in memory
+    it was twice as much): it holds a chunk at a time, not the trace."""
     path = tmp_path / "big"
-    bench.write_synthetic(path, 6_000_000, part_rows=250_000)
+    write_synthetic(path, 6_000_000, part_rows=250_000)
     parts = len(open_trace(path).parts)
     peaks = {}
     for n in (parts // 4, parts):

@@ -17,6 +17,8 @@ is missing, was built from another version of the C file, or ``VTRACE_PURE_PARSE
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -101,6 +103,21 @@ def module() -> ModuleType | None:
     if os.environ.get(PURE_ENV, "") not in ("", "0"):
         return None
     return _load()
+
+
+@contextmanager
+def pure_parser(on: bool = True) -> Iterator[None]:
+    """Within the block, every line goes the polars way (``on``) or the compiled reader is
+    used where built: sets :data:`PURE_ENV` and restores it after."""
+    saved = os.environ.get(PURE_ENV)
+    os.environ[PURE_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[PURE_ENV]
+        else:
+            os.environ[PURE_ENV] = saved
 
 
 @lru_cache(maxsize=1)
