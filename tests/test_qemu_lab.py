@@ -447,3 +447,79 @@ def test_virtio_net_receive_queue_gets_its_index() -> None:
         ("virtqueue_pop", 0, 16),
         ("virtqueue_pop", 1, 16),
     ]
+
+
+# --- the host scheduler over the window ---------------------------------------------------------
+
+SCHED_TEXT = """\
+# tracer: nop
+#
+ qemu-system-x86-101   [001] d..2.   10.000005: sched_waking: comm=qemu-system-x86 pid=100 prio=120 target_cpu=000
+ qemu-system-x86-101   [001] d..2.   10.000009: sched_switch: prev_comm=qemu-system-x86 prev_pid=101 prev_prio=120 prev_state=S ==> next_comm=swapper/1 next_pid=0 next_prio=120
+          <idle>-0     [000] d..2.   10.000012: sched_switch: prev_comm=swapper/0 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=qemu-system-x86 next_pid=100 next_prio=120
+ qemu-system-x86-100   [000] d..2.   10.000020: sched_switch: prev_comm=qemu-system-x86 prev_pid=100 prev_prio=120 prev_state=R+ ==> next_comm=kworker/0:1 next_pid=55 next_prio=120
+     kworker/0:1-55    [000] d..2.   10.000030: sched_waking: comm=bash pid=77 prio=120 target_cpu=001
+"""
+
+
+def test_scheduler_lines_become_events_of_qemus_threads() -> None:
+    from vtrace.lab.sched import sched_events
+
+    ev = sched_events(SCHED_TEXT, 1_000_000_000_000, pid=99, tids={100, 101})
+    # the kworker's waking of bash involves no QEMU thread: left out
+    assert ev["event"].cast(pl.String).to_list() == ["sched_waking"] + ["sched_switch"] * 3
+    assert ev["ts_ns"].to_list() == [1_010_000_005_000, 1_010_000_009_000, 1_010_000_012_000,
+                                     1_010_000_020_000]  # fmt: skip
+    assert ev["source"].cast(pl.String).unique().to_list() == ["sched"]
+    assert ev["pid"].unique().to_list() == [99]
+    # waking: tid the waker, value the woken, flags its target CPU
+    w = ev.row(0, named=True)
+    assert (w["tid"], w["cpu"], w["value"], w["flags"]) == (101, 1, 100, 0)
+    # switch: tid the thread leaving, value the next, flags its state (S 1, R and R+ 0)
+    assert [(r["tid"], r["value"], r["flags"]) for r in ev.tail(3).iter_rows(named=True)] == [
+        (101, 0, 1), (0, 100, 0), (100, 55, 0)]  # fmt: skip
+
+
+def _sched_or_skip() -> None:
+    from vtrace.lab.sched import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"host scheduler not recordable here: {reason}")
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_virtio_blk_run_records_when_the_guest_wrote_each_kick(tmp_path: Path) -> None:
+    _sched_or_skip()
+    _kernel()
+    _, meta = _run(tmp_path, "qd4", device="virtio-blk", requests=512, queue_depth=4)
+    assert meta["sched"]["recorded"] and meta["sched"]["lost"] == 0
+    assert meta["sched"]["threads"] >= 3  # main loop, vCPU, I/O workers at least
+    ev = open_trace(tmp_path / "qd4").events.collect()
+    name = pl.col("event").cast(pl.String)
+    sched = ev.filter(pl.col("source").cast(pl.String) == "sched")
+    assert set(sched["event"].cast(pl.String).unique()) == {"sched_waking", "sched_switch"}
+    assert sched["pid"].unique().to_list() == [meta["qemu_pid"]]
+    main = ev.filter(name == "virtqueue_pop")["tid"].mode()[0]
+    # the guest's kick is its vCPU thread waking the main loop: one before every kick QEMU took
+    wakes = sched.filter((name == "sched_waking") & (pl.col("value") == main))
+    vcpu = wakes.filter(pl.col("tid") != 0)["tid"].mode()[0]
+    writes = wakes.filter(pl.col("tid") == vcpu)["ts_ns"].sort()
+    kicks = ev.filter(name == "virtio_queue_notify")["ts_ns"].sort()
+    before = writes.search_sorted(kicks, side="right") - 1
+    lag = kicks.to_numpy() - writes.to_numpy()[before.clip(0).to_numpy()]
+    matched = (before.to_numpy() >= 0) & (lag < 2_000_000)
+    assert matched.mean() >= 0.95, matched.mean()
+    assert (lag[matched] >= 0).all()
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_no_sched_records_none_and_says_so(tmp_path: Path) -> None:
+    _kernel()
+    _, meta = _run(tmp_path, "qd1", device="virtio-blk", requests=32, sched=False)
+    assert meta["sched"] == {"recorded": False, "reason": "not asked for (--no-sched)",
+                             "threads": 0, "lost": 0}  # fmt: skip
+    ev = open_trace(tmp_path / "qd1").events.collect()
+    assert ev.filter(pl.col("source").cast(pl.String) == "sched").is_empty()

@@ -54,7 +54,7 @@ def test_every_parameter_has_a_unit_or_is_unitless_by_nature() -> None:
         "whole_batches", "thread", "service_distribution", "max_outstanding", "accesses",
         "coalesce_requests", "capacity", "completion", "publish", "stall_probability",
         "service_cv", "service_trace", "servers", "vcpus", "jobs", "submit", "queues", "threads",
-        "mode", "max_per_pass", "dispatch_splits", "host_cpus", "wakeup_cpu_share",
+        "mode", "max_per_pass", "dispatch_splits", "host_cpus", "wakeup_cpu_share", "avail_event",
     }  # fmt: skip
     for table in SCHEMA.values():
         for key in table:

@@ -635,6 +635,13 @@ def qemu_lab_run(
         1, help="Guest vCPUs (-smp); block workloads run one stream per vCPU, pinned to it."
     ),
     queues: int = typer.Option(1, help="virtio-blk hardware queues (num-queues), at most VCPUS."),
+    sched: bool = typer.Option(
+        True,
+        "--sched/--no-sched",
+        help="As root, also record the host scheduler's sched_waking and sched_switch of "
+        "QEMU's threads over the window (when the guest wrote each kick, when its vCPU "
+        "halted); without root the trace says why it has none.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Boot a Linux guest, run one workload on DEVICE, print what each request cost."""
@@ -656,6 +663,7 @@ def qemu_lab_run(
         timeout_s=timeout,
         vcpus=vcpus,
         queues=queues,
+        sched=sched,
     )
     trace, summary = run_qemu_lab(config, out, raw_log=raw_log)
     if json_out:

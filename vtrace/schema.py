@@ -53,7 +53,8 @@ SOURCE_KPROBE = "kprobe"
 SOURCE_QEMU = "qemu"
 SOURCE_LAB = "lab"
 SOURCE_GUEST = "guest"
-SOURCES = (SOURCE_KVM, SOURCE_KPROBE, SOURCE_QEMU, SOURCE_LAB, SOURCE_GUEST)
+SOURCE_SCHED = "sched"  # the host scheduler's tracepoints (vtrace.lab.sched)
+SOURCES = (SOURCE_KVM, SOURCE_KPROBE, SOURCE_QEMU, SOURCE_LAB, SOURCE_GUEST, SOURCE_SCHED)
 
 # Event names (the `event` column): the original names of the tracepoints and trace events.
 KVM_EXIT = "kvm_exit"

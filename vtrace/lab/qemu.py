@@ -39,6 +39,7 @@ import polars as pl
 
 from vtrace import schema as s
 from vtrace.errors import VtraceError
+from vtrace.lab import sched
 from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
 from vtrace.output import check_new_dir
 from vtrace.qmp import QemuExited, Qmp
@@ -122,6 +123,7 @@ class QemuLabConfig:
     qemu: str = QEMU_BINARY
     vcpus: int = 1  # -smp; block workloads run one stream per vCPU
     queues: int = 1  # virtio-blk num-queues (blk-mq hardware queues)
+    sched: bool = True  # record the host scheduler over the window when root (lab.sched)
 
     def check(self) -> None:
         """Raise :class:`VtraceError` naming the first bad option."""
@@ -217,6 +219,13 @@ class GuestRun:
     boot_s: float = 0.0  # QEMU start to the guest's ready marker
     console_tail: list[str] = field(default_factory=list)
     qemu_pid: int | None = None
+    # the host scheduler over the window (vtrace.lab.sched): tracefs text, clock offset,
+    # QEMU's threads, events lost; or why it was not recorded
+    sched_text: str | None = None
+    sched_offset_ns: int = 0
+    sched_tids: set[int] = field(default_factory=set)
+    sched_lost: int = 0
+    sched_reason: str | None = None
 
 
 def choose_accel(requested: str = "auto") -> tuple[str, str]:
@@ -516,13 +525,23 @@ def run_guest(
             "ready", min(guest.deadline, guest.start + boot_timeout_s), "guest did not come up"
         )
         run.boot_s = time.monotonic() - guest.start
-        guest.set_events(events, True)
-        on = time.monotonic()
-        guest.send("go\n")
-        guest.wait_for("start", guest.deadline, "guest did not start its workload")
-        end = guest.wait_for("end", guest.deadline, "guest workload did not finish")
-        guest.set_events(events, False)
-        run.window_wall_s = time.monotonic() - on
+        with contextlib.ExitStack() as stack:
+            recorder = _sched_recorder(config, run, stack)
+            if recorder is not None:
+                run.sched_tids = sched.process_threads(guest.proc.pid)
+                recorder.start()
+            guest.set_events(events, True)
+            on = time.monotonic()
+            guest.send("go\n")
+            guest.wait_for("start", guest.deadline, "guest did not start its workload")
+            end = guest.wait_for("end", guest.deadline, "guest workload did not finish")
+            guest.set_events(events, False)
+            run.window_wall_s = time.monotonic() - on
+            if recorder is not None:
+                run.sched_text = recorder.stop()
+                run.sched_offset_ns = recorder.offset_ns
+                run.sched_lost = recorder.lost()
+                run.sched_tids |= sched.process_threads(guest.proc.pid)
         status = end.rsplit("status=", 1)[-1]
         if status != "0":
             raise guest.fail(f"guest workload failed (status {status})")
@@ -533,6 +552,23 @@ def run_guest(
     finally:
         guest.close()
     return run
+
+
+def _sched_recorder(
+    config: QemuLabConfig, run: GuestRun, stack: contextlib.ExitStack
+) -> sched.SchedRecorder | None:
+    """The host scheduler's recorder for the window, or None (and why, in ``run``)."""
+    if not config.sched:
+        run.sched_reason = "not asked for (--no-sched)"
+        return None
+    run.sched_reason = sched.unavailable_reason()
+    if run.sched_reason is not None:
+        return None
+    try:
+        return stack.enter_context(sched.SchedRecorder())
+    except OSError as e:
+        run.sched_reason = f"tracefs instance: {e.strerror or e}"
+        return None
 
 
 def capture_log(config: QemuLabConfig, log_path: Path, *, timestamps: bool = True) -> GuestRun:
@@ -556,6 +592,12 @@ def run_meta(config: QemuLabConfig, run: GuestRun) -> dict[str, Any]:
         "boot_s": run.boot_s,
         "qemu_pid": run.qemu_pid,
         "device_regions": list(DEVICE_REGIONS[config.device]),
+        "sched": {
+            "recorded": run.sched_text is not None,
+            "reason": run.sched_reason,
+            "threads": len(run.sched_tids),
+            "lost": run.sched_lost,
+        },
     }
 
 
@@ -814,6 +856,14 @@ def run_qemu_lab(
     events, dropped = device_events(raw_events, config.device, pins)
     # Every event comes from the one QEMU process: the VM (the log names threads only).
     events = events.with_columns(pid=pl.lit(run.qemu_pid, pl.Int32))
+    if run.sched_text is not None and run.qemu_pid is not None:
+        if run.sched_lost:
+            raise VtraceError(
+                f"the host scheduler's recording lost {run.sched_lost} events (tracefs ring "
+                "buffers full); run with --no-sched or fewer --requests"
+            )
+        host = sched.sched_events(run.sched_text, run.sched_offset_ns, run.qemu_pid, run.sched_tids)
+        events = pl.concat([events, host]).sort("ts_ns", maintain_order=True)
     summary = summarize(
         events, config.device, config.requests, timed=import_meta.get("clock") == "realtime"
     )

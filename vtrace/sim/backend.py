@@ -181,7 +181,9 @@ class BackendThread:
         limit = self.p.max_per_pass
         available = vq.avail_idx - vq.last_avail_idx
         take = available if limit <= 0 or available < limit else limit
-        if self.device is not None:
+        if self.device is not None and self.p.submit_per_pass:
+            take = yield from self._submit_pass(path, limit)
+        elif self.device is not None:
             yield from self._submit(path, take)
         elif self.p.publish_per_pass:
             yield from self._serve_pass(path, take)
@@ -247,6 +249,22 @@ class BackendThread:
             device.submit(vq.pop(), self, path)
         if self.p.per_pass_ns > 0:
             yield self._work(self.p.per_pass_ns, path)
+
+    def _submit_pass(self, path: QueuePath, limit: int) -> Generator[simpy.Event, None, int]:
+        """QEMU virtio-blk's pass: pop and parse one request at a time until the ring is
+        empty (entries the guest adds meanwhile included), then hand them to the device
+        together as one merged I/O (virtio_blk_submit_multireq); returns how many."""
+        vq = path.vq
+        per_request_ns = self.p.per_request_ns
+        taken: list[int] = []
+        while vq.avail_pending() and (limit <= 0 or len(taken) < limit):
+            taken.append(vq.pop())
+            if per_request_ns > 0:
+                yield self._work(per_request_ns, path)
+        if self.p.per_pass_ns > 0:
+            yield self._work(self.p.per_pass_ns, path)
+        self.device.submit(taken, self, path)
+        return len(taken)
 
     def _work(self, cost_ns: float, path: QueuePath | None) -> simpy.Event:
         """``cost_ns`` of the thread's work, counted as busy time: the event it ends with.

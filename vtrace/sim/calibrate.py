@@ -49,6 +49,7 @@ from vtrace.output import check_new_file, write_file
 from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
 from vtrace.sim.config import KIND_TABLES, SCHEMA, Config, load_config, model_path
 from vtrace.sim.qemu_guest import QemuFacts, fit_qemu, qemu_facts
+from vtrace.sim.qemu_timing import fit_timing, qemu_timing
 
 STALL_FACTOR = 10  # a wake-up this many times the median is a preempted back end
 
@@ -453,6 +454,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         if not v:
             return "[]"
+        if not isinstance(v[0], dict):  # quantiles: numbers on one line
+            return "[" + ", ".join(_toml_value(x) for x in v) + "]"
         items = ",\n".join(
             "  { " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in a.items()) + " }" for a in v
         )
@@ -536,13 +539,24 @@ def calibrate(
                 _, deep = fit_qemu(cfg, pooled[-1])
                 for key in ("workload.submit", "virtqueue.batch"):
                     values[key], found[key] = deep[key][0], deep[key]
+        if qfacts[-1].device == "virtio-blk":
+            # with the host scheduler's events (qemu-lab run as root) the timings come too
+            timed = [
+                t
+                for f, o in zip(qfacts, opened, strict=True)
+                if (t := qemu_timing(f.name, o.events, f.queue_depth)) is not None
+            ]
+            for key, (value, source) in fit_timing(timed).items():
+                values[key], found[key] = value, (value, source)
         cfg = cfg.with_overrides(values, where="calibrate")
         facts: list[TraceFacts] | list[QemuFacts] = qfacts
         notes = {k: src for k, (_, src) in found.items()}
         fitted = {
             k: (float(sum(a["count"] for a in v)) if isinstance(v, list) else float(v), src)
             for k, (v, src) in found.items()
-            if isinstance(v, list | int | float) and not isinstance(v, bool)
+            if isinstance(v, list | int | float)
+            and not isinstance(v, bool)
+            and not k.endswith("_quantiles_ns")  # a law, not one figure
         }
     else:
         facts = [trace_facts(t, requests) for t in traces]

@@ -35,6 +35,8 @@ PUBLISH = ("per_request", "per_pass")
 SUBMIT = ("each", "batch")
 THREADS = ("shared", "per_queue")
 BACKEND_MODES = ("notify", "poll")
+AVAIL_EVENT = ("idle", "pop")
+BACKEND_SUBMIT = ("each", "pass")
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,29 @@ SCHEMA: dict[str, dict[str, Param]] = {
             why="a probability",
         ),
         "stall_ns": Param(float, 0.0, "mean extra delay of a preempted wake-up (exponential)"),
+        "wakeup_quantiles_ns": Param(
+            list,
+            [],
+            "a measured wake-up law: its quantiles at equal steps from the least (0) to the "
+            "most (1), ascending; each wake-up is drawn from it (linear between quantiles) in "
+            "place of wakeup_ns and the stall; empty: not used",
+        ),
+        "avail_event": Param(
+            str,
+            "idle",
+            "with EVENT_IDX, when the back end moves avail_event: idle (only when it goes back "
+            "to sleep, as Linux's vhost does) or pop (after every pop as well, as QEMU's "
+            "virtqueue_pop does: an add that finds the back end caught up kicks, mid-pass too)",
+            AVAIL_EVENT,
+        ),
+        "submit": Param(
+            str,
+            "each",
+            "with a device (max_outstanding): each (every popped request goes to the device as "
+            "it is popped: Linux AIO, vhost) or pass (the requests one pass popped go together "
+            "at its end as one merged I/O, as QEMU virtio-blk's multireq does)",
+            BACKEND_SUBMIT,
+        ),
         "per_request_ns": Param(float, 0.0, "back-end work per request: pop, parse, push used"),
         "per_pass_ns": Param(float, 0.0, "back-end work per pass: publish used.idx, decide irq"),
         "publish": Param(
@@ -340,6 +365,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "injection_ns": Param(float, 0.0, "back-end work to inject one interrupt (irqfd write)"),
         "delivery_ns": Param(float, 0.0, "from injection to the guest handler starting"),
+        "halted_wake_ns": Param(
+            float,
+            0.0,
+            "added to delivery_ns when the vCPU is halted: its thread is woken from sleep "
+            "(the halt-poll window missed, an idle host CPU woken)",
+        ),
         "guest_handler_ns": Param(float, 0.0, "guest handler work per interrupt, without exits"),
         "coalesce_requests": Param(
             int,
@@ -436,9 +467,30 @@ def _check_value(where: str, key: str, p: Param, value: Any) -> Any:
             raise VtraceError(f"{where}: {key}: must be a power of two, got {value!r}")
     if p.choices and value not in p.choices:
         raise VtraceError(f"{where}: {key}: must be one of {', '.join(p.choices)}, got {value!r}")
-    if p.kind is list:
+    if p.kind is list and key.endswith("_quantiles_ns"):
+        value = _check_quantiles(where, key, value)
+    elif p.kind is list:
         value = [_check_access(where, f"{key}[{i}]", a) for i, a in enumerate(value)]
     return value
+
+
+def _check_quantiles(where: str, key: str, value: list[Any]) -> list[float]:
+    """Quantiles of a measured law: none, or 2 to 101 durations in ns, ascending."""
+    lo, hi, why = UNIT_RANGES["_ns"]
+    if len(value) == 1 or len(value) > 101:
+        raise VtraceError(f"{where}: {key}: give 2 to 101 quantiles (or none), got {len(value)}")
+    out: list[float] = []
+    for i, q in enumerate(value):
+        if not isinstance(q, int | float) or isinstance(q, bool) or not math.isfinite(q):
+            raise VtraceError(f"{where}: {key}[{i}]: expected a number of ns, got {q!r}")
+        if not lo <= q <= hi:
+            raise VtraceError(f"{where}: {key}[{i}]: must be 0 to {_number(hi)} ({why}), got {q!r}")
+        if out and q < out[-1]:
+            raise VtraceError(
+                f"{where}: {key}[{i}]: quantiles must ascend, got {q!r} after {out[-1]!r}"
+            )
+        out.append(float(q))
+    return out
 
 
 def value_range(key: str, p: Param) -> tuple[float, float, str]:

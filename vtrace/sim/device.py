@@ -125,3 +125,11 @@ def _durations(path: str, stamp: tuple[tuple[str, int, int], ...]) -> np.ndarray
     )
     measured.setflags(write=False)
     return measured
+
+
+def merged_extra_ns(cfg: Config) -> float:
+    """What each request after the first adds to a merged I/O: its bytes' ``per_byte_ns``."""
+    values = cfg.values
+    if "device" not in values or "workload" not in values:
+        return 0.0
+    return values["device"]["per_byte_ns"] * values["workload"]["request_bytes"]

@@ -51,3 +51,15 @@ def stalled(base_ns: float, probability: float, stall_ns: float, rng: np.random.
         return base_ns + rng.exponential(stall_ns, k) * hit
 
     return Draws(draw)
+
+
+def from_quantiles(quantiles: tuple[float, ...], rng: np.random.Generator) -> Draws:
+    """Draws from a measured law given by its quantiles at equal steps (the least first,
+    the most last): a uniform draw mapped through the piecewise-linear inverse CDF."""
+    q = np.asarray(quantiles, dtype=float)
+    steps = np.linspace(0.0, 1.0, len(q))
+
+    def draw(k: int) -> np.ndarray:
+        return np.interp(rng.random(k), steps, q)
+
+    return Draws(draw)

@@ -28,9 +28,9 @@ import simpy
 
 from vtrace.sim.backend import BackendThread
 from vtrace.sim.config import Config
-from vtrace.sim.device import service_sampler
+from vtrace.sim.device import merged_extra_ns, service_sampler
 from vtrace.sim.device_server import DeviceServer
-from vtrace.sim.draws import Draws, stalled
+from vtrace.sim.draws import Draws, from_quantiles, stalled
 from vtrace.sim.host import HostCpus
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import ModelParams, model_params, preemption_chance
@@ -69,10 +69,16 @@ class Machine:
         ]  # fmt: skip
         service = Draws(service_sampler(cfg, rng))
         self.device = (
-            DeviceServer(env, p.device.slots, service, monitor) if p.device.slots > 0 else None
+            DeviceServer(env, p.device.slots, service, monitor, merged_extra_ns(cfg))
+            if p.device.slots > 0
+            else None
         )
         b = p.backend
-        wakeups = stalled(b.wakeup_ns, b.stall_probability, b.stall_ns, rng)
+        wakeups = (
+            from_quantiles(b.wakeup_quantiles, rng)
+            if b.wakeup_quantiles
+            else stalled(b.wakeup_ns, b.stall_probability, b.stall_ns, rng)
+        )
         groups = [[path] for path in self.paths] if b.threads == "per_queue" else [self.paths]
         self.threads = [
             BackendThread(

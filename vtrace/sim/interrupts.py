@@ -5,7 +5,7 @@ wants an interrupt (``used_event`` / ``VRING_AVAIL_F_NO_INTERRUPT``, or an emula
 interrupt line already asserted). It may hold that decision to gather completions: until
 ``coalesce_requests`` completions are waiting (flushed when it goes idle), or for
 ``coalesce_ns`` with a timer. An injected interrupt reaches the guest after
-``delivery_ns``; the handler then runs on the queue's vCPU (pre-empting what it was doing)
+``delivery_ns`` (``halted_wake_ns`` more when the vCPU is halted); the handler then runs on the queue's vCPU (pre-empting what it was doing)
 for ``guest_handler_ns`` plus its register exits, takes every used buffer back and asks for
 the next interrupt. Each queue has its own vector, so its own decisions and handler.
 """
@@ -35,6 +35,8 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     env = path.env
     timeline = path.irq_timeline
     start = env.now + injection_ns + irq.delivery_ns
+    if timeline.halted:  # the vCPU's thread sleeps in HLT: it is woken first
+        start += irq.halted_wake_ns
     if timeline.handler_free_ns > start:
         start = timeline.handler_free_ns
     cost = irq.handler_ns

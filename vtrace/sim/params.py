@@ -82,6 +82,9 @@ class BackendParams:
     max_per_pass: int  # 0: no limit
     poll_ns: float  # poll mode: time to notice a new avail entry
     wakeup_cpu_share: float = 1.0  # of each wake-up, the part spent on a CPU
+    avail_event_on_pop: bool = False  # EVENT_IDX: avail_event follows every pop (QEMU)
+    submit_per_pass: bool = False  # a pass's requests go to the device as one merged I/O
+    wakeup_quantiles: tuple[float, ...] = ()  # a measured wake-up law, in place of the rest
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class InterruptParams:
     exits: ExitCost
     coalesce_requests: int
     coalesce_ns: float
+    halted_wake_ns: float = 0.0  # more delivery when the vCPU is halted
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,10 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         batch, policy, timer = q["batch"], q["batch_policy"], q["batch_timer_ns"]
         whole, batch_prep = q["whole_batches"], g["batch_prep_ns"]
         queues = q.get("queues", 1)
-        # above one request at a time the device serves on its own (AIO, NVMe depth)
-        slots = d["max_outstanding"] if d["max_outstanding"] > 1 else 0
+        # above one request at a time the device serves on its own (AIO, NVMe depth); a back
+        # end that submits a pass's requests as one merged I/O always hands them to it
+        merged = b.get("submit", "each") == "pass"
+        slots = d["max_outstanding"] if d["max_outstanding"] > 1 or merged else 0
     else:
         ring = RingParams(False, d["max_outstanding"], 1, False, "user", 0.0)
         batch, policy, timer, whole, batch_prep = 1, "count", 0.0, False, 0.0
@@ -220,6 +226,9 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         publish_per_pass=b["publish"] == "per_pass",
         max_per_pass=b.get("max_per_pass", 0),
         poll_ns=b.get("poll_ns", 0.0),
+        avail_event_on_pop=b.get("avail_event", "idle") == "pop",
+        submit_per_pass=b.get("submit", "each") == "pass",
+        wakeup_quantiles=tuple(b.get("wakeup_quantiles_ns", ())),
         wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
     )
     interrupt = InterruptParams(
@@ -230,6 +239,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         exits=access_exits(v["kvm"], irq["accesses"]),
         coalesce_requests=irq["coalesce_requests"],
         coalesce_ns=irq["coalesce_ns"],
+        halted_wake_ns=irq.get("halted_wake_ns", 0.0),
     )
     vcpus, host_cpus = vm.get("vcpus", 1), vm.get("host_cpus", 0)
     if 0 < host_cpus < vcpus:

@@ -51,6 +51,7 @@ class QueuePath:
             self.vq = DeviceQueue(ring.ring_size)
         # a busy-polling back end never asks for a kick
         self.vq.device_polls = backend.mode == "poll"
+        self.vq.avail_event_on_pop = backend.avail_event_on_pop
         self.irq_timeline = irq_timeline
         self.vcpus: list[Vcpu] = []
         self.thread: BackendThread | None = None

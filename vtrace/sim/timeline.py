@@ -15,9 +15,17 @@ import math
 class VcpuTimeline:
     """When one vCPU is free, and how much of its time went to exits."""
 
-    __slots__ = ("_preempts", "busy_until_ns", "exit_ns", "handler_free_ns", "preempt_at_ns")
+    __slots__ = (
+        "_preempts",
+        "busy_until_ns",
+        "exit_ns",
+        "halted",
+        "handler_free_ns",
+        "preempt_at_ns",
+    )
 
     def __init__(self) -> None:
+        self.halted = False  # the guest halted (HLT): an interrupt must wake its thread
         self.busy_until_ns = 0.0
         self.exit_ns = 0.0  # vCPU time spent in exits (kicks, register accesses, EOIs)
         self.handler_free_ns = 0.0  # when its last interrupt handler ends

@@ -231,11 +231,14 @@ class Vcpu:
                 continue
             yield from self._poll_used_ring()
         self.running = False
+        self.timeline.halted = True  # nothing left to run: the guest idles
 
     def _halt(self, wake: simpy.Event) -> Generator[simpy.Event, None, None]:
         """The guest has nothing to run until ``wake`` (HLT): its thread leaves the CPU."""
         self.running = False
+        self.timeline.halted = True
         yield wake
+        self.timeline.halted = False
         self.running = True
 
     def _reap(self) -> None:

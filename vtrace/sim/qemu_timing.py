@@ -1,0 +1,221 @@
+"""Timings a QEMU virtio-blk guest trace gives when it carries the host scheduler's events.
+
+``vtrace qemu-lab run`` as root records the host scheduler over the workload window
+(:mod:`vtrace.lab.sched`). With those events a trace shows what QEMU's own events cannot:
+
+- when the guest *wrote* each kick (its vCPU thread waking QEMU's main loop through the
+  ioeventfd), so the back end's wake-up, from the write to QEMU taking the kick;
+- when the guest's vCPU halted after it had added a lot, so the guest's time per add:
+  the slope of "kick write to halt" over lots of different sizes (traces at two depths);
+- when QEMU's main loop woke the halted vCPU for an interrupt (the irqfd), to it running.
+
+QEMU's events alone give its pace: the gap between two pops of one pass, and a pass's
+merged I/O, from its last pop to its first completion. Under TCG these are the TCG guest's
+and this host's timings, not KVM's: a model calibrated with them predicts runs of the same
+lab on the same host, which is what the depth fidelity check does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from vtrace import schema as s
+
+PASS_GAP_NS = 50_000  # pops further apart than this belong to different passes
+MATCH_NS = 2_000_000  # a kick's write is at most this long before QEMU takes it
+QUANTILES = 21  # the wake-up law is kept as its quantiles at 5 % steps
+THREAD_POOL = 64  # QEMU's thread pool runs at most 64 workers (util/thread-pool.c)
+
+
+@dataclass
+class QemuTiming:
+    """The timings of one QEMU virtio-blk trace with scheduler events (ns)."""
+
+    name: str
+    depth: int
+    wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # first kick of a lot
+    to_halt_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # whole lots: kick
+    # write to the vCPU's halt
+    pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    merged_io_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    irq_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def _before(times: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Index of the last of ``times`` at or before each of ``at`` (-1: none)."""
+    return np.searchsorted(times, at, side="right") - 1
+
+
+def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | None:
+    """The timings of a trace, or None when it has no scheduler events."""
+    ev = (
+        events.select(
+            "ts_ns",
+            "tid",
+            "value",
+            "flags",
+            src=pl.col("source").cast(pl.String),
+            ev=pl.col("event").cast(pl.String),
+        )
+        .sort("ts_ns", maintain_order=True)
+        .collect()
+    )
+    sched = ev.filter(pl.col("src") == s.SOURCE_SCHED)
+    if sched.is_empty():
+        return None
+    t = QemuTiming(name, depth)
+
+    def times(name: str) -> np.ndarray:
+        return ev.filter(pl.col("ev") == name)["ts_ns"].to_numpy()
+
+    pops_f = ev.filter(pl.col("ev") == s.VIRTQUEUE_POP)
+    if pops_f.is_empty():
+        return t
+    main = int(pops_f["tid"].mode().sort()[0])
+    pops, kicks = pops_f["ts_ns"].to_numpy(), times(s.VIRTIO_QUEUE_NOTIFY)
+    fills, done = times("virtqueue_fill"), times("virtio_blk_rw_complete")
+    wakes_main = sched.filter((pl.col("ev") == "sched_waking") & (pl.col("value") == main))
+    wakers = wakes_main.filter((pl.col("tid") != 0) & (pl.col("tid") != main))
+    if wakers.is_empty() or kicks.size == 0:
+        return t
+    vcpu = int(wakers.group_by("tid").len().sort("len", "tid", descending=[True, False])["tid"][0])
+    writes = wakers.filter(pl.col("tid") == vcpu)["ts_ns"].to_numpy()
+    # the guest's write of each kick QEMU took: the vCPU's last signal before it
+    w = _before(writes, kicks)
+    matched = (w >= 0) & (kicks - writes[np.maximum(w, 0)] < MATCH_NS)
+    write_of = np.where(matched, writes[np.maximum(w, 0)], -1)
+    # a lot's first kick: nothing popped and not yet filled when QEMU took it
+    idle = np.searchsorted(pops, kicks) == np.searchsorted(fills, kicks)
+    first = matched & idle
+    t.wake_ns = (kicks - write_of)[first].astype(float)
+    # pieces: the pops after each kick, before the next
+    pieces = np.diff(np.searchsorted(pops, np.append(kicks, np.iinfo(np.int64).max)))
+    # the vCPU's next switch off its CPU after the write: a halt (S) when the guest has
+    # added the lot and waits; a lot whose vCPU was pre-empted (R) first is left out, its
+    # time includes the thread that took the CPU
+    outs = sched.filter((pl.col("ev") == "sched_switch") & (pl.col("tid") == vcpu))
+    out_ts, out_state = outs["ts_ns"].to_numpy(), outs["flags"].to_numpy()
+    whole = first & (pieces == depth)
+    if whole.any() and out_ts.size:
+        h = np.searchsorted(out_ts, write_of[whole])
+        ok = h < out_ts.size
+        ok[ok] = out_state[h[ok]] == 1
+        to_halt = out_ts[h[ok]] - write_of[whole][ok]
+        t.to_halt_ns = to_halt.astype(float)
+    # QEMU's pace: consecutive pops of one pass (no kick taken between them)
+    gaps = np.diff(pops)
+    same_pass = (np.diff(np.searchsorted(kicks, pops, side="right")) == 0) & (gaps < PASS_GAP_NS)
+    t.pop_gaps_ns = gaps[same_pass].astype(float)
+    # a pass's merged I/O: its last pop to the first completion after it
+    last = np.append(~same_pass, True)
+    ends = pops[last]
+    d = np.searchsorted(done, ends)
+    ok = d < done.size
+    t.merged_io_ns = (done[d[ok]] - ends[ok]).astype(float)
+    # an interrupt for a halted vCPU: the main loop wakes it, then it runs
+    irq = sched.filter(
+        (pl.col("ev") == "sched_waking") & (pl.col("tid") == main) & (pl.col("value") == vcpu)
+    )["ts_ns"].to_numpy()
+    runs = sched.filter((pl.col("ev") == "sched_switch") & (pl.col("value") == vcpu))
+    run_ts = runs["ts_ns"].to_numpy()
+    r = np.searchsorted(run_ts, irq)
+    ok = r < run_ts.size
+    t.irq_wake_ns = (run_ts[r[ok]] - irq[ok]).astype(float)
+    return t
+
+
+def _trimmed_mean(x: np.ndarray) -> float:
+    """The mean below the 99th percentile (host preemptions make a long, thin tail)."""
+    return float(x[x <= np.percentile(x, 99)].mean())
+
+
+def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
+    """Values the traces' timings fix, each with its source; empty without any."""
+    if not timings:
+        return {}
+    names = " + ".join(t.name for t in timings)
+    fitted: dict[str, tuple[Any, str]] = {}
+    wake = np.concatenate([t.wake_ns for t in timings])
+    if wake.size >= QUANTILES:
+        q = np.quantile(wake, np.linspace(0.0, 1.0, QUANTILES))
+        fitted["backend.wakeup_quantiles_ns"] = (
+            [round(float(v), 1) for v in q],
+            f"{names}: the first kick of each lot ({wake.size}), from the guest's write (its "
+            "vCPU thread waking QEMU's main loop, sched_waking) to QEMU taking it "
+            "(virtio_queue_notify); quantiles at 5 % steps",
+        )
+        fitted["backend.wakeup_ns"] = (
+            round(float(np.median(wake)), 1),
+            f"{names}: median of the same ({wake.size} kicks; unused: the quantiles are drawn)",
+        )
+        fitted["backend.stall_probability"] = (0.0, "the measured law has the stalls in it")
+    # per depth, every whole lot of the traces at that depth pooled: one odd run moves
+    # a median little
+    by_depth: dict[int, list[np.ndarray]] = {}
+    for t in timings:
+        if t.to_halt_ns.size:
+            by_depth.setdefault(t.depth, []).append(t.to_halt_ns)
+    if len(by_depth) >= 2:
+        d0, d1 = min(by_depth), max(by_depth)
+        h0 = float(np.median(np.concatenate(by_depth[d0])))
+        h1 = float(np.median(np.concatenate(by_depth[d1])))
+        slope = (h1 - h0) / (d1 - d0)
+        if slope > 0:
+            lots = sum(x.size for x in by_depth[d0] + by_depth[d1])
+            fitted["vcpu.request_prep_ns"] = (
+                round(slope, 1),
+                f"{names}: the guest's time per add: whole lots' kick write to the vCPU's halt "
+                f"(sched_switch, state S), median {h0 / 1e3:.1f} us at depth {d0} and "
+                f"{h1 / 1e3:.1f} us at depth {d1} ({lots} lots), per request more",
+            )
+    gaps = np.concatenate([t.pop_gaps_ns for t in timings])
+    if gaps.size >= 10:
+        fitted["backend.per_request_ns"] = (
+            round(_trimmed_mean(gaps), 1),
+            f"{names}: mean gap between two virtqueue_pop of one pass ({gaps.size} gaps, "
+            "below their 99th percentile)",
+        )
+    io = np.concatenate([t.merged_io_ns for t in timings])
+    if io.size >= 10:
+        fitted["backend.submit"] = (
+            "pass",
+            "QEMU virtio-blk submits a pass's requests together at its end, adjacent ones "
+            "merged into one I/O (virtio_blk_submit_multireq)",
+        )
+        fitted["device.service_ns"] = (
+            round(float(np.median(io)), 1),
+            f"{names}: median from a pass's last virtqueue_pop to its first "
+            f"virtio_blk_rw_complete ({io.size} passes)",
+        )
+        fitted["device.max_outstanding"] = (
+            THREAD_POOL,
+            "QEMU's thread pool runs a pass's I/O, at most 64 workers (util/thread-pool.c)",
+        )
+    irq = np.concatenate([t.irq_wake_ns for t in timings])
+    if irq.size >= 10:
+        fitted["interrupt.halted_wake_ns"] = (
+            round(float(np.median(irq)), 1),
+            f"{names}: median from QEMU's main loop waking the halted vCPU thread (the "
+            f"irqfd, sched_waking) to it running (sched_switch), {irq.size} interrupts",
+        )
+    if "vcpu.request_prep_ns" in fitted:
+        fitted["backend.avail_event"] = (
+            "pop",
+            "QEMU's back end: its virtqueue_pop moves avail_event after every pop "
+            "(hw/virtio/virtio.c), so an add that finds it caught up kicks even mid-pass",
+        )
+        fitted["virtqueue.batch"] = (
+            1,
+            f"{names}: one O_DIRECT transfer is not plugged: the guest issues each request "
+            "of a lot on its own, with a kick decision after each (EVENT_IDX decides)",
+        )
+        fitted["virtqueue.batch_policy"] = ("count", "a kick decision per request")
+        fitted["workload.dispatch_splits"] = (
+            0.0,
+            "the pieces come from the timing (guest adds against QEMU's pops and wake-ups)",
+        )
+    return fitted
