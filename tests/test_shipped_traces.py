@@ -12,7 +12,7 @@ import ast
 import math
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,11 @@ def _parse_readme() -> list[Entry]:
     return entries
 
 
-ENTRIES = _parse_readme()
+ALL_ENTRIES = _parse_readme()
+# A series is a directory of traces of one command at several settings (qdD-rR: depth D,
+# round R); every other entry is one trace.
+SERIES = [e for e in ALL_ENTRIES if not (TRACES / e.name / "meta.json").exists()]
+ENTRIES = [e for e in ALL_ENTRIES if e not in SERIES]
 LAB = [e for e in ENTRIES if e.command[:3] == ["vtrace", "lab", "run"]]
 
 
@@ -139,7 +143,7 @@ def opened() -> dict[str, tuple[vtrace.Trace, pl.DataFrame]]:
 
 def test_readme_lists_exactly_the_shipped_traces() -> None:
     shipped = {p.name for p in TRACES.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    listed = [e.name for e in ENTRIES]
+    listed = [e.name for e in ALL_ENTRIES]
     assert len(listed) == len(set(listed)), "a trace is listed twice"
     assert set(listed) == shipped
     assert len(LAB) >= 5, "the lab section lists its five traces"
@@ -156,11 +160,15 @@ def test_traces_fit_the_size_budget() -> None:
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_trace_opens_fits_the_schema_and_lost_nothing(entry: Entry, opened) -> None:
     trace, events = opened[entry.name]
+    _whole_and_valid(entry.name, trace, events)
+
+
+def _whole_and_valid(name: str, trace: vtrace.Trace, events: pl.DataFrame) -> None:
     assert trace.parts, "no Parquet part"
     for part in trace.parts:
         validate(pl.DataFrame(schema=pl.read_parquet_schema(part)), where=str(part))
         assert pl.read_parquet(part, columns=["ts_ns"])["ts_ns"].is_sorted(), f"{part}: time order"
-    validate(events, where=entry.name)
+    validate(events, where=name)
     assert events.height > 0
     assert trace.meta["events"] == events.height
     assert trace.meta.get("complete", True) is True
@@ -172,7 +180,10 @@ def test_trace_opens_fits_the_schema_and_lost_nothing(entry: Entry, opened) -> N
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_meta_has_what_the_readme_claims(entry: Entry, opened) -> None:
-    meta = opened[entry.name][0].meta
+    _meta_as_claimed(entry, opened[entry.name][0].meta, f"traces/{entry.name}")
+
+
+def _meta_as_claimed(entry: Entry, meta: dict[str, Any], output: str) -> None:
     assert entry.date, f"section {entry.section!r} states no '- Date:'"
     made = datetime.fromtimestamp(meta["created_unix"], UTC).date().isoformat()
     assert made == entry.date
@@ -193,7 +204,7 @@ def test_meta_has_what_the_readme_claims(entry: Entry, opened) -> None:
     config, output_option = _run_config(meta)
     verb = 3  # vtrace <group> run
     options = _options(entry.command[verb:])
-    assert options.pop(output_option) == f"traces/{entry.name}"
+    assert options.pop(output_option) == output
     options.pop("json", None)
     for key, value in options.items():
         assert key in config, f"{key}: not in the run's meta"
@@ -226,6 +237,30 @@ def test_regenerate_runs_the_readme_command(entry: Entry) -> None:
     else:  # capture NAME $VTRACE ARGS: appends -o <dir>
         i = readme.index("-o")
         assert argv[3:] == readme[1:i] + readme[i + 2 :]
+
+
+# --- a series: every trace whole, made by the entry's command at its own setting -------------
+
+
+@pytest.mark.parametrize("entry", SERIES, ids=lambda e: e.name)
+def test_series_traces_are_whole_and_made_by_the_command(entry: Entry) -> None:
+    members = sorted(p for p in (TRACES / entry.name).iterdir() if not p.name.startswith("."))
+    assert members, f"{entry.name}: an empty series"
+    depths, rounds = set(), set()
+    for member in members:
+        m = re.fullmatch(r"qd(\d+)-r(\d+)", member.name)
+        assert m, f"{member}: not named qdD-rR"
+        depths.add(int(m[1]))
+        rounds.add(int(m[2]))
+        trace = vtrace.open_trace(member)
+        _whole_and_valid(member.name, trace, trace.events.collect())
+        # the command with this member's depth and directory
+        argv = [m[1] if a == "D" else a for a in entry.command]
+        argv = [f"traces/{entry.name}/{member.name}" if "qdD-rR" in a else a for a in argv]
+        _meta_as_claimed(replace(entry, command=argv), trace.meta, argv[argv.index("-o") + 1])
+    assert len(members) == len(depths) * len(rounds), "every depth in every round"
+    script = REGENERATE.read_text()
+    assert f"traces/{entry.name}" in script and '"$tmp/qd$d-r$r"' in script
 
 
 # --- the QEMU virtio-blk traces: the counts and per-request figures their entries state ------

@@ -91,6 +91,15 @@ def test_the_law_replaces_wakeup_ns() -> None:
     assert first_start == pytest.approx(1_000.0 + 40_000.0 + 8 * 1_000.0, abs=1_500.0)
 
 
+def test_per_request_law_replaces_per_request_ns() -> None:
+    # every pop takes 5 us from the law, not the 1 us of per_request_ns: the merged I/O of
+    # the eight starts when the eighth pop's work is done
+    law = {"backend.per_request_quantiles_ns": [5_000.0, 5_000.0]}
+    starts = simulate(load_config("virtio-blk", backlog("pass", **law))).requests["start_ns"]
+    plain = simulate(load_config("virtio-blk", backlog("pass"))).requests["start_ns"]
+    assert starts[0] - plain[0] == pytest.approx(8 * (5_000.0 - 1_000.0))
+
+
 @pytest.mark.parametrize(
     ("law", "message"),
     [

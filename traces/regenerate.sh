@@ -48,6 +48,22 @@ capture qemu-virtio-blk-qd4-2x2 $VTRACE qemu-lab run --device virtio-blk --reque
     --request-bytes 4096 --queue-depth 4 --vcpus 2 --queues 2
 capture qemu-virtio-blk-qd16-streams $VTRACE qemu-lab run --device virtio-blk --requests 1024 \
     --request-bytes 4096 --queue-depth 16 --submit streams
+# The series with the host scheduler's events (root): 8 rounds of depths 1, 4, 16, 32 in
+# turn, so that every depth sees the host in the same states.
+if wanted qemu-virtio-blk-sched; then
+    tmp=traces/.new-qemu-virtio-blk-sched
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    for r in 1 2 3 4 5 6 7 8; do
+        for d in 1 4 16 32; do
+            echo "== qemu-virtio-blk-sched/qd$d-r$r" >&2
+            $VTRACE qemu-lab run --device virtio-blk --requests 4096 --request-bytes 4096 \
+                --queue-depth $d --sched -o "$tmp/qd$d-r$r" >/dev/null
+        done
+    done
+    rm -rf traces/qemu-virtio-blk-sched
+    mv "$tmp" traces/qemu-virtio-blk-sched
+fi
 capture qemu-e1000 $VTRACE qemu-lab run --device e1000 --requests 1024 --request-bytes 56
 capture qemu-virtio-net $VTRACE qemu-lab run --device virtio-net --requests 1024 --request-bytes 56
 

@@ -45,6 +45,7 @@ class BackendThread:
         wakeups: Draws,
         monitor: RunMonitor,
         guest_polls: bool,
+        pop_work: Draws | None = None,
     ) -> None:
         self.env = env
         self.paths = paths
@@ -52,6 +53,8 @@ class BackendThread:
         self.device = device
         self.service = service
         self.wakeups = wakeups
+        # each request's work: drawn from a measured law, or per_request_ns every time
+        self.pop_work = pop_work if pop_work is not None else Draws(None, params.per_request_ns)
         self.monitor = monitor
         self.polling = params.mode == "poll"
         # the guest spins on used.idx (no interrupts): a publish is seen at once
@@ -201,7 +204,7 @@ class BackendThread:
         env = self.env
         request = path.vq.pop()
         self.monitor.started(request, env.now)
-        busy = self.p.per_request_ns + self.service.next()
+        busy = self.pop_work.next() + self.service.next()
         if busy > 0:
             yield self._work(busy, path)
         path.vq.push_used(request)
@@ -217,7 +220,7 @@ class BackendThread:
         one timeout."""
         env = self.env
         vq = path.vq
-        per_request_ns = self.p.per_request_ns
+        pop_work = self.pop_work
         service = self.service
         monitor = self.monitor
         t = env.now
@@ -225,7 +228,7 @@ class BackendThread:
         for _ in range(take):
             request = vq.pop()
             monitor.started(request, t)
-            t += per_request_ns + service.next()
+            t += pop_work.next() + service.next()
             taken.append(request)
         t += self.p.per_pass_ns
         busy = t - env.now
@@ -241,11 +244,12 @@ class BackendThread:
     def _submit(self, path: QueuePath, take: int) -> Generator[simpy.Event, None, None]:
         """Pop ``take`` requests and hand each to the device as it is popped."""
         vq = path.vq
-        per_request_ns = self.p.per_request_ns
+        pop_work = self.pop_work
         device = self.device
         for _ in range(take):
-            if per_request_ns > 0:
-                yield self._work(per_request_ns, path)
+            work_ns = pop_work.next()
+            if work_ns > 0:
+                yield self._work(work_ns, path)
             device.submit(vq.pop(), self, path)
         if self.p.per_pass_ns > 0:
             yield self._work(self.p.per_pass_ns, path)
@@ -255,12 +259,13 @@ class BackendThread:
         empty (entries the guest adds meanwhile included), then hand them to the device
         together as one merged I/O (virtio_blk_submit_multireq); returns how many."""
         vq = path.vq
-        per_request_ns = self.p.per_request_ns
+        pop_work = self.pop_work
         taken: list[int] = []
         while vq.avail_pending() and (limit <= 0 or len(taken) < limit):
             taken.append(vq.pop())
-            if per_request_ns > 0:
-                yield self._work(per_request_ns, path)
+            work_ns = pop_work.next()
+            if work_ns > 0:
+                yield self._work(work_ns, path)
         if self.p.per_pass_ns > 0:
             yield self._work(self.p.per_pass_ns, path)
         self.device.submit(taken, self, path)

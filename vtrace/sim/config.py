@@ -270,6 +270,13 @@ SCHEMA: dict[str, dict[str, Param]] = {
             why="a probability",
         ),
         "stall_ns": Param(float, 0.0, "mean extra delay of a preempted wake-up (exponential)"),
+        "per_request_quantiles_ns": Param(
+            list,
+            [],
+            "a measured law of the per-request work (quantiles at equal steps, least first, "
+            "ascending); each request's work is drawn from it in place of per_request_ns; "
+            "empty: not used",
+        ),
         "wakeup_quantiles_ns": Param(
             list,
             [],

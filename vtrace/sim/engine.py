@@ -79,10 +79,23 @@ class Machine:
             if b.wakeup_quantiles
             else stalled(b.wakeup_ns, b.stall_probability, b.stall_ns, rng)
         )
+        pop_work = (
+            from_quantiles(b.per_request_quantiles, rng)
+            if b.per_request_quantiles
+            else Draws(None, b.per_request_ns)
+        )
         groups = [[path] for path in self.paths] if b.threads == "per_queue" else [self.paths]
         self.threads = [
             BackendThread(
-                env, group, b, self.device, service, wakeups, monitor, p.guest.polls_completions
+                env,
+                group,
+                b,
+                self.device,
+                service,
+                wakeups,
+                monitor,
+                p.guest.polls_completions,
+                pop_work,
             )
             for group in groups
         ]

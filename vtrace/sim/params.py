@@ -85,6 +85,7 @@ class BackendParams:
     avail_event_on_pop: bool = False  # EVENT_IDX: avail_event follows every pop (QEMU)
     submit_per_pass: bool = False  # a pass's requests go to the device as one merged I/O
     wakeup_quantiles: tuple[float, ...] = ()  # a measured wake-up law, in place of the rest
+    per_request_quantiles: tuple[float, ...] = ()  # a measured law of per_request_ns
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         avail_event_on_pop=b.get("avail_event", "idle") == "pop",
         submit_per_pass=b.get("submit", "each") == "pass",
         wakeup_quantiles=tuple(b.get("wakeup_quantiles_ns", ())),
+        per_request_quantiles=tuple(b.get("per_request_quantiles_ns", ())),
         wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
     )
     interrupt = InterruptParams(

@@ -1,0 +1,133 @@
+"""Calibrated on QEMU virtio-blk runs at depths 1 and 4 *with the host scheduler's events*,
+the model predicts depths 16 and 32 from timing: the guest's time per add, QEMU's pace and
+wake-up, its merged I/O, the halted vCPU's wake-up (vtrace.sim.qemu_timing). No split
+count is carried over: whether a lot goes in one kick or several comes out of the race
+between the guest's adds and QEMU's pops, which QEMU's avail_event (moved at every pop)
+turns into kicks.
+
+The runs: traces/qemu-virtio-blk-sched, 8 rounds of depths 1, 4, 16 and 32 taken in turn
+on a quiet host (traces/README.md). The calibration pools the 16 runs at depths 1 and 4;
+each prediction is judged against the median of the 8 runs at its depth, computed here
+from the shipped traces. Where the model is within 10 % of that median it is held there;
+where not, a strict expected failure says by how much (docs/model.md, "Timed calibration"):
+the race is a knife edge (the guest adds about one request per 4.7 us, QEMU pops one per
+3.6 us), so a small error in either pace moves the deep lots' kicks a lot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import polars as pl
+import pytest
+from real_runs import qemu_per_request
+
+from vtrace import open_trace
+from vtrace.sim import simulate
+from vtrace.sim.calibrate import calibrate
+
+SERIES = Path(__file__).resolve().parent.parent / "traces" / "qemu-virtio-blk-sched"
+ROUNDS = range(1, 9)
+MISSES = {
+    (16, "kicks"): "-17 % on the median: the model splits fewer lots of 16 than the runs "
+    "(1.33 kicks per lot against 1.59); the runs' guest pace varies from lot to lot and run "
+    "to run (whole lots of 4 halt 41 or 70 us after the first kick), the model's is one "
+    "pace plus the measured pre-emptions",
+    (16, "irqs"): "-19 %: follows the missing splits (a piece's completions get their own "
+    "interrupt)",
+    (32, "kicks"): "-20 % on the median: as at depth 16",
+    (32, "irqs"): "-30 %: the model's completions share interrupts more than the runs' "
+    "(1.5 against 2.1 per lot)",
+}
+
+
+def runs(depth: int) -> list[dict[str, float]]:
+    return [qemu_per_request(SERIES / f"qd{depth}-r{r}") for r in ROUNDS]
+
+
+@pytest.fixture(scope="module")
+def timed():
+    traces = [SERIES / f"qd{d}-r{r}" for r in ROUNDS for d in (1, 4)]
+    return calibrate(traces, "virtio-blk", None)
+
+
+def test_the_timings_come_from_the_scheduler_events(timed) -> None:
+    cfg, notes = timed.config, timed.notes
+    for key in ("backend.wakeup_quantiles_ns", "vcpu.request_prep_ns",
+                "backend.per_request_quantiles_ns", "device.service_ns",
+                "interrupt.halted_wake_ns", "backend.avail_event", "backend.submit",
+                "vcpu.stall_per_s", "vcpu.stall_ns"):  # fmt: skip
+        assert key in notes, key
+    assert cfg["backend.avail_event"] == "pop" and cfg["backend.submit"] == "pass"
+    assert cfg["virtqueue.batch"] == 1 and cfg["workload.dispatch_splits"] == 0.0
+    assert "sched_waking" in notes["backend.wakeup_quantiles_ns"]
+    # the guest's time per add lies between the TCG guest's few us and QEMU's pop pace x 2
+    assert 2_000 <= cfg["vcpu.request_prep_ns"] <= 10_000
+    q = cfg["backend.wakeup_quantiles_ns"]
+    assert len(q) == 21 and q == sorted(q)
+
+
+def test_wakeup_median_matches_an_asof_join() -> None:
+    """The wake-up law's median, from a join the calibration does not use: each kick QEMU
+    took at an idle moment, joined backwards to the vCPU's last signal to the main loop."""
+    trace = SERIES / "qd4-r1"
+    ev = open_trace(trace).events.with_columns(pl.col("event").cast(pl.String)).collect()
+    main = ev.filter(pl.col("event") == "virtqueue_pop")["tid"].mode()[0]
+    wakes = ev.filter((pl.col("event") == "sched_waking") & (pl.col("value") == main))
+    vcpu = wakes.filter(pl.col("tid") != 0)["tid"].mode()[0]
+    writes = wakes.filter(pl.col("tid") == vcpu).select(write="ts_ns").sort("write")
+    qemu = ev.filter(pl.col("source").cast(pl.String) == "qemu").sort("ts_ns")
+    flow = qemu.with_columns(
+        in_flight=((pl.col("event") == "virtqueue_pop").cast(pl.Int32)
+                   - (pl.col("event") == "virtqueue_fill").cast(pl.Int32)).cum_sum()
+    )  # fmt: skip
+    firsts = flow.filter(
+        (pl.col("event") == "virtio_queue_notify") & (pl.col("in_flight") == 0)
+    ).select("ts_ns")
+    joined = firsts.join_asof(writes, left_on="ts_ns", right_on="write", strategy="backward")
+    lag = (joined["ts_ns"] - joined["write"]).drop_nulls().to_numpy()
+    lag = lag[lag < 2_000_000]
+    cfg = calibrate([trace], "virtio-blk", None).config
+    assert cfg["backend.wakeup_ns"] == pytest.approx(float(np.median(lag)), abs=1.0)
+
+
+@pytest.fixture(scope="module")
+def predicted(timed) -> dict[int, dict]:
+    out = {}
+    for depth in (4, 16, 32):
+        over = {"workload.queue_depth": depth, "workload.requests": 32_768,
+                "workload.warmup_requests": 0}  # fmt: skip
+        out[depth] = simulate(timed.config.with_overrides(over)).summary
+    return out
+
+
+def test_the_calibration_depth_is_reproduced(predicted) -> None:
+    real = runs(4)
+    for name in ("kicks", "irqs"):
+        med = median(r[name] for r in real)
+        model = predicted[4][f"{name}_per_request"]
+        print(f"\ndepth 4 {name}/request: model {model:.4f}, median {med:.4f} "
+              f"({model / med - 1:+.1%})")  # fmt: skip
+        assert abs(model / med - 1) <= 0.10
+
+
+@pytest.mark.parametrize(
+    ("depth", "name"),
+    [
+        pytest.param(d, n, marks=pytest.mark.xfail(strict=True, reason=MISSES[d, n]))
+        if (d, n) in MISSES
+        else pytest.param(d, n)
+        for d in (16, 32)
+        for n in ("kicks", "irqs")
+    ],
+)
+def test_deeper_queues_from_timing(predicted, depth: int, name: str) -> None:
+    real = [r[name] for r in runs(depth)]
+    med = median(real)
+    model = predicted[depth][f"{name}_per_request"]
+    print(f"\ndepth {depth} {name}/request: model {model:.4f}, median of 8 runs {med:.4f} "
+          f"({model / med - 1:+.1%}), runs {min(real):.4f}-{max(real):.4f}")  # fmt: skip
+    assert min(real) <= model <= max(real)  # inside what the host did
+    assert abs(model / med - 1) <= 0.10, (depth, name, model, med)
