@@ -57,3 +57,42 @@ def test_qemu_back_end_is_kicked_by_the_add_that_finds_it_caught_up() -> None:
 def test_avail_event_takes_idle_or_pop() -> None:
     with pytest.raises(VtraceError, match=r"backend\.avail_event"):
         load_config("virtio-blk", {"backend.avail_event": "never"})
+
+
+def test_a_kick_the_back_end_holds_waits_with_its_vcpu() -> None:
+    # backend.holds_kicks (QEMU's big lock under TCG): request 2's kick is written during
+    # the pass request 1 started; it waits, and the vCPU with it, until the back end is back
+    # in its poll, after that pass and the one that takes request 2 (32 us each)
+    def pops(holds: bool) -> tuple[list[float], int]:
+        cfg = load_config(
+            "virtio-blk",
+            {
+                "workload.arrivals": "backlog",
+                "workload.requests": 4,
+                "workload.warmup_requests": 0,
+                "vcpu.request_prep_ns": 10_000.0,
+                "vcpu.batch_prep_ns": 0.0,
+                "virtqueue.batch": 1,
+                "virtqueue.batch_policy": "count",
+                "backend.wakeup_ns": 0.0,
+                "backend.per_request_ns": 2_000.0,
+                "backend.per_pass_ns": 30_000.0,
+                "backend.avail_event": "pop",
+                "backend.holds_kicks": holds,
+                "device.max_outstanding": 8,
+                "device.service_distribution": "deterministic",
+                "device.service_ns": 1_000_000.0,
+                "kvm.kernel_exit_ns": 0.0,
+            },
+        )
+        r = simulate(cfg)
+        assert r.summary["completed"] == 4
+        return r.requests.sort("request")["start_ns"].to_list(), int(r.requests["kicks"].sum())
+
+    (free, free_kicks), (held, held_kicks) = pops(False), pops(True)
+    # free: requests 3 and 4, added at 30 and 40 us, go in the pass request 2 started
+    assert free == [12_000.0, 44_000.0, 46_000.0, 48_000.0] and free_kicks == 2
+    # held: request 3 is added only when the pass that took request 2 has ended (76 us),
+    # 10 us later; each add then finds the back end asleep and kicks
+    assert held[:2] == free[:2]
+    assert held[2] == 86_000.0 and held_kicks == 4

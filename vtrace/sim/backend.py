@@ -46,6 +46,7 @@ class BackendThread:
         monitor: RunMonitor,
         guest_polls: bool,
         pop_work: Draws | None = None,
+        device_wakeups: Draws | None = None,
     ) -> None:
         self.env = env
         self.paths = paths
@@ -53,6 +54,13 @@ class BackendThread:
         self.device = device
         self.service = service
         self.wakeups = wakeups
+        # a wake-up by the device's completion, when it has a law of its own
+        self.device_wakeups = device_wakeups
+        self.woken_by_device = False
+        # backend.holds_kicks: while it works, kicks wait for it to go back to sleep
+        self.lock_held = False
+        self.held_kicks: list[QueuePath] = []
+        self.lock_free: simpy.Event | None = None
         # each request's work: drawn from a measured law, or per_request_ns every time
         self.pop_work = pop_work if pop_work is not None else Draws(None, params.per_request_ns)
         self.monitor = monitor
@@ -76,6 +84,8 @@ class BackendThread:
         """A kick: ``path``'s eventfd is signalled."""
         path.eventfd = True
         self.woken_by = path
+        if self.wait_event is not None and not self.wait_event.triggered:
+            self.woken_by_device = False
         self._wake()
 
     def poke(self) -> None:
@@ -85,6 +95,8 @@ class BackendThread:
     def device_completed(self, request: int, path: QueuePath) -> None:
         self.done.append((request, path))
         self.woken_by = path
+        if self.wait_event is not None and not self.wait_event.triggered:
+            self.woken_by_device = True
         self._wake()
 
     def _wake(self) -> None:
@@ -157,7 +169,10 @@ class BackendThread:
         for path in self.paths:
             if path.unsignalled and path.irq.coalesce_ns <= 0:
                 yield from inject_interrupt(path, path.last_used_request)
-        if self.done or self._next_path() is not None:  # work came during the flush
+        if self.lock_held:  # back in its main loop's poll: it lets go of the lock
+            self._release()
+        if self.done or self._next_path() is not None:  # work came meanwhile
+            self.lock_held = self.p.holds_kicks
             return
         self.wait_event = env.event()
         yield self.wait_event
@@ -168,7 +183,9 @@ class BackendThread:
             return
         # woken from its poll loop by an eventfd: a kick or a completion. It first waits to
         # be scheduled, holding no CPU, then runs its way out of the sleep on one
-        wake_ns = self.wakeups.next()
+        by_device = self.woken_by_device and self.device_wakeups is not None
+        wake_ns = self.device_wakeups.next() if by_device else self.wakeups.next()
+        self.woken_by_device = False
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:
             cpu_ns = wake_ns * self.p.wakeup_cpu_share
@@ -176,6 +193,27 @@ class BackendThread:
                 yield env.timeout(wake_ns - cpu_ns)
             if cpu_ns > 0:
                 yield self._work(cpu_ns, self.woken_by)
+        self.lock_held = self.p.holds_kicks
+
+    def hold_kick(self, path: QueuePath) -> simpy.Event:
+        """A kick written while it holds the lock: delivered when it lets go; the event the
+        kicking vCPU waits on."""
+        self.held_kicks.append(path)
+        if self.lock_free is None:
+            self.lock_free = self.env.event()
+        return self.lock_free
+
+    def _release(self) -> None:
+        """Back in its poll: let go of the lock, deliver the kicks that waited for it and
+        let their vCPUs go on."""
+        self.lock_held = False
+        held, self.held_kicks = self.held_kicks, []
+        for path in held:
+            path.eventfd = True
+            self.woken_by = path
+        free, self.lock_free = self.lock_free, None
+        if free is not None:
+            free.succeed()
 
     def _serve(self, path: QueuePath) -> Generator[simpy.Event, None, bool]:
         """Serve what ``path`` has available, at most ``max_per_pass`` requests; True when

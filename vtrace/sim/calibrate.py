@@ -546,7 +546,14 @@ def calibrate(
                 for f, o in zip(qfacts, opened, strict=True)
                 if (t := qemu_timing(f.name, o.events, f.queue_depth)) is not None
             ]
-            for key, (value, source) in fit_timing(timed).items():
+            timing = fit_timing(timed)
+            if timing and all(o.meta.get("accel") == "tcg" for o in opened):
+                timing["backend.holds_kicks"] = (
+                    True,
+                    "meta accel tcg: a TCG vCPU takes QEMU's big lock for its notify write "
+                    "(io_writex), which the main loop holds while it dispatches",
+                )
+            for key, (value, source) in timing.items():
                 values[key], found[key] = value, (value, source)
         cfg = cfg.with_overrides(values, where="calibrate")
         facts: list[TraceFacts] | list[QemuFacts] = qfacts

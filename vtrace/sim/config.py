@@ -277,6 +277,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "ascending); each request's work is drawn from it in place of per_request_ns; "
             "empty: not used",
         ),
+        "completion_wakeup_quantiles_ns": Param(
+            list,
+            [],
+            "a measured law of the wake-ups a device completion causes (QEMU's thread pool "
+            "signalling the main loop), quantiles as wakeup_quantiles_ns; empty: a kick's law",
+        ),
         "wakeup_quantiles_ns": Param(
             list,
             [],
@@ -291,6 +297,13 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "to sleep, as Linux's vhost does) or pop (after every pop as well, as QEMU's "
             "virtqueue_pop does: an add that finds the back end caught up kicks, mid-pass too)",
             AVAIL_EVENT,
+        ),
+        "holds_kicks": Param(
+            bool,
+            False,
+            "the thread holds a lock the guest's notify write needs while it works (QEMU's "
+            "big lock under TCG): a kick written then waits, with its vCPU, until the thread "
+            "is back in its poll",
         ),
         "submit": Param(
             str,

@@ -84,6 +84,11 @@ class Machine:
             if b.per_request_quantiles
             else Draws(None, b.per_request_ns)
         )
+        device_wakeups = (
+            from_quantiles(b.completion_wakeup_quantiles, rng)
+            if b.completion_wakeup_quantiles
+            else None
+        )
         groups = [[path] for path in self.paths] if b.threads == "per_queue" else [self.paths]
         self.threads = [
             BackendThread(
@@ -96,6 +101,7 @@ class Machine:
                 monitor,
                 p.guest.polls_completions,
                 pop_work,
+                device_wakeups,
             )
             for group in groups
         ]

@@ -86,6 +86,8 @@ class BackendParams:
     submit_per_pass: bool = False  # a pass's requests go to the device as one merged I/O
     wakeup_quantiles: tuple[float, ...] = ()  # a measured wake-up law, in place of the rest
     per_request_quantiles: tuple[float, ...] = ()  # a measured law of per_request_ns
+    completion_wakeup_quantiles: tuple[float, ...] = ()  # woken by the device: this law
+    holds_kicks: bool = False  # a kick waits while the thread works (QEMU's lock, TCG)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,8 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         submit_per_pass=b.get("submit", "each") == "pass",
         wakeup_quantiles=tuple(b.get("wakeup_quantiles_ns", ())),
         per_request_quantiles=tuple(b.get("per_request_quantiles_ns", ())),
+        completion_wakeup_quantiles=tuple(b.get("completion_wakeup_quantiles_ns", ())),
+        holds_kicks=b.get("holds_kicks", False),
         wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
     )
     interrupt = InterruptParams(

@@ -43,6 +43,7 @@ class QemuTiming:
     pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     merged_io_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     irq_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    completion_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     vcpu_on_ns: float = 0.0  # the vCPU thread's time on a CPU over the window
     preempted_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # each time off
 
@@ -129,6 +130,16 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     d = np.searchsorted(done, ends)
     ok = d < done.size
     t.merged_io_ns = (done[d[ok]] - ends[ok]).astype(float)
+    # a completion: an I/O worker (any other thread) signals the main loop, which then
+    # completes (virtio_blk_rw_complete)
+    workers = wakes_main.filter(
+        (pl.col("tid") != 0) & (pl.col("tid") != main) & (pl.col("tid") != vcpu)
+    )
+    sig = workers["ts_ns"].to_numpy()
+    c = np.searchsorted(done, sig)
+    ok = c < done.size
+    lag = done[c[ok]] - sig[ok]
+    t.completion_wake_ns = lag[lag < MATCH_NS].astype(float)
     # an interrupt for a halted vCPU: the main loop wakes it, then it runs
     irq = sched.filter(
         (pl.col("ev") == "sched_waking") & (pl.col("tid") == main) & (pl.col("value") == vcpu)
@@ -185,6 +196,14 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
                 f"(sched_switch, state S), median {h0 / 1e3:.1f} us at depth {d0} and "
                 f"{h1 / 1e3:.1f} us at depth {d1} ({lots} lots), per request more",
             )
+    done_wake = np.concatenate([t.completion_wake_ns for t in timings])
+    if done_wake.size >= QUANTILES:
+        q = np.quantile(done_wake, np.linspace(0.0, 1.0, QUANTILES))
+        fitted["backend.completion_wakeup_quantiles_ns"] = (
+            [round(float(v), 1) for v in q],
+            f"{names}: from an I/O worker signalling QEMU's main loop (sched_waking) to its "
+            f"next virtio_blk_rw_complete ({done_wake.size}); quantiles at 5 % steps",
+        )
     gaps = np.concatenate([t.pop_gaps_ns for t in timings])
     if gaps.size >= QUANTILES:
         q = np.quantile(gaps, np.linspace(0.0, 1.0, QUANTILES))

@@ -78,6 +78,7 @@ class Vcpu:
         self.held = False  # dispatch stopped: the rest waits for a completion
         self.running = True  # holds a host CPU: False while the guest halts, and at the end
         self.arrival_wait: simpy.Event | None = None
+        self.kick_wait: simpy.Event | None = None  # its kick waits for the back end's lock
         self.batch_timer_generation = 0
         path.vcpus.append(self)
 
@@ -95,7 +96,7 @@ class Vcpu:
     def kick(self) -> None:
         self.unkicked = 0
         self.batch_timer_generation += 1
-        self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
+        self.kick_wait = self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
 
     def _start_batch_timer(self) -> None:
         generation = self.batch_timer_generation
@@ -128,6 +129,11 @@ class Vcpu:
         stops = workload.stops
         prepared = False
         while True:
+            if self.kick_wait is not None:  # its notify write waits for the lock
+                held, self.kick_wait = self.kick_wait, None
+                if not held.triggered:
+                    yield held
+                continue
             now = env.now
             if not pending and not workload.refill(self):
                 if workload.exhausted(self):
