@@ -539,8 +539,9 @@ def calibrate(
                 _, deep = fit_qemu(cfg, pooled[-1])
                 for key in ("workload.submit", "virtqueue.batch"):
                     values[key], found[key] = deep[key][0], deep[key]
-        if qfacts[-1].device == "virtio-blk":
-            # with the host scheduler's events (qemu-lab run as root) the timings come too
+        if qfacts[-1].device == "virtio-blk" and all(f.vcpus == 1 for f in qfacts):
+            # with the host scheduler's events (qemu-lab run as root) the timings come too;
+            # one vCPU: its thread is the one whose signals to the main loop are the kicks
             timed = [
                 t
                 for f, o in zip(qfacts, opened, strict=True)
