@@ -16,27 +16,29 @@ from vtrace.errors import VtraceError
 from vtrace.sim import load_config, simulate
 
 
+def four_requests(avail_event: str, **extra: object) -> dict:
+    """The scene above: four requests ready at once, each pop 2 us, each pass 30 us more."""
+    return {
+        "workload.arrivals": "backlog",
+        "workload.requests": 4,
+        "workload.warmup_requests": 0,
+        "vcpu.request_prep_ns": 10_000.0,
+        "vcpu.batch_prep_ns": 0.0,
+        "virtqueue.batch": 1,
+        "virtqueue.batch_policy": "count",
+        "backend.wakeup_ns": 0.0,
+        "backend.per_request_ns": 2_000.0,
+        "backend.per_pass_ns": 30_000.0,
+        "backend.avail_event": avail_event,
+        "device.max_outstanding": 8,
+        "device.service_distribution": "deterministic",
+        "device.service_ns": 1_000_000.0,
+        **extra,
+    }
+
+
 def run(avail_event: str) -> dict:
-    cfg = load_config(
-        "virtio-blk",
-        {
-            "workload.arrivals": "backlog",
-            "workload.requests": 4,
-            "workload.warmup_requests": 0,
-            "vcpu.request_prep_ns": 10_000.0,
-            "vcpu.batch_prep_ns": 0.0,
-            "virtqueue.batch": 1,
-            "virtqueue.batch_policy": "count",
-            "backend.wakeup_ns": 0.0,
-            "backend.per_request_ns": 2_000.0,
-            "backend.per_pass_ns": 30_000.0,
-            "backend.avail_event": avail_event,
-            "device.max_outstanding": 8,
-            "device.service_distribution": "deterministic",
-            "device.service_ns": 1_000_000.0,
-        },
-    )
-    return simulate(cfg).summary
+    return simulate(load_config("virtio-blk", four_requests(avail_event))).summary
 
 
 def test_idle_back_end_moves_avail_event_only_when_it_sleeps() -> None:
@@ -64,28 +66,8 @@ def test_a_kick_the_back_end_holds_waits_with_its_vcpu() -> None:
     # the pass request 1 started; it waits, and the vCPU with it, until the back end is back
     # in its poll, after that pass and the one that takes request 2 (32 us each)
     def pops(holds: bool) -> tuple[list[float], int]:
-        cfg = load_config(
-            "virtio-blk",
-            {
-                "workload.arrivals": "backlog",
-                "workload.requests": 4,
-                "workload.warmup_requests": 0,
-                "vcpu.request_prep_ns": 10_000.0,
-                "vcpu.batch_prep_ns": 0.0,
-                "virtqueue.batch": 1,
-                "virtqueue.batch_policy": "count",
-                "backend.wakeup_ns": 0.0,
-                "backend.per_request_ns": 2_000.0,
-                "backend.per_pass_ns": 30_000.0,
-                "backend.avail_event": "pop",
-                "backend.holds_kicks": holds,
-                "device.max_outstanding": 8,
-                "device.service_distribution": "deterministic",
-                "device.service_ns": 1_000_000.0,
-                "kvm.kernel_exit_ns": 0.0,
-            },
-        )
-        r = simulate(cfg)
+        over = {"backend.holds_kicks": holds, "kvm.kernel_exit_ns": 0.0}
+        r = simulate(load_config("virtio-blk", four_requests("pop", **over)))
         assert r.summary["completed"] == 4
         return r.requests.sort("request")["start_ns"].to_list(), int(r.requests["kicks"].sum())
 
