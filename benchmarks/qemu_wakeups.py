@@ -2,11 +2,10 @@
 
     sudo .venv/bin/python benchmarks/qemu_wakeups.py [--depths 1,4,16,32] [--repeats 3] [--json]
 
-Runs `vtrace qemu-lab run --device virtio-blk --requests N --queue-depth D` for each depth,
-round after round (depths interleaved), while a tracefs instance of its own records the
-host's `sched_waking` and `sched_switch` (mono clock, aligned with QEMU's wall-clock log by
-the offset read around each run). A QEMU trace shows when QEMU took a kick
-(`virtio_queue_notify`), not when the guest wrote it; under TCG the write is the vCPU
+Runs `vtrace qemu-lab run --device virtio-blk --requests N --queue-depth D --sched` for each
+depth, round after round (depths interleaved); the lab records the host's `sched_waking` and
+`sched_switch` of QEMU's threads with the trace (docs/qemu-lab.md). A QEMU trace shows
+when QEMU took a kick (`virtio_queue_notify`), not when the guest wrote it; under TCG the write is the vCPU
 thread signalling the ioeventfd, which is the scheduler's `sched_waking` of the main loop
 by the vCPU thread. So per kick QEMU took:
 
@@ -32,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,64 +41,36 @@ sys.path.insert(0, str(ROOT))
 
 from vtrace.store import open_trace  # noqa: E402
 
-TRACEFS = Path("/sys/kernel/tracing")
-EVENTS = ("sched/sched_waking", "sched/sched_switch")
-LINE = (
-    r"^\s*(?<comm>.+?)-(?<cur>\d+)\s+\[(?<cpu>\d+)\]\s+\S+\s+(?<secs>\d+)\.(?<frac>\d+): "
-    r"(?<ev>sched_waking|sched_switch): (?<rest>.*)$"
-)
 
-
-class SchedRecorder:
-    """A tracefs instance recording the scheduler's wake-ups and switches (mono clock)."""
-
-    def __init__(self) -> None:
-        self.dir = TRACEFS / "instances" / f"vtrace-wakeups-{os.getpid()}"
-
-    def __enter__(self) -> SchedRecorder:
-        self.dir.mkdir()
-        (self.dir / "trace_clock").write_text("mono")
-        (self.dir / "buffer_size_kb").write_text("32768")
-        for e in EVENTS:
-            (self.dir / "events" / e / "enable").write_text("1")
-        return self
-
-    def start(self) -> None:
-        (self.dir / "trace").write_text("")
-        (self.dir / "tracing_on").write_text("1")
-
-    def stop(self) -> str:
-        (self.dir / "tracing_on").write_text("0")
-        return (self.dir / "trace").read_text()
-
-    def __exit__(self, *exc: object) -> None:
-        (self.dir / "tracing_on").write_text("0")
-        self.dir.rmdir()
-
-
-def realtime_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC: QEMU logs wall-clock time, tracefs mono."""
-    return time.time_ns() - time.monotonic_ns()
-
-
-def parse_sched(text: str, offset_ns: int) -> pl.DataFrame:
-    """tracefs lines to columns: ts (wall clock ns), cur, cpu, ev, and per event the
-    woken pid and target CPU or the switch's prev/next pid and prev_state."""
-    lines = pl.Series("line", text.splitlines(), dtype=pl.String)
-    f = lines.str.extract_groups(LINE).struct.unnest().drop_nulls("ev")
-    frac = pl.col("frac").str.pad_end(9, "0").str.slice(0, 9).cast(pl.Int64)
-    rest = pl.col("rest")
-    return f.select(
-        ts=pl.col("secs").cast(pl.Int64) * 1_000_000_000 + frac + offset_ns,
-        cur=pl.col("cur").cast(pl.Int64),
+def sched_frame(trace_dir: Path) -> pl.DataFrame:
+    """The trace's host scheduler rows (source sched, recorded by the lab) with named
+    columns: ts, cur (the thread the event ran in), cpu, ev, pid (the woken thread),
+    prev / next / state (a switch)."""
+    trace = open_trace(trace_dir)
+    if not (trace.meta.get("sched") or {}).get("recorded"):
+        why = (trace.meta.get("sched") or {}).get("reason")
+        raise SystemExit(f"{trace_dir}: no host scheduler events ({why}); run as root")
+    rows = trace.events.filter(pl.col("source").cast(pl.String) == "sched").collect()
+    waking = pl.col("ev") == "sched_waking"
+    return rows.select(
+        ts="ts_ns",
+        cur=pl.col("tid").cast(pl.Int64),
         cpu=pl.col("cpu").cast(pl.Int64),
-        ev=pl.col("ev"),
-        pid=rest.str.extract(r"(?:^|\s)pid=(\d+)").cast(pl.Int64),
-        target=rest.str.extract(r"target_cpu=(\d+)").cast(pl.Int64),
-        prev=rest.str.extract(r"prev_pid=(\d+)").cast(pl.Int64),
-        state=rest.str.extract(r"prev_state=(\S+)"),
-        next=rest.str.extract(r"next_pid=(\d+)").cast(pl.Int64),
-    ).sort("ts")
+        ev=pl.col("event").cast(pl.String),
+        value=pl.col("value").cast(pl.Int64),
+        flags="flags",
+    ).select(
+        "ts",
+        "cur",
+        "cpu",
+        "ev",
+        pid=pl.when(waking).then("value"),
+        prev=pl.when(~waking).then("cur"),
+        next=pl.when(~waking).then("value"),
+        state=pl.when(~waking).then(
+            pl.when(pl.col("flags") == 1).then(pl.lit("S")).otherwise(pl.lit("R"))
+        ),
+    )
 
 
 def classify(trace_dir: Path, sched: pl.DataFrame, depth: int) -> dict:
@@ -170,32 +140,16 @@ def classify(trace_dir: Path, sched: pl.DataFrame, depth: int) -> dict:
     }
 
 
-def one_run(depth: int, requests: int, out: Path, rec: SchedRecorder) -> dict:
+def one_run(depth: int, requests: int, out: Path) -> dict:
     cmd = [
-        sys.executable,
-        "-m",
-        "vtrace.cli",
-        "qemu-lab",
-        "run",
-        "--device",
-        "virtio-blk",
-        "--requests",
-        str(requests),
-        "--request-bytes",
-        "4096",
-        "--queue-depth",
-        str(depth),
-        "-o",
-        str(out),
-    ]
-    before = realtime_offset_ns()
-    rec.start()
+        sys.executable, "-m", "vtrace.cli", "qemu-lab", "run", "--device", "virtio-blk",
+        "--requests", str(requests), "--request-bytes", "4096", "--queue-depth", str(depth),
+        "--sched", "-o", str(out),
+    ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    text = rec.stop()
-    after = realtime_offset_ns()
     if done.returncode:
         raise SystemExit(f"qemu-lab run failed: {done.stderr.strip().splitlines()[-1:]}")
-    return classify(out, parse_sched(text, (before + after) // 2), depth)
+    return classify(out, sched_frame(out), depth)
 
 
 def main() -> None:
@@ -207,10 +161,10 @@ def main() -> None:
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp, SchedRecorder() as rec:
+    with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for d in depths:
-                row = one_run(d, args.requests, Path(tmp) / f"qd{d}-r{r}", rec)
+                row = one_run(d, args.requests, Path(tmp) / f"qd{d}-r{r}")
                 row["load_avg_1m"] = os.getloadavg()[0]
                 runs.append(row)
                 print(
