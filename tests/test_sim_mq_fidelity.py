@@ -29,6 +29,7 @@ failures, to remove the mark, once the model predicts within the range):
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 
 import pytest
 from real_runs import judge, qemu_per_request
@@ -92,3 +93,46 @@ def test_two_by_two_trace_calibrates_to_its_shape(tmp_path: Path) -> None:
 def test_two_vcpus_two_queues_predicted(predicted: dict[str, float], name: str) -> None:
     shipped = qemu_per_request(TWO_BY_TWO)[name]
     judge(f"2 vCPUs x 2 queues {name}/request", predicted[name], shipped, RUNS[name])
+
+
+# --- from timing: the host scheduler's series ------------------------------------------------
+# Each round of traces/qemu-virtio-blk-sched (1 x 1, depths 1 and 4, quiet host) calibrates a
+# model with the timings the scheduler's events give (docs/model.md, "Timed calibration"),
+# including the wake-up when no host CPU is free (the main loop taking the vCPU's CPU). It
+# predicts 2 x 2 on this host's 2 CPUs (vm.host_cpus = 2: the two vCPU threads leave none
+# idle); the median of the 8 predictions is judged against the median of the 6 runs of
+# traces/qemu-virtio-blk-2x2-sched. Both still miss: the model's 2 x 2 lots split less than
+# the runs' (1.9 kicks per lot of 4).
+SERIES = TRACES / "qemu-virtio-blk-sched"
+TWO_BY_TWO_SERIES = TRACES / "qemu-virtio-blk-2x2-sched"
+TIMED_MISS = {
+    "kicks": "-12.5 % on the runs' median (model 0.418, runs 0.477 kicks per request)",
+    "irqs": "-17 % on the runs' median (model 0.344, runs 0.414 interrupts per request)",
+}
+
+
+@pytest.fixture(scope="module")
+def timed_predictions() -> list[dict]:
+    over = {**SHAPE, "vm.host_cpus": 2, "workload.queue_depth": 4,
+            "workload.requests": 16_384, "workload.warmup_requests": 0}  # fmt: skip
+    out = []
+    for r in range(1, 9):
+        cfg = calibrate([SERIES / f"qd1-r{r}", SERIES / f"qd4-r{r}"], "virtio-blk", None).config
+        out.append(simulate(cfg.with_overrides(over)).summary)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=TIMED_MISS[n]))
+        for n in TIMED_MISS
+    ],
+)
+def test_two_by_two_from_one_queue_timing(timed_predictions: list[dict], name: str) -> None:
+    real = [qemu_per_request(p)[name] for p in sorted(TWO_BY_TWO_SERIES.iterdir())]
+    model = median(s[f"{name}_per_request"] for s in timed_predictions)
+    med = median(real)
+    print(f"\n2 x 2 {name}/request from 1 x 1 timing: median of 8 predictions {model:.4f}, "
+          f"of {len(real)} runs {med:.4f} ({model / med - 1:+.1%})")  # fmt: skip
+    assert abs(model / med - 1) <= 0.10

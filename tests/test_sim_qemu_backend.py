@@ -112,3 +112,19 @@ def test_per_request_law_replaces_per_request_ns() -> None:
 def test_bad_quantiles_are_one_line_errors(law: list, message: str) -> None:
     with pytest.raises(VtraceError, match=message):
         load_config("virtio-blk", {"backend.wakeup_quantiles_ns": law})
+
+
+def test_with_no_host_cpu_free_the_wake_up_is_the_preempting_law() -> None:
+    # one host CPU for the vCPU and the back end: the first kick comes while the vCPU still
+    # adds (it holds the CPU), so the back end's wake-up is drawn from the pre-empting law
+    laws = {
+        "backend.wakeup_quantiles_ns": [1_000.0, 1_000.0],
+        "backend.preempt_wakeup_quantiles_ns": [50_000.0, 50_000.0],
+    }
+
+    def first_pop(host_cpus: int) -> float:
+        cfg = load_config("virtio-blk", backlog("pass", **laws, **{"vm.host_cpus": host_cpus}))
+        return simulate(cfg).requests["start_ns"].min()
+
+    # a CPU each: the ordinary law, 1 us after the first kick; one CPU: 50 us after it
+    assert first_pop(1) - first_pop(0) == pytest.approx(49_000.0, abs=100.0)

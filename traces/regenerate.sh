@@ -64,6 +64,19 @@ if wanted qemu-virtio-blk-sched; then
     rm -rf traces/qemu-virtio-blk-sched
     mv "$tmp" traces/qemu-virtio-blk-sched
 fi
+if wanted qemu-virtio-blk-2x2-sched; then
+    tmp=traces/.new-qemu-virtio-blk-2x2-sched
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    for r in 1 2 3 4 5 6; do
+        d=4
+        echo "== qemu-virtio-blk-2x2-sched/qd$d-r$r" >&2
+        $VTRACE qemu-lab run --device virtio-blk --requests 4096 --request-bytes 4096 \
+            --queue-depth $d --vcpus 2 --queues 2 --sched -o "$tmp/qd$d-r$r" >/dev/null
+    done
+    rm -rf traces/qemu-virtio-blk-2x2-sched
+    mv "$tmp" traces/qemu-virtio-blk-2x2-sched
+fi
 capture qemu-e1000 $VTRACE qemu-lab run --device e1000 --requests 1024 --request-bytes 56
 capture qemu-virtio-net $VTRACE qemu-lab run --device virtio-net --requests 1024 --request-bytes 56
 

@@ -47,6 +47,7 @@ class BackendThread:
         guest_polls: bool,
         pop_work: Draws | None = None,
         device_wakeups: Draws | None = None,
+        preempt_wakeups: Draws | None = None,
     ) -> None:
         self.env = env
         self.paths = paths
@@ -57,6 +58,8 @@ class BackendThread:
         # a wake-up by the device's completion, when it has a law of its own
         self.device_wakeups = device_wakeups
         self.woken_by_device = False
+        # with fewer host CPUs than threads: the wake-up when none is free (it pre-empts)
+        self.preempt_wakeups = preempt_wakeups
         # backend.holds_kicks: while it works, kicks wait for it to go back to sleep
         self.lock_held = False
         self.held_kicks: list[QueuePath] = []
@@ -184,7 +187,16 @@ class BackendThread:
         # woken from its poll loop by an eventfd: a kick or a completion. It first waits to
         # be scheduled, holding no CPU, then runs its way out of the sleep on one
         by_device = self.woken_by_device and self.device_wakeups is not None
-        wake_ns = self.device_wakeups.next() if by_device else self.wakeups.next()
+        if by_device:
+            wake_ns = self.device_wakeups.next()
+        elif (
+            self.preempt_wakeups is not None
+            and self.host is not None
+            and not self.host.cpu_free(env.now)
+        ):
+            wake_ns = self.preempt_wakeups.next()
+        else:
+            wake_ns = self.wakeups.next()
         self.woken_by_device = False
         self.monitor.backend_wakeups += 1
         if wake_ns > 0:

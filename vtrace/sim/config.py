@@ -283,6 +283,13 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "a measured law of the wake-ups a device completion causes (QEMU's thread pool "
             "signalling the main loop), quantiles as wakeup_quantiles_ns; empty: a kick's law",
         ),
+        "preempt_wakeup_quantiles_ns": Param(
+            list,
+            [],
+            "with vm.host_cpus, the wake-up law when no host CPU is free and the thread takes a "
+            "running vCPU's (the scheduler's wake-up pre-emption), quantiles as "
+            "wakeup_quantiles_ns; empty: the same law as any wake-up",
+        ),
         "wakeup_quantiles_ns": Param(
             list,
             [],

@@ -84,6 +84,9 @@ class Machine:
             if b.per_request_quantiles
             else Draws(None, b.per_request_ns)
         )
+        preempt_wakeups = (
+            from_quantiles(b.preempt_wakeup_quantiles, rng) if b.preempt_wakeup_quantiles else None
+        )
         device_wakeups = (
             from_quantiles(b.completion_wakeup_quantiles, rng)
             if b.completion_wakeup_quantiles
@@ -102,6 +105,7 @@ class Machine:
                 p.guest.polls_completions,
                 pop_work,
                 device_wakeups,
+                preempt_wakeups,
             )
             for group in groups
         ]

@@ -40,6 +40,12 @@ class HostCpus:
         self.vcpus.append(vcpu)
         self.preempted_until.append(0.0)
 
+    def cpu_free(self, now: float) -> bool:
+        """Is a host CPU free now (neither a running vCPU's nor a busy back end's)?"""
+        until = self.preempted_until
+        running = sum(1 for v in self.vcpus if v.running and until[v.index] <= now)
+        return running + self.backends_busy < self.cpus
+
     def backend_done(self, _event: object) -> None:
         """A back-end thread's work on a CPU ended."""
         self.backends_busy -= 1

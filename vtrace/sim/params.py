@@ -88,6 +88,7 @@ class BackendParams:
     per_request_quantiles: tuple[float, ...] = ()  # a measured law of per_request_ns
     completion_wakeup_quantiles: tuple[float, ...] = ()  # woken by the device: this law
     holds_kicks: bool = False  # a kick waits while the thread works (QEMU's lock, TCG)
+    preempt_wakeup_quantiles: tuple[float, ...] = ()  # no host CPU free: this law
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         per_request_quantiles=tuple(b.get("per_request_quantiles_ns", ())),
         completion_wakeup_quantiles=tuple(b.get("completion_wakeup_quantiles_ns", ())),
         holds_kicks=b.get("holds_kicks", False),
+        preempt_wakeup_quantiles=tuple(b.get("preempt_wakeup_quantiles_ns", ())),
         wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
     )
     interrupt = InterruptParams(

@@ -38,6 +38,8 @@ class QemuTiming:
     name: str
     depth: int
     wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # first kick of a lot
+    # of those, the ones where the main loop took the vCPU's own CPU (pre-empted it)
+    preempt_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     to_halt_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # whole lots: kick
     # write to the vCPU's halt
     pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -106,6 +108,14 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     idle = np.searchsorted(pops, kicks) == np.searchsorted(fills, kicks)
     first = matched & idle
     t.wake_ns = (kicks - write_of)[first].astype(float)
+    # the main loop's first time on a CPU after the write: switched in from the vCPU thread,
+    # still runnable (state R), is the wake-up that pre-empted the guest
+    main_in = sched.filter((pl.col("ev") == "sched_switch") & (pl.col("value") == main))
+    in_ts = main_in["ts_ns"].to_numpy()
+    if in_ts.size:
+        j = np.minimum(np.searchsorted(in_ts, write_of[first]), in_ts.size - 1)
+        from_vcpu = (main_in["tid"].to_numpy()[j] == vcpu) & (main_in["flags"].to_numpy()[j] == 0)
+        t.preempt_wake_ns = t.wake_ns[from_vcpu]
     # pieces: the pops after each kick, before the next
     pieces = np.diff(np.searchsorted(pops, np.append(kicks, np.iinfo(np.int64).max)))
     # the vCPU's next switch off its CPU after the write: a halt (S) when the guest has
@@ -181,6 +191,14 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             f"{names}: median of the same ({wake.size} kicks; unused: the quantiles are drawn)",
         )
         fitted["backend.stall_probability"] = (0.0, "the measured law has the stalls in it")
+    preempt = np.concatenate([t.preempt_wake_ns for t in timings])
+    if preempt.size >= QUANTILES:
+        fitted["backend.preempt_wakeup_quantiles_ns"] = (
+            _law(preempt),
+            f"{names}: the {preempt.size} of those first kicks whose main loop ran on the vCPU's "
+            "own CPU, switched in from the still runnable vCPU thread (sched_switch, state R): "
+            "the wake-up when no host CPU is free",
+        )
     # per depth, every whole lot of the traces at that depth pooled: one odd run moves
     # a median little
     by_depth: dict[int, list[np.ndarray]] = {}
