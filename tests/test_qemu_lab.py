@@ -528,3 +528,11 @@ def test_no_sched_records_none_and_says_so(tmp_path: Path) -> None:
                              "threads": 0, "lost": 0}  # fmt: skip
     ev = open_trace(tmp_path / "qd1").events.collect()
     assert ev.filter(pl.col("source").cast(pl.String) == "sched").is_empty()
+
+
+def test_scheduler_ring_buffers_are_bounded_in_all() -> None:
+    from vtrace.lab.sched import buffer_kb
+
+    assert buffer_kb(2) == 16384  # this host: 32 MiB in all
+    assert buffer_kb(64) * 64 == 131072  # a large host: 128 MiB in all, not 1 GiB
+    assert buffer_kb(1024) == 2048  # never below 2 MiB a CPU

@@ -32,7 +32,18 @@ from vtrace import schema as s
 
 TRACEFS = Path("/sys/kernel/tracing")
 EVENTS = ("sched/sched_waking", "sched/sched_switch")
-BUFFER_KB = 16384  # per CPU: a 4096-request run makes about 20,000 events on 2 CPUs
+# The ring buffers: 16 MiB a CPU (a 4096-request run makes about 20,000 events on 2 CPUs,
+# well under 1 MiB), but at most 128 MiB in all on a large host, and at least 2 MiB a CPU.
+BUFFER_KB_PER_CPU = 16384
+BUFFER_KB_TOTAL = 131072
+BUFFER_KB_MIN = 2048
+
+
+def buffer_kb(cpus: int) -> int:
+    """Each CPU's ring buffer size in KiB for ``cpus`` CPUs."""
+    return max(BUFFER_KB_MIN, min(BUFFER_KB_PER_CPU, BUFFER_KB_TOTAL // max(1, cpus)))
+
+
 # prev_state letters as the kernel prints them, to the TASK_* bits (include/linux/sched.h)
 TASK_STATES = {"R": 0, "R+": 0, "S": 1, "D": 2, "T": 4, "t": 8, "X": 16, "Z": 32, "P": 64,
                "I": 0x402}  # fmt: skip
@@ -69,7 +80,7 @@ class SchedRecorder:
         self.dir.mkdir()
         try:
             (self.dir / "trace_clock").write_text("mono")
-            (self.dir / "buffer_size_kb").write_text(str(BUFFER_KB))
+            (self.dir / "buffer_size_kb").write_text(str(buffer_kb(os.cpu_count() or 1)))
             for e in EVENTS:
                 (self.dir / "events" / e / "enable").write_text("1")
         except OSError:
