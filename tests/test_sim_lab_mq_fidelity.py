@@ -210,7 +210,16 @@ def test_two_by_two_throughput_on_its_cpu_time_predicted(table: dict) -> None:
             f"other work took {waited:.0%} of a calibration run's vCPU time (judged below "
             f"{CALM_GUEST:.0%}); run on a quieter host"
         )
-    for shape in short:
+    # as for the rate as run: a shape is judged only where its two fastest runs agree (the
+    # fastest run's CPU time says little when the next one took 16 % longer)
+    calm = [s for s in short if table[s]["agreement"] <= AGREEMENT]
+    if not calm:
+        worst = max(table[s]["agreement"] for s in short)
+        pytest.skip(
+            f"host too busy to judge throughput on CPU time: the two fastest of {ROUNDS} runs "
+            f"differ by up to {worst:.0%}; run on a quiet host"
+        )
+    for shape in calm:
         t = table[shape]
         assert t["model_rps"] == pytest.approx(t["own_rps"], rel=THROUGHPUT_GOAL), shape
 
