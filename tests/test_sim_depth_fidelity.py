@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from real_runs import judge, qemu_per_request
+from real_runs import depth_cases, judge, qemu_per_request
 
 from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
@@ -73,16 +73,7 @@ def predicted(shallow) -> dict[int, dict]:
     return {depth: predict(shallow, depth) for depth in (16, 32)}
 
 
-@pytest.mark.parametrize(
-    ("depth", "name"),
-    [
-        pytest.param(d, n, marks=pytest.mark.xfail(strict=True, reason=MEDIAN_MISSES[d, n]))
-        if (d, n) in MEDIAN_MISSES
-        else pytest.param(d, n)
-        for d in (16, 32)
-        for n in ("kicks", "irqs")
-    ],
-)
+@pytest.mark.parametrize(("depth", "name"), depth_cases(MEDIAN_MISSES))
 def test_deeper_queues_within_10_percent_of_the_median(predicted, depth: int, name: str) -> None:
     model = predicted[depth][f"{name}_per_request"]
     median = RUNS[depth][name][1]

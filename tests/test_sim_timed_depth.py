@@ -24,7 +24,7 @@ from statistics import median
 import numpy as np
 import polars as pl
 import pytest
-from real_runs import qemu_per_request
+from real_runs import depth_cases, qemu_per_request
 
 from vtrace import open_trace
 from vtrace.sim import simulate
@@ -115,16 +115,7 @@ def test_the_calibration_depth_is_reproduced(per_round) -> None:
         assert abs(model / med - 1) <= 0.10
 
 
-@pytest.mark.parametrize(
-    ("depth", "name"),
-    [
-        pytest.param(d, n, marks=pytest.mark.xfail(strict=True, reason=MISSES[d, n]))
-        if (d, n) in MISSES
-        else pytest.param(d, n)
-        for d in (16, 32)
-        for n in ("kicks", "irqs")
-    ],
-)
+@pytest.mark.parametrize(("depth", "name"), depth_cases(MISSES))
 def test_deeper_queues_from_timing(per_round, depth: int, name: str) -> None:
     real = [r[name] for r in runs(depth)]
     predictions = [p[depth][f"{name}_per_request"] for p in per_round]

@@ -50,6 +50,7 @@ from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
 from vtrace.sim.config import KIND_TABLES, SCHEMA, Config, load_config, model_path
 from vtrace.sim.qemu_guest import QemuFacts, fit_qemu, qemu_facts
 from vtrace.sim.qemu_timing import fit_timing, qemu_timing
+from vtrace.sim.samples import trimmed_mean
 
 STALL_FACTOR = 10  # a wake-up this many times the median is a preempted back end
 
@@ -250,18 +251,6 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     return facts
 
 
-def _trimmed_mean(samples: list[np.ndarray]) -> float:
-    """Mean below the 99th percentile: throughput follows mean costs, but a rare preemption
-    of milliseconds (a shared host) would swamp a few hundred samples."""
-    present = [s for s in samples if s is not None and s.size]
-    if not present:
-        return math.nan
-    joined = np.concatenate(present)
-    if not joined.size:
-        return math.nan
-    return float(joined[joined <= np.percentile(joined, 99)].mean())
-
-
 def _exit_round_trip(f: TraceFacts) -> float:
     writes = [g for (_, w), g in f.access_gap_ns.items() if w and (_, w) != f.start_port]
     return min(writes or f.access_gap_ns.values())
@@ -382,8 +371,8 @@ def fit_virtio(
                     f"{names}: the base model's {cfg[key]:.0f} ns x fitted / base "
                     f"request_prep_ns ({scale:.3f}): the same guest instructions",
                 )
-    pop_gap = _trimmed_mean([f.pop_gap_ns for f in facts])
-    publish = _trimmed_mean([f.publish_ns for f in facts])
+    pop_gap = trimmed_mean([f.pop_gap_ns for f in facts])
+    publish = trimmed_mean([f.publish_ns for f in facts])
     if not math.isnan(pop_gap):
         fitted["backend.per_request_ns"] = (
             pop_gap,

@@ -53,9 +53,12 @@ def stalled(base_ns: float, probability: float, stall_ns: float, rng: np.random.
     return Draws(draw)
 
 
-def from_quantiles(quantiles: tuple[float, ...], rng: np.random.Generator) -> Draws:
+def from_quantiles(quantiles: tuple[float, ...], rng: np.random.Generator) -> Draws | None:
     """Draws from a measured law given by its quantiles at equal steps (the least first,
-    the most last): a uniform draw mapped through the piecewise-linear inverse CDF."""
+    the most last): a uniform draw mapped through the piecewise-linear inverse CDF. None
+    when no law is given."""
+    if not quantiles:
+        return None
     q = np.asarray(quantiles, dtype=float)
     steps = np.linspace(0.0, 1.0, len(q))
 

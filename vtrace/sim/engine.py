@@ -74,24 +74,13 @@ class Machine:
             else None
         )
         b = p.backend
-        wakeups = (
-            from_quantiles(b.wakeup_quantiles, rng)
-            if b.wakeup_quantiles
-            else stalled(b.wakeup_ns, b.stall_probability, b.stall_ns, rng)
+        # a measured law where the model has one, else the drawn or fixed time
+        wakeups = from_quantiles(b.wakeup_quantiles, rng) or stalled(
+            b.wakeup_ns, b.stall_probability, b.stall_ns, rng
         )
-        pop_work = (
-            from_quantiles(b.per_request_quantiles, rng)
-            if b.per_request_quantiles
-            else Draws(None, b.per_request_ns)
-        )
-        preempt_wakeups = (
-            from_quantiles(b.preempt_wakeup_quantiles, rng) if b.preempt_wakeup_quantiles else None
-        )
-        device_wakeups = (
-            from_quantiles(b.completion_wakeup_quantiles, rng)
-            if b.completion_wakeup_quantiles
-            else None
-        )
+        pop_work = from_quantiles(b.per_request_quantiles, rng) or Draws(None, b.per_request_ns)
+        preempt_wakeups = from_quantiles(b.preempt_wakeup_quantiles, rng)
+        device_wakeups = from_quantiles(b.completion_wakeup_quantiles, rng)
         groups = [[path] for path in self.paths] if b.threads == "per_queue" else [self.paths]
         self.threads = [
             BackendThread(

@@ -24,10 +24,10 @@ import numpy as np
 import polars as pl
 
 from vtrace import schema as s
+from vtrace.sim.samples import QUANTILES, law, trimmed_mean
 
 PASS_GAP_NS = 50_000  # pops further apart than this belong to different passes
 MATCH_NS = 2_000_000  # a kick's write is at most this long before QEMU takes it
-QUANTILES = 21  # the wake-up law is kept as its quantiles at 5 % steps
 THREAD_POOL = 64  # QEMU's thread pool runs at most 64 workers (util/thread-pool.c)
 
 
@@ -162,16 +162,6 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     return t
 
 
-def _trimmed_mean(x: np.ndarray) -> float:
-    """The mean below the 99th percentile (host preemptions make a long, thin tail)."""
-    return float(x[x <= np.percentile(x, 99)].mean())
-
-
-def _law(samples: np.ndarray) -> list[float]:
-    """A measured law as its quantiles at 5 % steps, least first (ns, 0.1 ns)."""
-    return [round(float(v), 1) for v in np.quantile(samples, np.linspace(0.0, 1.0, QUANTILES))]
-
-
 def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     """Values the traces' timings fix, each with its source; empty without any."""
     if not timings:
@@ -181,7 +171,7 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     wake = np.concatenate([t.wake_ns for t in timings])
     if wake.size >= QUANTILES:
         fitted["backend.wakeup_quantiles_ns"] = (
-            _law(wake),
+            law(wake),
             f"{names}: the first kick of each lot ({wake.size}), from the guest's write (its "
             "vCPU thread waking QEMU's main loop, sched_waking) to QEMU taking it "
             "(virtio_queue_notify); quantiles at 5 % steps",
@@ -194,7 +184,7 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     preempt = np.concatenate([t.preempt_wake_ns for t in timings])
     if preempt.size >= QUANTILES:
         fitted["backend.preempt_wakeup_quantiles_ns"] = (
-            _law(preempt),
+            law(preempt),
             f"{names}: the {preempt.size} of those first kicks whose main loop ran on the vCPU's "
             "own CPU, switched in from the still runnable vCPU thread (sched_switch, state R): "
             "the wake-up when no host CPU is free",
@@ -221,19 +211,19 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     done_wake = np.concatenate([t.completion_wake_ns for t in timings])
     if done_wake.size >= QUANTILES:
         fitted["backend.completion_wakeup_quantiles_ns"] = (
-            _law(done_wake),
+            law(done_wake),
             f"{names}: from an I/O worker signalling QEMU's main loop (sched_waking) to its "
             f"next virtio_blk_rw_complete ({done_wake.size}); quantiles at 5 % steps",
         )
     gaps = np.concatenate([t.pop_gaps_ns for t in timings])
     if gaps.size >= QUANTILES:
         fitted["backend.per_request_quantiles_ns"] = (
-            _law(gaps),
+            law(gaps),
             f"{names}: gaps between two virtqueue_pop of one pass ({gaps.size}); quantiles "
             "at 5 % steps (QEMU's pace is mostly even, now and then much slower)",
         )
         fitted["backend.per_request_ns"] = (
-            round(_trimmed_mean(gaps), 1),
+            round(trimmed_mean([gaps]), 1),
             f"{names}: mean of the same below their 99th percentile (unused: the quantiles "
             "are drawn)",
         )

@@ -76,11 +76,15 @@ class Vcpu:
         self.unkicked = 0
         self.last_added = 0
         self.held = False  # dispatch stopped: the rest waits for a completion
-        self.running = True  # holds a host CPU: False while the guest halts, and at the end
         self.arrival_wait: simpy.Event | None = None
         self.kick_wait: simpy.Event | None = None  # its kick waits for the back end's lock
         self.batch_timer_generation = 0
         path.vcpus.append(self)
+
+    @property
+    def running(self) -> bool:
+        """Holds a host CPU: not while the guest halts, nor once it has nothing left."""
+        return not self.timeline.halted
 
     def wake(self) -> None:
         """A request arrived for it, or a completion re-runs its queue."""
@@ -236,16 +240,13 @@ class Vcpu:
                 path.take_used()
                 continue
             yield from self._poll_used_ring()
-        self.running = False
         self.timeline.halted = True  # nothing left to run: the guest idles
 
     def _halt(self, wake: simpy.Event) -> Generator[simpy.Event, None, None]:
         """The guest has nothing to run until ``wake`` (HLT): its thread leaves the CPU."""
-        self.running = False
         self.timeline.halted = True
         yield wake
         self.timeline.halted = False
-        self.running = True
 
     def _reap(self) -> None:
         """A polling driver's look that finds used buffers: it takes them all back (they
