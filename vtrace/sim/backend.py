@@ -20,16 +20,20 @@ vhost-user PMD) never sleeps and never asks for a kick; it spends its core.
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 import simpy
 
 from vtrace.sim.device_server import DeviceServer
 from vtrace.sim.draws import Draws
 from vtrace.sim.host import HostCpus
-from vtrace.sim.interrupts import completed, inject_interrupt
+from vtrace.sim.interrupts import completed, inject_interrupt, start_handler
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import BackendParams
 from vtrace.sim.queuepath import QueuePath
+
+if TYPE_CHECKING:
+    from vtrace.sim.vcpu import Vcpu
 
 
 class BackendThread:
@@ -48,6 +52,7 @@ class BackendThread:
         pop_work: Draws | None = None,
         device_wakeups: Draws | None = None,
         preempt_wakeups: Draws | None = None,
+        uniforms: Draws | None = None,
     ) -> None:
         self.env = env
         self.paths = paths
@@ -63,6 +68,7 @@ class BackendThread:
         # backend.holds_kicks: while it works, kicks wait for it to go back to sleep
         self.lock_held = False
         self.held_kicks: list[QueuePath] = []
+        self.held_irqs: list[QueuePath] = []  # interrupts the guest takes once it has the lock
         self.lock_free: simpy.Event | None = None
         # each request's work: drawn from a measured law, or per_request_ns every time
         self.pop_work = pop_work if pop_work is not None else Draws(None, params.per_request_ns)
@@ -76,6 +82,8 @@ class BackendThread:
         self.current: QueuePath | None = None  # the queue whose handler runs
         self.woken_by: QueuePath | None = None  # the queue whose kick or completion woke it
         self.host: HostCpus | None = None  # fewer host CPUs than threads: it takes a vCPU's
+        self.on_vcpu: Vcpu | None = None  # the vCPU whose CPU it took, until it sleeps
+        self.uniforms = uniforms if uniforms is not None else Draws(None, 1.0)
         if self.polling:  # a polling thread keeps kicks off on every queue for good
             for path in paths:
                 path.vq.disable_notification()
@@ -173,10 +181,15 @@ class BackendThread:
             if path.unsignalled and path.irq.coalesce_ns <= 0:
                 yield from inject_interrupt(path, path.last_used_request)
         if self.lock_held:  # back in its main loop's poll: it lets go of the lock
+            if self.p.idle_ns > 0:
+                yield self._work(self.p.idle_ns, None)
+                if self.done or self._next_path() is not None:  # work came meanwhile
+                    return
             self._release()
         if self.done or self._next_path() is not None:  # work came meanwhile
             self.lock_held = self.p.holds_kicks
             return
+        self.on_vcpu = None  # asleep: it holds no CPU
         self.wait_event = env.event()
         yield self.wait_event
         self.wait_event = None
@@ -189,10 +202,8 @@ class BackendThread:
         by_device = self.woken_by_device and self.device_wakeups is not None
         if by_device:
             wake_ns = self.device_wakeups.next()
-        elif (
-            self.preempt_wakeups is not None
-            and self.host is not None
-            and not self.host.cpu_free(env.now)
+        elif self.preempt_wakeups is not None and (
+            (self.host is not None and not self.host.cpu_free(env.now)) or self._cpu_taken()
         ):
             wake_ns = self.preempt_wakeups.next()
         else:
@@ -207,23 +218,75 @@ class BackendThread:
                 yield self._work(cpu_ns, self.woken_by)
         self.lock_held = self.p.holds_kicks
 
-    def hold_kick(self, path: QueuePath) -> simpy.Event:
-        """A kick written while it holds the lock: delivered when it lets go; the event the
-        kicking vCPU waits on."""
-        self.held_kicks.append(path)
+    def lock_event(self) -> simpy.Event:
+        """The event the vCPUs that wait for its lock wait on: it fires when they have it."""
         if self.lock_free is None:
             self.lock_free = self.env.event()
         return self.lock_free
 
+    def _cpu_taken(self) -> bool:
+        """``backend.preempt_share``: the CPU the model has free is taken by work outside
+        it, so the thread takes the kicking vCPU's (when that vCPU runs) until it sleeps."""
+        if self.p.preempt_share <= 0 or self.woken_by is None:
+            return False
+        running = [v for v in self.woken_by.vcpus if v.running]
+        if not running or self.uniforms.next() >= self.p.preempt_share:
+            return False
+        self.on_vcpu = running[0]
+        return True
+
+    def hold_kick(self, path: QueuePath) -> simpy.Event:
+        """A kick written while it holds the lock: delivered when it lets go; the event the
+        kicking vCPU waits on."""
+        self.held_kicks.append(path)
+        return self.lock_event()
+
+    def hold_interrupt(self, path: QueuePath) -> None:
+        """An interrupt injected while it holds the lock: the guest takes it when the lock
+        is free, and a running vCPU waits for it."""
+        self.held_irqs.append(path)
+        timeline = path.irq_timeline
+        if not timeline.halted and timeline.lock_wait is None:
+            timeline.lock_wait = self.lock_event()
+            timeline.stopped_ns = self.env.now
+
     def _release(self) -> None:
-        """Back in its poll: let go of the lock, deliver the kicks that waited for it and
-        let their vCPUs go on."""
+        """Back in its poll: let go of the lock. The vCPUs that waited for it run again
+        ``lock_wake_ns`` later (the scheduler wakes their threads): they write their kicks
+        and take their interrupts."""
         self.lock_held = False
-        held, self.held_kicks = self.held_kicks, []
-        for path in held:
-            path.eventfd = True
-            self.woken_by = path
+        kicks, self.held_kicks = self.held_kicks, []
+        irqs, self.held_irqs = self.held_irqs, []
         free, self.lock_free = self.lock_free, None
+        if self.p.lock_wake_ns <= 0:
+            self._deliver(kicks, irqs, free)
+        elif kicks or irqs or free is not None:
+            self.env.timeout(self.p.lock_wake_ns).callbacks.append(
+                lambda _event: self._deliver(kicks, irqs, free)
+            )
+
+    def _deliver(
+        self, kicks: list[QueuePath], irqs: list[QueuePath], free: simpy.Event | None
+    ) -> None:
+        """The waiting vCPUs have the lock: their kicks are written, their handlers start."""
+        if self.lock_held:  # it took the lock again before they got it: they wait again
+            self.held_kicks.extend(kicks)
+            self.held_irqs.extend(irqs)
+            if free is not None:
+                if self.lock_free is None:
+                    self.lock_free = free
+                else:
+                    self.lock_free.callbacks.append(lambda _event: free.succeed())
+            return
+        now = self.env.now
+        for path in irqs:
+            timeline = path.irq_timeline
+            if timeline.stopped_ns is not None:  # the guest code it did not run meanwhile
+                timeline.preempt(timeline.stopped_ns, now - timeline.stopped_ns)
+                timeline.stopped_ns = None
+            start_handler(path, path.last_used_request)
+        for path in kicks:
+            self.signal(path)
         if free is not None:
             free.succeed()
 
@@ -326,6 +389,9 @@ class BackendThread:
         With fewer host CPUs than threads (``host``) it runs on a free CPU, on one taken
         from a running vCPU, or shared with the other busy back-end threads."""
         self.monitor.backend_busy_ns += cost_ns
+        if self.on_vcpu is not None:  # on the CPU it took from a vCPU: the vCPU waits
+            self.on_vcpu.timeline.occupy(self.env.now, cost_ns)
+            return self.env.timeout(cost_ns)
         host = self.host
         if host is None:
             return self.env.timeout(cost_ns)
@@ -341,7 +407,10 @@ class BackendThread:
         done, self.done = self.done, []
         per_pass = self.p.publish_per_pass
         touched: dict[int, tuple[QueuePath, int, int]] = {}
+        complete_ns = self.p.complete_ns
         for request, path in done:
+            if complete_ns > 0:
+                yield self._work(complete_ns, path)
             path.vq.push_used(request)
             if self.guest_polls:
                 path.space_freed()

@@ -283,6 +283,17 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "a measured law of the wake-ups a device completion causes (QEMU's thread pool "
             "signalling the main loop), quantiles as wakeup_quantiles_ns; empty: a kick's law",
         ),
+        "preempt_share": Param(
+            float,
+            0.0,
+            "with preempt_wakeup_quantiles_ns: the share of wake-ups, where the model has a "
+            "host CPU free, that find it taken by work outside the model (other threads of the "
+            "VMM, the host's own): the thread takes the CPU of the vCPU that kicked, which "
+            "waits while it works",
+            minimum=0.0,
+            maximum=1.0,
+            why="a share of wake-ups, from none to all",
+        ),
         "preempt_wakeup_quantiles_ns": Param(
             list,
             [],
@@ -311,6 +322,25 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "the thread holds a lock the guest's notify write needs while it works (QEMU's "
             "big lock under TCG): a kick written then waits, with its vCPU, until the thread "
             "is back in its poll",
+        ),
+        "lock_wake_ns": Param(
+            float,
+            0.0,
+            "with holds_kicks: from the thread letting go of its lock to the vCPU thread that "
+            "waited for it running again and writing its kick (the host scheduler waking a "
+            "sleeping thread); 0: at once",
+        ),
+        "idle_ns": Param(
+            float,
+            0.0,
+            "with holds_kicks: from the end of its work to letting go of the lock and "
+            "sleeping (QEMU's main loop on its way back to its poll)",
+        ),
+        "complete_ns": Param(
+            float,
+            0.0,
+            "back-end work per completion the device hands back (QEMU's virtio_blk_rw_complete "
+            "to virtqueue_flush), on the thread and under its lock",
         ),
         "submit": Param(
             str,

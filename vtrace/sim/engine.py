@@ -95,6 +95,7 @@ class Machine:
                 pop_work,
                 device_wakeups,
                 preempt_wakeups,
+                Draws(lambda k: rng.random(k)) if b.preempt_share > 0 else None,
             )
             for group in groups
         ]

@@ -34,9 +34,27 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
         path.monitor.interrupt(request)
     env = path.env
     timeline = path.irq_timeline
+    thread = path.thread
+    if thread is not None and thread.lock_held:
+        # taking it needs the lock the back end holds (QEMU's big lock under TCG): the
+        # handler starts when the vCPU has the lock, and a running vCPU stops until then
+        thread.hold_interrupt(path)
+        return True
     start = env.now + injection_ns + irq.delivery_ns
     if timeline.halted:  # the vCPU's thread sleeps in HLT: it is woken first
         start += irq.halted_wake_ns
+    start_handler(path, request, start)
+    return True
+
+
+def start_handler(path: QueuePath, request: int, start: float | None = None) -> None:
+    """Schedule the guest's handler for the interrupt ``request``'s completion raised, on
+    the queue's vCPU from ``start`` (now when None)."""
+    env = path.env
+    irq = path.irq
+    timeline = path.irq_timeline
+    if start is None:
+        start = env.now
     if timeline.handler_free_ns > start:
         start = timeline.handler_free_ns
     cost = irq.handler_ns
@@ -53,7 +71,6 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     # used_event where it was: they share this interrupt.
     timeline.preempt(start, cost)
     env.timeout(end - env.now).callbacks.append(path.guest_interrupt_handler)
-    return True
 
 
 def inject_interrupt(path: QueuePath, request: int) -> Generator[simpy.Event, None, None]:

@@ -89,6 +89,10 @@ class BackendParams:
     completion_wakeup_quantiles: tuple[float, ...] = ()  # woken by the device: this law
     holds_kicks: bool = False  # a kick waits while the thread works (QEMU's lock, TCG)
     preempt_wakeup_quantiles: tuple[float, ...] = ()  # no host CPU free: this law
+    lock_wake_ns: float = 0.0  # holds_kicks: the waiting vCPU runs again this long after
+    complete_ns: float = 0.0  # work per device completion, under the lock
+    idle_ns: float = 0.0  # holds_kicks: its way back to sleep, still holding the lock
+    preempt_share: float = 0.0  # wake-ups that find the free CPU taken: on the vCPU's
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,10 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         holds_kicks=b.get("holds_kicks", False),
         preempt_wakeup_quantiles=tuple(b.get("preempt_wakeup_quantiles_ns", ())),
         wakeup_cpu_share=b.get("wakeup_cpu_share", 1.0),
+        lock_wake_ns=b.get("lock_wake_ns", 0.0),
+        complete_ns=b.get("complete_ns", 0.0),
+        idle_ns=b.get("idle_ns", 0.0),
+        preempt_share=b.get("preempt_share", 0.0),
     )
     interrupt = InterruptParams(
         counted=True,

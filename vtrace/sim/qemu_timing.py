@@ -38,14 +38,20 @@ class QemuTiming:
     name: str
     depth: int
     wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # first kick of a lot
-    # of those, the ones where the main loop took the vCPU's own CPU (pre-empted it)
+    # of those, the ones where the main loop took the vCPU's own CPU (pre-empted it), and
+    # the others (it ran on another CPU)
     preempt_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    free_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     to_halt_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # whole lots: kick
     # write to the vCPU's halt
     pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     merged_io_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     irq_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     completion_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    complete_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # one burst's
+    # consecutive completions
+    to_sleep_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # the main loop's
+    # last event to its sleep
     vcpu_on_ns: float = 0.0  # the vCPU thread's time on a CPU over the window
     preempted_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # each time off
 
@@ -116,6 +122,9 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
         j = np.minimum(np.searchsorted(in_ts, write_of[first]), in_ts.size - 1)
         from_vcpu = (main_in["tid"].to_numpy()[j] == vcpu) & (main_in["flags"].to_numpy()[j] == 0)
         t.preempt_wake_ns = t.wake_ns[from_vcpu]
+        t.free_wake_ns = t.wake_ns[~from_vcpu]
+    else:
+        t.free_wake_ns = t.wake_ns
     # pieces: the pops after each kick, before the next
     pieces = np.diff(np.searchsorted(pops, np.append(kicks, np.iinfo(np.int64).max)))
     # the vCPU's next switch off its CPU after the write: a halt (S) when the guest has
@@ -150,6 +159,19 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     ok = c < done.size
     lag = done[c[ok]] - sig[ok]
     t.completion_wake_ns = lag[lag < MATCH_NS].astype(float)
+    # the main loop's work per completion: consecutive completions of one burst
+    gaps = np.diff(done)
+    between = np.diff(np.searchsorted(pops, done)) == 0
+    t.complete_gaps_ns = gaps[between & (gaps < PASS_GAP_NS)].astype(float)
+    # its way back to sleep: from its last event to its switch off the CPU asleep (S)
+    own = ev.filter((pl.col("src") == "qemu") & (pl.col("tid") == main))["ts_ns"].to_numpy()
+    asleep = sched.filter(
+        (pl.col("ev") == "sched_switch") & (pl.col("tid") == main) & (pl.col("flags") == 1)
+    )["ts_ns"].to_numpy()
+    k = _before(own, asleep)
+    ok = k >= 0
+    lag = asleep[ok] - own[k[ok]]
+    t.to_sleep_ns = lag[lag < PASS_GAP_NS].astype(float)
     # an interrupt for a halted vCPU: the main loop wakes it, then it runs
     irq = sched.filter(
         (pl.col("ev") == "sched_waking") & (pl.col("tid") == main) & (pl.col("value") == vcpu)
@@ -169,25 +191,34 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     names = " + ".join(t.name for t in timings)
     fitted: dict[str, tuple[Any, str]] = {}
     wake = np.concatenate([t.wake_ns for t in timings])
+    preempt = np.concatenate([t.preempt_wake_ns for t in timings])
+    free = np.concatenate([t.free_wake_ns for t in timings])
+    apart = preempt.size >= QUANTILES and free.size >= QUANTILES
     if wake.size >= QUANTILES:
         fitted["backend.wakeup_quantiles_ns"] = (
-            law(wake),
-            f"{names}: the first kick of each lot ({wake.size}), from the guest's write (its "
-            "vCPU thread waking QEMU's main loop, sched_waking) to QEMU taking it "
-            "(virtio_queue_notify); quantiles at 5 % steps",
+            law(free if apart else wake),
+            f"{names}: the first kick of each lot ({free.size if apart else wake.size}"
+            f"{', where the main loop ran on another CPU than the vCPU' if apart else ''}), "
+            "from the guest's write (its vCPU thread waking QEMU's main loop, sched_waking) "
+            "to QEMU taking it (virtio_queue_notify); quantiles at 5 % steps",
         )
         fitted["backend.wakeup_ns"] = (
             round(float(np.median(wake)), 1),
-            f"{names}: median of the same ({wake.size} kicks; unused: the quantiles are drawn)",
+            f"{names}: median of every first kick's wake-up ({wake.size} kicks; unused: the "
+            "quantiles are drawn)",
         )
         fitted["backend.stall_probability"] = (0.0, "the measured law has the stalls in it")
-    preempt = np.concatenate([t.preempt_wake_ns for t in timings])
-    if preempt.size >= QUANTILES:
+    if apart:
         fitted["backend.preempt_wakeup_quantiles_ns"] = (
             law(preempt),
             f"{names}: the {preempt.size} of those first kicks whose main loop ran on the vCPU's "
             "own CPU, switched in from the still runnable vCPU thread (sched_switch, state R): "
             "the wake-up when no host CPU is free",
+        )
+        fitted["backend.preempt_share"] = (
+            round(preempt.size / wake.size, 4),
+            f"{names}: {preempt.size} of the {wake.size} first kicks: the host's other work "
+            "held the other CPUs, and the main loop took the vCPU's",
         )
     # per depth, every whole lot of the traces at that depth pooled: one odd run moves
     # a median little
@@ -262,11 +293,37 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             f"{names}: median from QEMU's main loop waking the halted vCPU thread (the "
             f"irqfd, sched_waking) to it running (sched_switch), {irq.size} interrupts",
         )
+        fitted["backend.lock_wake_ns"] = (
+            fitted["interrupt.halted_wake_ns"][0],
+            "the same wake-up: the main loop letting go of its lock wakes the vCPU thread "
+            "that waits for it",
+        )
+    complete = np.concatenate([t.complete_gaps_ns for t in timings])
+    if complete.size >= 10:
+        fitted["backend.complete_ns"] = (
+            round(trimmed_mean([complete]), 1),
+            f"{names}: mean gap between two virtio_blk_rw_complete of one burst below their "
+            f"99th percentile ({complete.size}): each completion's work, under the lock",
+        )
+        fitted["backend.publish"] = (
+            "per_request",
+            "QEMU virtio-blk puts each completion on the used ring and decides on an "
+            "interrupt for it (virtio_blk_req_complete)",
+        )
+    to_sleep = np.concatenate([t.to_sleep_ns for t in timings])
+    if to_sleep.size >= 10:
+        fitted["backend.idle_ns"] = (
+            round(float(np.median(to_sleep)), 1),
+            f"{names}: median from the main loop's last event to its switch off the CPU "
+            f"asleep (sched_switch, state S), {to_sleep.size} times",
+        )
     if "vcpu.request_prep_ns" in fitted:
         fitted["backend.avail_event"] = (
-            "pop",
-            "QEMU's back end: its virtqueue_pop moves avail_event after every pop "
-            "(hw/virtio/virtio.c), so an add that finds it caught up kicks even mid-pass",
+            "idle",
+            "QEMU virtio-blk turns kicks off while its handler pops (virtio_blk_handle_vq), "
+            "and virtqueue_pop leaves avail_event alone while they are off "
+            "(vring_set_avail_event, hw/virtio/virtio.c): avail_event moves only when the "
+            "handler turns them back on, having found the ring empty",
         )
         fitted["virtqueue.batch"] = (
             1,

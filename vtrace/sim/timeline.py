@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import simpy
+
 
 class VcpuTimeline:
     """When one vCPU is free, and how much of its time went to exits."""
@@ -21,11 +23,17 @@ class VcpuTimeline:
         "exit_ns",
         "halted",
         "handler_free_ns",
+        "lock_wait",
         "preempt_at_ns",
+        "stopped_ns",
     )
 
     def __init__(self) -> None:
         self.halted = False  # the guest halted (HLT): an interrupt must wake its thread
+        # its thread sleeps on the back end's lock (to write a kick, or to take an
+        # interrupt) until this event: it runs no guest code meanwhile
+        self.lock_wait: simpy.Event | None = None
+        self.stopped_ns: float | None = None  # since when an interrupt stopped it for the lock
         self.busy_until_ns = 0.0
         self.exit_ns = 0.0  # vCPU time spent in exits (kicks, register accesses, EOIs)
         self.handler_free_ns = 0.0  # when its last interrupt handler ends

@@ -77,7 +77,6 @@ class Vcpu:
         self.last_added = 0
         self.held = False  # dispatch stopped: the rest waits for a completion
         self.arrival_wait: simpy.Event | None = None
-        self.kick_wait: simpy.Event | None = None  # its kick waits for the back end's lock
         self.batch_timer_generation = 0
         path.vcpus.append(self)
 
@@ -100,7 +99,9 @@ class Vcpu:
     def kick(self) -> None:
         self.unkicked = 0
         self.batch_timer_generation += 1
-        self.kick_wait = self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
+        held = self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
+        if held is not None:  # its notify write waits for the back end's lock
+            self.timeline.lock_wait = held
 
     def _start_batch_timer(self) -> None:
         generation = self.batch_timer_generation
@@ -133,10 +134,12 @@ class Vcpu:
         stops = workload.stops
         prepared = False
         while True:
-            if self.kick_wait is not None:  # its notify write waits for the lock
-                held, self.kick_wait = self.kick_wait, None
+            if timeline.lock_wait is not None:  # its thread sleeps on the back end's lock
+                held = timeline.lock_wait
                 if not held.triggered:
                     yield held
+                if timeline.lock_wait is held:
+                    timeline.lock_wait = None
                 continue
             now = env.now
             if not pending and not workload.refill(self):
