@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -139,6 +140,7 @@ def test_unknown_device_is_a_clear_error() -> None:
             QemuLabConfig(device="virtio-net", request_bytes=56, vcpus=2, queues=2),
             "--queues with virtio-net: QEMU's user network has one queue pair",
         ),
+        (QemuLabConfig(device="ide", guest_trace=True), "--guest-trace applies to virtio-blk"),
         (QemuLabConfig(requests=63, vcpus=2), "--requests 63: a multiple of --vcpus 2"),
         (
             QemuLabConfig(requests=72, queue_depth=8, vcpus=2),
@@ -536,3 +538,75 @@ def test_scheduler_ring_buffers_are_bounded_in_all() -> None:
     assert buffer_kb(2) == 16384  # this host: 32 MiB in all
     assert buffer_kb(64) * 64 == 131072  # a large host: 128 MiB in all, not 1 GiB
     assert buffer_kb(1024) == 2048  # never below 2 MiB a CPU
+
+
+# --- the guest's own block trace ---------------------------------------------------------------
+
+GUEST_LINES = ["2.576220 0 i RS 128 8", "2.576365 0 i RS 136 8", "2.577001 0 c RS () 128 8"]
+
+
+def test_guest_trace_lines_become_guest_events() -> None:
+    from vtrace.lab.guest_trace import parse_lines
+
+    ev = parse_lines([*GUEST_LINES[:2], "2.578 0 c WS 136 8"], "vda")
+    assert ev["event"].to_list() == ["block_rq_issue", "block_rq_issue", "block_rq_complete"]
+    assert ev["ts_ns"].to_list() == [2_576_220_000, 2_576_365_000, 2_578_000_000]
+    assert ev["addr"].to_list() == [128 * 512, 136 * 512, 136 * 512]  # bytes, as QEMU's
+    assert ev["size"].to_list() == [4096] * 3 and ev["write"].to_list() == [False, False, True]
+    assert ev["vcpu"].to_list() == [0, 0, 0] and ev["source"].unique().to_list() == ["guest"]
+
+
+def test_a_garbled_guest_trace_line_is_named() -> None:
+    from vtrace.lab.guest_trace import parse_lines
+
+    with pytest.raises(VtraceError, match=r"guest trace line 3: .*'2.577001 0 c RS \(\) 128 8'"):
+        parse_lines(GUEST_LINES, "vda")
+
+
+def test_the_guest_clock_is_placed_by_qemus_reads() -> None:
+    from vtrace.lab.guest_trace import guest_events
+
+    # QEMU read each request 30 to 125 us after the guest issued it, the last five at once
+    lines = [f"1.{k:06d} 0 i RS {8 * k} 8" for k in range(0, 1000, 10)]
+    offset = 5_000_000_000
+    lags = [30_000 + 1_000 * (99 - j) for j in range(95)] + [0] * 5
+    starts = range(0, 1000, 10)
+    read_at = [
+        1_000_000_000 + 1_000 * k + offset + lag for k, lag in zip(starts, lags, strict=True)
+    ]
+    host = pl.DataFrame(
+        {
+            "ts_ns": read_at,
+            "event": ["virtio_blk_handle_read"] * 100,
+            "addr": [8 * k * 512 for k in starts],
+        }
+    )
+    ev, meta = guest_events(lines, "vda", host, lost=0)
+    assert meta["paired"] == meta["issued"] == 100
+    # the 1st percentile of the lags is zero: the offset lies within a microsecond of it
+    assert abs(meta["clock_offset_ns"] - offset) <= 1_000
+    assert ev["ts_ns"][0] == pytest.approx(1_000_000_000 + offset, abs=1_000)
+    with pytest.raises(VtraceError, match="lost 3 events"):
+        guest_events(lines, "vda", host, lost=3)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_virtio_blk_run_records_the_guests_block_layer(tmp_path: Path) -> None:
+    _kernel()
+    s, meta = _run(tmp_path, "gt", device="virtio-blk", requests=256, queue_depth=4,
+                   guest_trace=True)  # fmt: skip
+    g = meta["guest_trace"]
+    assert g["recorded"] and g["lost"] == 0 and g["events"] == 2 * 256
+    assert g["paired"] == g["issued"] == 256  # every request the guest issued, QEMU read
+    ev = open_trace(tmp_path / "gt").events.collect()
+    guest = ev.filter(pl.col("source").cast(pl.String) == "guest")
+    name = guest["event"].cast(pl.String)
+    assert (name == "block_rq_issue").sum() == (name == "block_rq_complete").sum() == 256
+    # on the host's clock: each request QEMU read after the guest issued it, and it
+    # completed in the guest after QEMU completed it
+    reads = ev.filter(pl.col("event").cast(pl.String) == "virtio_blk_handle_read")
+    paired = guest.filter(name == "block_rq_issue").join(reads, on="addr", suffix="_qemu")
+    lag = (paired["ts_ns_qemu"] - paired["ts_ns"]).to_numpy()
+    assert (lag >= -2_000).mean() >= 0.99 and np.median(lag) < 1_000_000
+    assert s["virtqueue_pops"] == 256

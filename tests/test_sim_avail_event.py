@@ -1,5 +1,7 @@
 """When the back end moves ``avail_event`` (EVENT_IDX): only when it goes idle, as Linux's
-vhost does, or after every pop as well, as QEMU's ``virtqueue_split_pop`` does.
+vhost and QEMU virtio-blk do, or after every pop as well, as a back end that pops with
+kicks on does (QEMU's ``virtqueue_split_pop`` writes it then; virtio-blk turns kicks off
+for its pass).
 
 With ``backend.avail_event = "pop"`` an add that finds the back end caught up (everything
 published so far popped) kicks, even while the back end is still busy with its pass; with
@@ -47,7 +49,7 @@ def test_idle_back_end_moves_avail_event_only_when_it_sleeps() -> None:
     assert s["kicks_per_request"] == pytest.approx(1 / 4)
 
 
-def test_qemu_back_end_is_kicked_by_the_add_that_finds_it_caught_up() -> None:
+def test_pop_back_end_is_kicked_by_the_add_that_finds_it_caught_up() -> None:
     # request 1 kicks; the pass pops it (avail_event 1) and works 30 us; request 2, added
     # 10 us later, is the entry avail_event names: it kicks although the pass still runs;
     # 3 and 4 find the back end behind and do not

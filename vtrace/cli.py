@@ -642,6 +642,13 @@ def qemu_lab_run(
         "QEMU's threads over the window (when the guest wrote each kick, when its vCPU "
         "halted); without root the trace says why it has none.",
     ),
+    guest_trace: bool = typer.Option(
+        False,
+        "--guest-trace/--no-guest-trace",
+        help="virtio-blk: also record the guest's block layer issuing and completing each "
+        "request (source guest: when the guest added it, how fast it adds); the guest "
+        "prints them after the workload.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Boot a Linux guest, run one workload on DEVICE, print what each request cost."""
@@ -664,6 +671,7 @@ def qemu_lab_run(
         vcpus=vcpus,
         queues=queues,
         sched=sched,
+        guest_trace=guest_trace,
     )
     trace, summary = run_qemu_lab(config, out, raw_log=raw_log)
     if json_out:

@@ -40,6 +40,7 @@ import polars as pl
 from vtrace import schema as s
 from vtrace.errors import VtraceError
 from vtrace.lab import sched
+from vtrace.lab.guest_trace import guest_events
 from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
 from vtrace.output import check_new_dir
 from vtrace.qmp import QemuExited, Qmp
@@ -102,6 +103,7 @@ DEVICE_EVENTS: dict[str, tuple[str, ...]] = {
 
 MAX_VCPUS = 64  # TCG runs them all on the host's cores; more only slows the boot
 _MARK = "vtrace-guest: "
+_GUEST_TRACE = _MARK + "gt "  # one event of the guest's block trace (lab.guest_trace)
 _CONSOLE_TAIL = 15
 
 
@@ -124,6 +126,7 @@ class QemuLabConfig:
     vcpus: int = 1  # -smp; block workloads run one stream per vCPU
     queues: int = 1  # virtio-blk num-queues (blk-mq hardware queues)
     sched: bool = True  # record the host scheduler over the window when root (lab.sched)
+    guest_trace: bool = False  # the guest's block-layer issue/complete (lab.guest_trace)
 
     def check(self) -> None:
         """Raise :class:`VtraceError` naming the first bad option."""
@@ -148,6 +151,9 @@ class QemuLabConfig:
                 "--queues with virtio-net: QEMU's user network has one queue pair (-netdev user "
                 "takes no queues=); more need a tap back end, which this lab does not set up"
             )
+        if self.guest_trace and self.device != "virtio-blk":
+            # its events are placed on the host's clock by QEMU's virtio-blk reads and writes
+            raise VtraceError(f"--guest-trace applies to virtio-blk only, not {self.device}")
         if self.device in BLOCK_DEVICES:
             if self.request_bytes < 512 or self.request_bytes % 512:
                 raise VtraceError(
@@ -226,6 +232,7 @@ class GuestRun:
     sched_tids: set[int] = field(default_factory=set)
     sched_lost: int = 0
     sched_reason: str | None = None
+    guest_trace: list[str] = field(default_factory=list)  # the guest's "gt" lines
 
 
 def choose_accel(requested: str = "auto") -> tuple[str, str]:
@@ -278,6 +285,7 @@ def kernel_command_line(config: QemuLabConfig) -> str:
         f"vtrace_op={op} vtrace_requests={config.requests} "
         f"vtrace_bytes={config.request_bytes} vtrace_qd={config.queue_depth} "
         f"vtrace_submit={config.submit} vtrace_streams={config.vcpus}"
+        + (" vtrace_gtrace=1" if config.guest_trace else "")
     )
 
 
@@ -410,6 +418,9 @@ class GuestSession:
         return VtraceError(f"{what}; last console lines: {shown}")
 
     def heard(self, line: str) -> None:
+        if line.startswith(_GUEST_TRACE):  # thousands of them: kept apart, not in the tail
+            self.run.guest_trace.append(line[len(_GUEST_TRACE) :])
+            return
         self.tail.append(line)
         if line.startswith(_MARK + "info "):  # "vtrace-guest: info key=value"
             key, _, value = line[len(_MARK + "info ") :].partition("=")
@@ -545,6 +556,9 @@ def run_guest(
         status = end.rsplit("status=", 1)[-1]
         if status != "0":
             raise guest.fail(f"guest workload failed (status {status})")
+        if config.guest_trace:  # printed after the window: its console lines are not traced
+            guest.send("dump\n")
+            guest.wait_for("dumped", guest.deadline, "guest did not print its block trace")
         guest.power_off()
     except (OSError, json.JSONDecodeError) as e:
         # A broken pipe or a garbled QMP answer: QEMU went away under us.
@@ -864,6 +878,14 @@ def run_qemu_lab(
             )
         host = sched.sched_events(run.sched_text, run.sched_offset_ns, run.qemu_pid, run.sched_tids)
         events = pl.concat([events, host]).sort("ts_ns", maintain_order=True)
+    guest_meta: dict[str, Any] = {"recorded": False}
+    if config.guest_trace:
+        lost = run.guest_info.get("guest_trace_lost", "")
+        if not lost.isdigit():
+            raise VtraceError("guest trace: the guest did not report its ring buffer's state")
+        disk = run.guest_info.get("disk", "").removeprefix("/dev/")
+        guest, guest_meta = guest_events(run.guest_trace, disk, events, int(lost))
+        events = pl.concat([events, guest]).sort("ts_ns", maintain_order=True)
     summary = summarize(
         events, config.device, config.requests, timed=import_meta.get("clock") == "realtime"
     )
@@ -878,6 +900,7 @@ def run_qemu_lab(
         "source_files": [str(raw_log)] if raw_log is not None else [],
         **run_meta(config, run),
         "ioapic_pins": list(pins),
+        "guest_trace": guest_meta,
         "filtered_out": dropped,
         "qemu_lab": summary,
     }

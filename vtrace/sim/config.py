@@ -311,9 +311,10 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "avail_event": Param(
             str,
             "idle",
-            "with EVENT_IDX, when the back end moves avail_event: idle (only when it goes back "
-            "to sleep, as Linux's vhost does) or pop (after every pop as well, as QEMU's "
-            "virtqueue_pop does: an add that finds the back end caught up kicks, mid-pass too)",
+            "with EVENT_IDX, when the back end moves avail_event: idle (only when it turns kicks "
+            "back on before it sleeps, as Linux's vhost and QEMU virtio-blk do) or pop (after "
+            "every pop as well: a back end that pops with kicks on, so an add that finds it "
+            "caught up kicks, mid-pass too)",
             AVAIL_EVENT,
         ),
         "holds_kicks": Param(

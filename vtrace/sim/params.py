@@ -82,7 +82,7 @@ class BackendParams:
     max_per_pass: int  # 0: no limit
     poll_ns: float  # poll mode: time to notice a new avail entry
     wakeup_cpu_share: float = 1.0  # of each wake-up, the part spent on a CPU
-    avail_event_on_pop: bool = False  # EVENT_IDX: avail_event follows every pop (QEMU)
+    avail_event_on_pop: bool = False  # EVENT_IDX: avail_event follows every pop, kicks on
     submit_per_pass: bool = False  # a pass's requests go to the device as one merged I/O
     wakeup_quantiles: tuple[float, ...] = ()  # a measured wake-up law, in place of the rest
     per_request_quantiles: tuple[float, ...] = ()  # a measured law of per_request_ns

@@ -68,28 +68,31 @@ class QueuePath:
         self.interrupts = 0
 
     # -- the guest's side ------------------------------------------------------------------
-    def kick(
-        self, timeline: VcpuTimeline, request: int, batch_prep_ns: float
-    ) -> simpy.Event | None:
-        """The driver's kick decision for what it added; a needed kick is an exit. Returns
-        the event the vCPU must wait for when the back end holds the kick (else None)."""
+    def kick(self, timeline: VcpuTimeline, request: int, batch_prep_ns: float) -> None:
+        """The driver's kick decision for what it added; a needed kick is an exit. When the
+        back end holds the kick, the vCPU waits on ``timeline.lock_wait``."""
         vq = self.vq
         env = self.env
         if batch_prep_ns > 0:  # publish avail.idx, read the device's flags
             timeline.occupy(env.now, batch_prep_ns)
         if not vq.kick_prepare():
             self.monitor.kicks_suppressed += 1
-            return None
+            return
         if vq.counts_kicks:
             self.kicks += 1
             self.monitor.kick(request)
             if self.ring.kick_handler == "user":
                 self.monitor.exit(request, 0, 1)
             timeline.exit(env.now, self.ring.kick_exit_ns)
-        if self.thread.lock_held:
-            return self.thread.hold_kick(self)
-        self.thread.signal(self)
-        return None
+        self.write(timeline)
+
+    def write(self, timeline: VcpuTimeline) -> None:
+        """The notify write lands: it signals the back end, or waits for its lock."""
+        thread = self.thread
+        if thread.lock_held:
+            timeline.lock_wait = thread.hold_kick(self)
+            return
+        thread.signal(self)
 
     def added(self) -> None:
         """A request was published on the avail ring: a polling back end sees it."""

@@ -99,9 +99,7 @@ class Vcpu:
     def kick(self) -> None:
         self.unkicked = 0
         self.batch_timer_generation += 1
-        held = self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
-        if held is not None:  # its notify write waits for the back end's lock
-            self.timeline.lock_wait = held
+        self.path.kick(self.timeline, self.last_added, self.guest.batch_prep_ns)
 
     def _start_batch_timer(self) -> None:
         generation = self.batch_timer_generation

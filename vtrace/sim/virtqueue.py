@@ -36,7 +36,7 @@ class Virtqueue:
 
     counts_kicks = True
     device_polls = False  # a busy-polling back end: it never asks for a kick
-    avail_event_on_pop = False  # EVENT_IDX: the device moves avail_event at every pop (QEMU)
+    avail_event_on_pop = False  # EVENT_IDX: the device moves avail_event at every pop
 
     def __init__(self, ring_size: int, descs_per_request: int, event_idx: bool) -> None:
         self.ring_size = ring_size
@@ -106,8 +106,8 @@ class Virtqueue:
     def pop(self) -> int:
         self.last_avail_idx += 1
         if self.avail_event_on_pop and self.event_idx:
-            # QEMU's virtqueue_split_pop: "kick me at the entry after the one I just took",
-            # so an add that finds the device caught up kicks even while it is still running
+            # a device that pops with kicks on ("kick me at the entry after the one I just
+            # took"): an add that finds it caught up kicks even while it is still running
             self.avail_event = self.last_avail_idx
         return self.avail.popleft()
 
