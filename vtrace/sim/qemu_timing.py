@@ -184,15 +184,27 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     return t
 
 
+def _pooled(timings: list[QemuTiming], name: str) -> np.ndarray:
+    """One timing's samples from every trace, in one array."""
+    return np.concatenate([getattr(t, name) for t in timings])
+
+
+def _median_fit(samples: np.ndarray, source: str) -> tuple[float, str] | None:
+    """The samples' median (to 0.1 ns) with its source, or None below 10 samples."""
+    if samples.size < 10:
+        return None
+    return round(float(np.median(samples)), 1), source
+
+
 def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     """Values the traces' timings fix, each with its source; empty without any."""
     if not timings:
         return {}
     names = " + ".join(t.name for t in timings)
     fitted: dict[str, tuple[Any, str]] = {}
-    wake = np.concatenate([t.wake_ns for t in timings])
-    preempt = np.concatenate([t.preempt_wake_ns for t in timings])
-    free = np.concatenate([t.free_wake_ns for t in timings])
+    wake = _pooled(timings, "wake_ns")
+    preempt = _pooled(timings, "preempt_wake_ns")
+    free = _pooled(timings, "free_wake_ns")
     apart = preempt.size >= QUANTILES and free.size >= QUANTILES
     if wake.size >= QUANTILES:
         fitted["backend.wakeup_quantiles_ns"] = (
@@ -239,14 +251,14 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
                 f"(sched_switch, state S), median {h0 / 1e3:.1f} us at depth {d0} and "
                 f"{h1 / 1e3:.1f} us at depth {d1} ({lots} lots), per request more",
             )
-    done_wake = np.concatenate([t.completion_wake_ns for t in timings])
+    done_wake = _pooled(timings, "completion_wake_ns")
     if done_wake.size >= QUANTILES:
         fitted["backend.completion_wakeup_quantiles_ns"] = (
             law(done_wake),
             f"{names}: from an I/O worker signalling QEMU's main loop (sched_waking) to its "
             f"next virtio_blk_rw_complete ({done_wake.size}); quantiles at 5 % steps",
         )
-    gaps = np.concatenate([t.pop_gaps_ns for t in timings])
+    gaps = _pooled(timings, "pop_gaps_ns")
     if gaps.size >= QUANTILES:
         fitted["backend.per_request_quantiles_ns"] = (
             law(gaps),
@@ -258,7 +270,7 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             f"{names}: mean of the same below their 99th percentile (unused: the quantiles "
             "are drawn)",
         )
-    io = np.concatenate([t.merged_io_ns for t in timings])
+    io = _pooled(timings, "merged_io_ns")
     if io.size >= 10:
         fitted["backend.submit"] = (
             "pass",
@@ -275,7 +287,7 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             "QEMU's thread pool runs a pass's I/O, at most 64 workers (util/thread-pool.c)",
         )
     on = sum(t.vcpu_on_ns for t in timings)
-    off = np.concatenate([t.preempted_ns for t in timings])
+    off = _pooled(timings, "preempted_ns")
     if on > 0 and off.size >= 10:
         fitted["vcpu.stall_per_s"] = (
             round(off.size / (on / 1e9), 1),
@@ -286,19 +298,20 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             round(float(off.mean()), 1),
             f"{names}: mean time until it ran again ({off.size} pre-emptions)",
         )
-    irq = np.concatenate([t.irq_wake_ns for t in timings])
-    if irq.size >= 10:
-        fitted["interrupt.halted_wake_ns"] = (
-            round(float(np.median(irq)), 1),
-            f"{names}: median from QEMU's main loop waking the halted vCPU thread (the "
-            f"irqfd, sched_waking) to it running (sched_switch), {irq.size} interrupts",
-        )
+    irq = _pooled(timings, "irq_wake_ns")
+    halted = _median_fit(
+        irq,
+        f"{names}: median from QEMU's main loop waking the halted vCPU thread (the irqfd, "
+        f"sched_waking) to it running (sched_switch), {irq.size} interrupts",
+    )
+    if halted is not None:
+        fitted["interrupt.halted_wake_ns"] = halted
         fitted["backend.lock_wake_ns"] = (
             fitted["interrupt.halted_wake_ns"][0],
             "the same wake-up: the main loop letting go of its lock wakes the vCPU thread "
             "that waits for it",
         )
-    complete = np.concatenate([t.complete_gaps_ns for t in timings])
+    complete = _pooled(timings, "complete_gaps_ns")
     if complete.size >= 10:
         fitted["backend.complete_ns"] = (
             round(trimmed_mean([complete]), 1),
@@ -310,13 +323,14 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             "QEMU virtio-blk puts each completion on the used ring and decides on an "
             "interrupt for it (virtio_blk_req_complete)",
         )
-    to_sleep = np.concatenate([t.to_sleep_ns for t in timings])
-    if to_sleep.size >= 10:
-        fitted["backend.idle_ns"] = (
-            round(float(np.median(to_sleep)), 1),
-            f"{names}: median from the main loop's last event to its switch off the CPU "
-            f"asleep (sched_switch, state S), {to_sleep.size} times",
-        )
+    to_sleep = _pooled(timings, "to_sleep_ns")
+    idle = _median_fit(
+        to_sleep,
+        f"{names}: median from the main loop's last event to its switch off the CPU asleep "
+        f"(sched_switch, state S), {to_sleep.size} times",
+    )
+    if idle is not None:
+        fitted["backend.idle_ns"] = idle
     if "vcpu.request_prep_ns" in fitted:
         fitted["backend.avail_event"] = (
             "idle",
