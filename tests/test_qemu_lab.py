@@ -141,6 +141,10 @@ def test_unknown_device_is_a_clear_error() -> None:
             "--queues with virtio-net: QEMU's user network has one queue pair",
         ),
         (QemuLabConfig(device="ide", guest_trace=True), "--guest-trace applies to virtio-blk"),
+        (
+            QemuLabConfig(requests=600_000, guest_trace=True),
+            "--guest-trace with --requests 600000: .* at most 524288 requests",
+        ),
         (QemuLabConfig(requests=63, vcpus=2), "--requests 63: a multiple of --vcpus 2"),
         (
             QemuLabConfig(requests=72, queue_depth=8, vcpus=2),

@@ -103,6 +103,7 @@ DEVICE_EVENTS: dict[str, tuple[str, ...]] = {
 
 MAX_VCPUS = 64  # TCG runs them all on the host's cores; more only slows the boot
 _MARK = "vtrace-guest: "
+GUEST_TRACE_BYTES = 128  # the guest's tracefs buffer per request and CPU (guest_init.sh)
 _GUEST_TRACE = _MARK + "gt "  # one event of the guest's block trace (lab.guest_trace)
 _CONSOLE_TAIL = 15
 
@@ -154,6 +155,16 @@ class QemuLabConfig:
         if self.guest_trace and self.device != "virtio-blk":
             # its events are placed on the host's clock by QEMU's virtio-blk reads and writes
             raise VtraceError(f"--guest-trace applies to virtio-blk only, not {self.device}")
+        if (
+            self.guest_trace
+            and self.requests * GUEST_TRACE_BYTES * self.vcpus > (self.memory_mib << 20) // 4
+        ):
+            most = ((self.memory_mib << 20) // 4) // (GUEST_TRACE_BYTES * self.vcpus)
+            raise VtraceError(
+                f"--guest-trace with --requests {self.requests}: the guest's ring buffers "
+                f"({GUEST_TRACE_BYTES} bytes a request on each of {self.vcpus} CPUs) would take "
+                f"more than a quarter of its {self.memory_mib} MiB; at most {most} requests"
+            )
         if self.device in BLOCK_DEVICES:
             if self.request_bytes < 512 or self.request_bytes % 512:
                 raise VtraceError(
