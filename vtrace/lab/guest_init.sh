@@ -222,8 +222,9 @@ if [ "$loop" = 1 ]; then
 fi
 
 # --guest-trace: the block layer's issue and completion of every request on the disk,
-# recorded over the workload (tracefs) and printed once the host has stopped recording. 128 bytes a request per CPU
-# covers both events with room to spare; a buffer that still fills is reported.
+# recorded over the workload (tracefs) and printed once the host has stopped recording.
+# 128 bytes a request per CPU (GUEST_TRACE_BYTES in qemu.py) covers both events with room
+# to spare; a buffer that still fills is reported.
 T=/sys/kernel/tracing
 gtrace_on() {
     mount -t tracefs nodev $T 2>/dev/null

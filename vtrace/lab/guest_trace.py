@@ -20,7 +20,6 @@ issue and its completion) need no offset.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,29 +32,36 @@ from vtrace.errors import VtraceError
 GUEST_ISSUE = "block_rq_issue"
 GUEST_COMPLETE = "block_rq_complete"
 SECTOR_BYTES = 512
-_LINE = re.compile(r"^(\d+)\.(\d{1,9}) (\d+) ([ic]) ([A-Z]+) (\d+) (\d+)$")
+_LINE = (
+    r"^(?<secs>\d+)\.(?<frac>\d{1,9}) (?<cpu>\d+) (?<kind>[ic]) (?<rwbs>[A-Z]+) "
+    r"(?<sector>\d+) (?<count>\d+)$"
+)
 _QEMU_IO = ("virtio_blk_handle_read", "virtio_blk_handle_write")
 
 
 def parse_lines(lines: Iterable[str], disk: str) -> pl.DataFrame:
     """The guest's lines (without the ``vtrace-guest: gt`` prefix) as events on the guest's
-    clock (``ts_ns``); a malformed line is an error naming it."""
-    rows: list[tuple[int, int, str, bool, int, int]] = []
-    for n, line in enumerate(lines, 1):
-        m = _LINE.match(line.strip())
-        if m is None:
-            raise VtraceError(
-                f"guest trace line {n}: not 'SECONDS CPU i|c RWBS SECTOR COUNT': {line!r}"
-            )
-        secs, frac, cpu, kind, rwbs, sector, count = m.groups()
-        ts = int(secs) * 1_000_000_000 + int(frac.ljust(9, "0"))
-        name = GUEST_ISSUE if kind == "i" else GUEST_COMPLETE
-        rows.append((ts, int(cpu), name, "W" in rwbs, int(sector) * SECTOR_BYTES,
-                     int(count) * SECTOR_BYTES))  # fmt: skip
-    columns = {"ts_ns": pl.Int64, "vcpu": pl.Int32, "event": pl.String, "write": pl.Boolean,
-               "addr": pl.UInt64, "size": pl.Int32}  # fmt: skip
-    frame = pl.DataFrame(rows, schema=columns, orient="row")
-    return frame.with_columns(
+    clock (``ts_ns``); a malformed line is an error naming it. One regex over the column:
+    a run prints two lines a request."""
+    text = pl.Series("line", list(lines), dtype=pl.String).str.strip_chars()
+    f = text.str.extract_groups(_LINE).struct.unnest()
+    bad = f["secs"].is_null()
+    if bad.any():
+        n = int(bad.arg_true()[0])
+        raise VtraceError(
+            f"guest trace line {n + 1}: not 'SECONDS CPU i|c RWBS SECTOR COUNT': {text[n]!r}"
+        )
+    frac = pl.col("frac").str.pad_end(9, "0").cast(pl.Int64)
+    return f.select(
+        ts_ns=pl.col("secs").cast(pl.Int64) * 1_000_000_000 + frac,
+        vcpu=pl.col("cpu").cast(pl.Int32),
+        event=pl.when(pl.col("kind") == "i")
+        .then(pl.lit(GUEST_ISSUE))
+        .otherwise(pl.lit(GUEST_COMPLETE)),
+        write=pl.col("rwbs").str.contains("W"),
+        addr=pl.col("sector").cast(pl.UInt64) * SECTOR_BYTES,
+        size=pl.col("count").cast(pl.Int32) * SECTOR_BYTES,
+    ).with_columns(
         source=pl.lit(s.SOURCE_GUEST), device=pl.lit(disk), cpu=pl.col("vcpu").cast(pl.Int16)
     )
 

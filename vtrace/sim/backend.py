@@ -229,10 +229,10 @@ class BackendThread:
         it, so the thread takes the kicking vCPU's (when that vCPU runs) until it sleeps."""
         if self.p.preempt_share <= 0 or self.woken_by is None:
             return False
-        running = [v for v in self.woken_by.vcpus if v.running]
-        if not running or self.uniforms.next() >= self.p.preempt_share:
+        vcpu = next((v for v in self.woken_by.vcpus if v.running), None)
+        if vcpu is None or self.uniforms.next() >= self.p.preempt_share:
             return False
-        self.on_vcpu = running[0]
+        self.on_vcpu = vcpu
         return True
 
     def hold_kick(self, path: QueuePath) -> simpy.Event:
@@ -284,7 +284,7 @@ class BackendThread:
             if timeline.stopped_ns is not None:  # the guest code it did not run meanwhile
                 timeline.preempt(timeline.stopped_ns, now - timeline.stopped_ns)
                 timeline.stopped_ns = None
-            start_handler(path, path.last_used_request)
+            start_handler(path, path.last_used_request, now)
         for path in kicks:
             self.signal(path)
         if free is not None:

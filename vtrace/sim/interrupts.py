@@ -47,14 +47,12 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     return True
 
 
-def start_handler(path: QueuePath, request: int, start: float | None = None) -> None:
+def start_handler(path: QueuePath, request: int, start: float) -> None:
     """Schedule the guest's handler for the interrupt ``request``'s completion raised, on
-    the queue's vCPU from ``start`` (now when None)."""
+    the queue's vCPU from ``start``."""
     env = path.env
     irq = path.irq
     timeline = path.irq_timeline
-    if start is None:
-        start = env.now
     if timeline.handler_free_ns > start:
         start = timeline.handler_free_ns
     cost = irq.handler_ns

@@ -164,7 +164,8 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     between = np.diff(np.searchsorted(pops, done)) == 0
     t.complete_gaps_ns = gaps[between & (gaps < PASS_GAP_NS)].astype(float)
     # its way back to sleep: from its last event to its switch off the CPU asleep (S)
-    own = ev.filter((pl.col("src") == "qemu") & (pl.col("tid") == main))["ts_ns"].to_numpy()
+    own = ev.filter((pl.col("src") == s.SOURCE_QEMU) & (pl.col("tid") == main))["ts_ns"]
+    own = own.to_numpy()
     asleep = sched.filter(
         (pl.col("ev") == "sched_switch") & (pl.col("tid") == main) & (pl.col("flags") == 1)
     )["ts_ns"].to_numpy()

@@ -84,10 +84,6 @@ class QueuePath:
             if self.ring.kick_handler == "user":
                 self.monitor.exit(request, 0, 1)
             timeline.exit(env.now, self.ring.kick_exit_ns)
-        self.write(timeline)
-
-    def write(self, timeline: VcpuTimeline) -> None:
-        """The notify write lands: it signals the back end, or waits for its lock."""
         thread = self.thread
         if thread.lock_held:
             timeline.lock_wait = thread.hold_kick(self)
