@@ -90,3 +90,16 @@ def test_completions_under_the_lock_share_one_interrupt() -> None:
     # held: the guest takes neither until the lock is free (14.5 + 4): one interrupt
     _, held, held_irqs = done(scene(2, holds=True, **fast))
     assert held == [18_500.0, 18_500.0] and held_irqs == 0.5
+
+
+def test_a_held_kick_is_written_and_returns_once_the_vcpu_has_the_lock() -> None:
+    # 10 us I/O, a kick's exit 3 us. Request 1: added at 10, its kick's exit 10-13, popped
+    # 10-11, I/O to 21, completed 21-26 under the lock. Request 2 is added at 23 and its
+    # kick waits for the lock (free at 26, the vCPU runs at 30); only then does the write
+    # go through and the exit return: 30-33, the back end pops it 30-31. Request 3's work
+    # then runs 33-43; its kick finds request 2 completing (41-46) and waits until 50.
+    free = {"backend.lock_wake_ns": 4_000.0, "device.service_ns": 10_000.0}
+    pops, _, _ = done(scene(3, holds=True, **free, **{"kvm.kernel_exit_ns": 3_000.0}))
+    assert pops == [11_000.0, 31_000.0, 51_000.0]
+    # an exit taken while the vCPU waited (before the write) would let request 3's work
+    # start at 30: added at 40, popped 40-41

@@ -33,6 +33,7 @@ from vtrace.sim.params import BackendParams
 from vtrace.sim.queuepath import QueuePath
 
 if TYPE_CHECKING:
+    from vtrace.sim.timeline import VcpuTimeline
     from vtrace.sim.vcpu import Vcpu
 
 
@@ -67,7 +68,7 @@ class BackendThread:
         self.preempt_wakeups = preempt_wakeups
         # backend.holds_kicks: while it works, kicks wait for it to go back to sleep
         self.lock_held = False
-        self.held_kicks: list[QueuePath] = []
+        self.held_kicks: list[tuple[QueuePath, VcpuTimeline]] = []
         self.held_irqs: list[QueuePath] = []  # interrupts the guest takes once it has the lock
         self.lock_free: simpy.Event | None = None
         # each request's work: drawn from a measured law, or per_request_ns every time
@@ -235,10 +236,10 @@ class BackendThread:
         self.on_vcpu = vcpu
         return True
 
-    def hold_kick(self, path: QueuePath) -> simpy.Event:
+    def hold_kick(self, path: QueuePath, timeline: VcpuTimeline) -> simpy.Event:
         """A kick written while it holds the lock: delivered when it lets go; the event the
-        kicking vCPU waits on."""
-        self.held_kicks.append(path)
+        kicking vCPU (``timeline``) waits on."""
+        self.held_kicks.append((path, timeline))
         return self.lock_event()
 
     def hold_interrupt(self, path: QueuePath) -> None:
@@ -266,7 +267,10 @@ class BackendThread:
             )
 
     def _deliver(
-        self, kicks: list[QueuePath], irqs: list[QueuePath], free: simpy.Event | None
+        self,
+        kicks: list[tuple[QueuePath, VcpuTimeline]],
+        irqs: list[QueuePath],
+        free: simpy.Event | None,
     ) -> None:
         """The waiting vCPUs have the lock: their kicks are written, their handlers start."""
         if self.lock_held:  # it took the lock again before they got it: they wait again
@@ -285,7 +289,9 @@ class BackendThread:
                 timeline.preempt(timeline.stopped_ns, now - timeline.stopped_ns)
                 timeline.stopped_ns = None
             start_handler(path, path.last_used_request, now)
-        for path in kicks:
+        for path, timeline in kicks:
+            if path.vq.counts_kicks:  # the exit's way back after the write
+                timeline.exit(now, path.ring.kick_exit_ns)
             self.signal(path)
         if free is not None:
             free.succeed()

@@ -83,11 +83,12 @@ class QueuePath:
             self.monitor.kick(request)
             if self.ring.kick_handler == "user":
                 self.monitor.exit(request, 0, 1)
-            timeline.exit(env.now, self.ring.kick_exit_ns)
         thread = self.thread
-        if thread.lock_held:
-            timeline.lock_wait = thread.hold_kick(self)
+        if thread.lock_held:  # the write, and the exit's way back, come once it has the lock
+            timeline.lock_wait = thread.hold_kick(self, timeline)
             return
+        if vq.counts_kicks:
+            timeline.exit(env.now, self.ring.kick_exit_ns)
         thread.signal(self)
 
     def added(self) -> None:
