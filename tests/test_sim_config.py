@@ -55,7 +55,7 @@ def test_every_parameter_has_a_unit_or_is_unitless_by_nature() -> None:
         "coalesce_requests", "capacity", "completion", "publish", "stall_probability",
         "service_cv", "service_trace", "servers", "vcpus", "jobs", "submit", "queues", "threads",
         "mode", "max_per_pass", "dispatch_splits", "host_cpus", "wakeup_cpu_share", "avail_event",
-        "holds_kicks", "preempt_share",
+        "holds_kicks", "preempt_share", "slow_share", "slow_factor",
     }  # fmt: skip
     for table in SCHEMA.values():
         for key in table:

@@ -9,8 +9,9 @@ after a pass has found the ring empty kicks.
 The runs: traces/qemu-virtio-blk-sched, 8 rounds of depths 1, 4, 16 and 32 taken in turn
 on a quiet host (traces/README.md). The host's state differs from run to run (where
 QEMU's main loop lands, how fast the TCG guest goes), and the race is a knife edge (the
-guest adds about one request per 4.7 us, QEMU pops one per 4 us), so one run's figures
-vary a lot. So each round's runs at depths 1 and 4 calibrate a model of their own; the
+guest adds about one request per 4.7 us, QEMU pops one per 4 us; in its slow stretches the
+guest takes about 1.7 times as long, so QEMU catches up with it after almost every add),
+so one run's figures vary a lot. So each round's runs at depths 1 and 4 calibrate a model of their own; the
 median of the 8 models' predictions at depths 16 and 32 is judged against the median of
 the 8 runs there, computed here from the shipped traces. Where the model is within 10 %
 it is held there; where not, a strict expected failure says by how much (docs/model.md,
@@ -34,10 +35,8 @@ from vtrace.sim.calibrate import calibrate
 SERIES = Path(__file__).resolve().parent.parent / "traces" / "qemu-virtio-blk-sched"
 ROUNDS = range(1, 9)
 MISSES = {
-    (16, "kicks"): "-16 % on the runs' median: some real lots go one request per kick, "
-    "each added after the previous one's interrupt (up to 13 kicks a lot); the model's "
-    "lots split only where QEMU catches up with the guest",
-    (32, "kicks"): "-23 %: as at depth 16",
+    (32, "kicks"): "-13 % on the runs' median: the model's deep lots in a fast stretch split "
+    "into two or three pieces where real ones go in one kick or in many (up to 13)",
 }
 
 
@@ -57,7 +56,8 @@ def test_the_timings_come_from_the_scheduler_events(timed) -> None:
                 "backend.per_request_quantiles_ns", "device.service_ns",
                 "interrupt.halted_wake_ns", "backend.avail_event", "backend.submit",
                 "vcpu.stall_per_s", "vcpu.stall_ns", "backend.complete_ns", "backend.idle_ns",
-                "backend.lock_wake_ns", "backend.preempt_share"):  # fmt: skip
+                "backend.lock_wake_ns", "backend.preempt_share", "vcpu.slow_share",
+                "vcpu.slow_factor", "vcpu.slow_stretch_ns"):  # fmt: skip
         assert key in notes, key
     assert cfg["backend.avail_event"] == "idle" and cfg["backend.submit"] == "pass"
     assert cfg["backend.publish"] == "per_request" and cfg["backend.holds_kicks"]
@@ -69,6 +69,11 @@ def test_the_timings_come_from_the_scheduler_events(timed) -> None:
     assert "sched_waking" in notes["backend.wakeup_quantiles_ns"]
     # the guest's time per add lies between the TCG guest's few us and QEMU's pop pace x 2
     assert 2_000 <= cfg["vcpu.request_prep_ns"] <= 10_000
+    # the guest's slow stretches: whole lots of four halt about 41 or about 70 us after
+    # their first kick, in stretches of a millisecond or more
+    assert 0.05 <= cfg["vcpu.slow_share"] <= 0.7
+    assert 1.3 <= cfg["vcpu.slow_factor"] <= 2.2
+    assert 200_000 <= cfg["vcpu.slow_stretch_ns"] <= 20_000_000
     q = cfg["backend.wakeup_quantiles_ns"]
     assert len(q) == 21 and q == sorted(q)
 

@@ -192,6 +192,33 @@ SCHEMA: dict[str, dict[str, Param]] = {
         ),
         "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
         "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
+        "slow_share": Param(
+            float,
+            0.0,
+            "share of its time the vCPU thread runs the guest's code slower (stretches of a "
+            "slower host CPU); 0: always one speed",
+            minimum=0.0,
+            maximum=1.0,
+            why="a share of time",
+        ),
+        "slow_factor": Param(
+            float,
+            1.0,
+            "how many times longer the guest's own work (per-request driver work, interrupt "
+            "handler) takes in a slow stretch",
+            minimum=1.0,
+            maximum=100.0,
+            why="measured slow stretches are under twice as slow",
+        ),
+        "slow_stretch_ns": Param(
+            float,
+            2_000_000.0,
+            "mean length of a slow stretch (exponential); fast ones average "
+            "slow_stretch_ns x (1 - slow_share) / slow_share",
+            minimum=1_000.0,
+            maximum=3.6e12,
+            why="from a microsecond to an hour",
+        ),
     },
     "kvm": {
         "kernel_exit_ns": Param(

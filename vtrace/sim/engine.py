@@ -35,6 +35,7 @@ from vtrace.sim.host import HostCpus
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import ModelParams, model_params, preemption_chance
 from vtrace.sim.queuepath import QueuePath
+from vtrace.sim.speed import guest_speed
 from vtrace.sim.summary import summarize
 from vtrace.sim.timeline import VcpuTimeline
 from vtrace.sim.vcpu import Vcpu
@@ -59,7 +60,11 @@ class Machine:
         self.n = n = self.workload.n
         warmup = min(w.warmup, n - 1) if n > 1 else 0
         self.monitor = monitor = RunMonitor(n, warmup)
-        self.timelines = [VcpuTimeline() for _ in range(p.vm.vcpus)]
+        g = p.guest
+        self.timelines = [
+            VcpuTimeline(guest_speed(g.slow_share, g.slow_factor, g.slow_stretch_ns, rng))
+            for _ in range(p.vm.vcpus)
+        ]
         self.paths = [
             QueuePath(
                 env, q, p.ring, p.interrupt, p.backend,
@@ -99,7 +104,6 @@ class Machine:
             )
             for group in groups
         ]
-        g = p.guest
         self.vcpus = [
             Vcpu(
                 env, v, g, self.timelines[v], self.paths[v % p.vm.queues], self.workload,

@@ -56,6 +56,8 @@ def start_handler(path: QueuePath, request: int, start: float) -> None:
     if timeline.handler_free_ns > start:
         start = timeline.handler_free_ns
     cost = irq.handler_ns
+    if timeline.speed is not None:  # a slow stretch slows the handler's own work
+        cost *= timeline.speed.factor(env.now)
     exits = irq.exits
     if exits.exits:
         path.monitor.exit(request, exits.exits, exits.userspace_exits)

@@ -46,6 +46,10 @@ class GuestParams:
     reap_ns: float
     stall_per_s: float
     stall_ns: float
+    driver_ns: float  # the guest's own part of prep_ns (what a slow stretch slows)
+    slow_share: float
+    slow_factor: float
+    slow_stretch_ns: float
     request_exits: ExitCost
     batch: int
     batch_policy: str  # count | drain | timer
@@ -166,6 +170,10 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
                 reap_ns=0.0,
                 stall_per_s=0.0,
                 stall_ns=0.0,
+                driver_ns=0.0,
+                slow_share=0.0,
+                slow_factor=1.0,
+                slow_stretch_ns=1.0,
                 request_exits=NO_EXITS,
                 batch=1,
                 batch_policy="count",
@@ -213,6 +221,10 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         reap_ns=g["reap_ns"],
         stall_per_s=g["stall_per_s"],
         stall_ns=g["stall_ns"],
+        driver_ns=g["request_prep_ns"],
+        slow_share=g["slow_share"],
+        slow_factor=g["slow_factor"],
+        slow_stretch_ns=g["slow_stretch_ns"],
         request_exits=request_exits,
         batch=batch,
         batch_policy=policy,

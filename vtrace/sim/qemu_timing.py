@@ -29,6 +29,10 @@ from vtrace.sim.samples import QUANTILES, law, trimmed_mean
 PASS_GAP_NS = 50_000  # pops further apart than this belong to different passes
 MATCH_NS = 2_000_000  # a kick's write is at most this long before QEMU takes it
 THREAD_POOL = 64  # QEMU's thread pool runs at most 64 workers (util/thread-pool.c)
+# a guest speed's mode (two_speeds): at least this many lots, and the slow one's median at
+# least this many times the fast one's (the runs here: 41 and 70 us for lots of four)
+MIN_MODE = 20
+SLOW_RATIO = 1.3
 
 
 @dataclass
@@ -44,6 +48,7 @@ class QemuTiming:
     free_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     to_halt_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # whole lots: kick
     # write to the vCPU's halt
+    to_halt_at_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # their writes
     pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     merged_io_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     irq_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -139,6 +144,7 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
         ok[ok] = out_state[h[ok]] == 1
         to_halt = out_ts[h[ok]] - write_of[whole][ok]
         t.to_halt_ns = to_halt.astype(float)
+        t.to_halt_at_ns = write_of[whole][ok].astype(float)
     # QEMU's pace: consecutive pops of one pass (no kick taken between them)
     gaps = np.diff(pops)
     same_pass = (np.diff(np.searchsorted(kicks, pops, side="right")) == 0) & (gaps < PASS_GAP_NS)
@@ -197,6 +203,114 @@ def _median_fit(samples: np.ndarray, source: str) -> tuple[float, str] | None:
     return round(float(np.median(samples)), 1), source
 
 
+def two_speeds(samples: np.ndarray) -> float | None:
+    """The bound between a fast and a slow mode of ``samples``, or None when they have one.
+
+    The bound is the split of the sorted logarithms that leaves the two groups farthest
+    apart for their sizes (the largest between-group variance, Otsu's rule), with at least
+    ``MIN_MODE`` samples on each side; the two are modes when the slow group's median, and
+    ``MIN_MODE`` of its samples, are at least ``SLOW_RATIO`` times the fast group's median."""
+    if samples.size < 2 * MIN_MODE:
+        return None
+    x = np.sort(samples)
+    logs = np.log(np.maximum(x, 1.0))
+    n = logs.size
+    k = np.arange(MIN_MODE, n - MIN_MODE + 1)  # the fast group: the first k
+    sums = np.cumsum(logs)
+    low_mean = sums[k - 1] / k
+    high_mean = (sums[-1] - sums[k - 1]) / (n - k)
+    best = int(k[np.argmax(k * (n - k) * (high_mean - low_mean) ** 2)])
+    fast, slow = x[:best], x[best:]
+    slow_from = SLOW_RATIO * float(np.median(fast))
+    # a slow mode: its median, and at least MIN_MODE samples, that far above the fast one
+    if np.median(slow) < slow_from or int((slow >= slow_from).sum()) < MIN_MODE:
+        return None
+    return float((fast[-1] + slow[0]) / 2)
+
+
+def _slow_stretches(at: np.ndarray, slow: np.ndarray) -> list[float]:
+    """The lengths (ns) of one trace's runs of consecutive slow lots, written at ``at``:
+    first to last write, plus the median spacing of its lots."""
+    if at.size < 2 or not slow.any():
+        return []
+    spacing = float(np.median(np.diff(at)))
+    edges = np.diff(np.concatenate(([0], slow.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1
+    return list(at[ends] - at[starts] + spacing)
+
+
+def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[Any, str]]:
+    """The guest's time per add, and its slow stretches, from whole lots' kick write to
+    the vCPU's halt at two depths or more.
+
+    Per depth every whole lot of the traces at that depth is pooled (one odd run moves a
+    median little) and split into a fast and a slow mode where it has two
+    (:func:`two_speeds`): the time per add is the fast modes' slope over depth, and the
+    slow mode gives ``vcpu.slow_share``, ``slow_factor`` and ``slow_stretch_ns``."""
+    by_depth: dict[int, list[QemuTiming]] = {}
+    for t in timings:
+        if t.to_halt_ns.size:
+            by_depth.setdefault(t.depth, []).append(t)
+    if len(by_depth) < 2:
+        return {}
+    fitted: dict[str, tuple[Any, str]] = {}
+    fast_median: dict[int, float] = {}
+    bounds: dict[int, float | None] = {}
+    for depth, ts in by_depth.items():
+        samples = np.concatenate([t.to_halt_ns for t in ts])
+        bounds[depth] = bound = two_speeds(samples)
+        fast_median[depth] = float(
+            np.median(samples if bound is None else samples[samples <= bound])
+        )
+    d0, d1 = min(by_depth), max(by_depth)
+    h0, h1 = fast_median[d0], fast_median[d1]
+    slope = (h1 - h0) / (d1 - d0)
+    if slope <= 0:
+        return {}
+    lots = sum(t.to_halt_ns.size for d in (d0, d1) for t in by_depth[d])
+    split = [d for d in (d0, d1) if bounds[d] is not None]
+    fitted["vcpu.request_prep_ns"] = (
+        round(slope, 1),
+        f"{names}: the guest's time per add: whole lots' kick write to the vCPU's halt "
+        f"(sched_switch, state S), median {h0 / 1e3:.1f} us at depth {d0} and "
+        f"{h1 / 1e3:.1f} us at depth {d1} ({lots} lots"
+        f"{', of the fast mode at depth ' + ' and '.join(map(str, split)) if split else ''})"
+        ", per request more",
+    )
+    if not split:
+        fitted["vcpu.slow_share"] = (
+            0.0,
+            f"{names}: whole lots' kick write to halt has one mode at each depth",
+        )
+        return fitted
+    slow_lots = 0
+    stretches: list[float] = []
+    for d in split:
+        for t in by_depth[d]:
+            slow = t.to_halt_ns > bounds[d]
+            slow_lots += int(slow.sum())
+            stretches += _slow_stretches(t.to_halt_at_ns, slow)
+    deep = max(split)
+    samples = np.concatenate([t.to_halt_ns for t in by_depth[deep]])
+    factor = float(np.median(samples[samples > bounds[deep]])) / fast_median[deep]
+    fitted["vcpu.slow_share"] = (
+        round(slow_lots / lots, 4),
+        f"{names}: {slow_lots} of the {lots} whole lots in the slow mode of their kick write "
+        f"to halt (over {', '.join(f'{bounds[d] / 1e3:.1f} us at depth {d}' for d in split)})",
+    )
+    fitted["vcpu.slow_factor"] = (
+        round(factor, 3),
+        f"{names}: at depth {deep}, the slow mode's median kick write to halt over the fast "
+        "mode's: the lot's guest work, that many times as long",
+    )
+    fitted["vcpu.slow_stretch_ns"] = (
+        round(float(np.mean(stretches)), 1),
+        f"{names}: mean length of the {len(stretches)} runs of consecutive slow lots, first "
+        "to last kick write plus the median spacing of the trace's lots",
+    )
+    return fitted
+
+
 def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
     """Values the traces' timings fix, each with its source; empty without any."""
     if not timings:
@@ -233,25 +347,7 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             f"{names}: {preempt.size} of the {wake.size} first kicks: the host's other work "
             "held the other CPUs, and the main loop took the vCPU's",
         )
-    # per depth, every whole lot of the traces at that depth pooled: one odd run moves
-    # a median little
-    by_depth: dict[int, list[np.ndarray]] = {}
-    for t in timings:
-        if t.to_halt_ns.size:
-            by_depth.setdefault(t.depth, []).append(t.to_halt_ns)
-    if len(by_depth) >= 2:
-        d0, d1 = min(by_depth), max(by_depth)
-        h0 = float(np.median(np.concatenate(by_depth[d0])))
-        h1 = float(np.median(np.concatenate(by_depth[d1])))
-        slope = (h1 - h0) / (d1 - d0)
-        if slope > 0:
-            lots = sum(x.size for x in by_depth[d0] + by_depth[d1])
-            fitted["vcpu.request_prep_ns"] = (
-                round(slope, 1),
-                f"{names}: the guest's time per add: whole lots' kick write to the vCPU's halt "
-                f"(sched_switch, state S), median {h0 / 1e3:.1f} us at depth {d0} and "
-                f"{h1 / 1e3:.1f} us at depth {d1} ({lots} lots), per request more",
-            )
+    fitted.update(_fit_guest_speed(timings, names))
     done_wake = _pooled(timings, "completion_wake_ns")
     if done_wake.size >= QUANTILES:
         fitted["backend.completion_wakeup_quantiles_ns"] = (

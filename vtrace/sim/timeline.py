@@ -13,6 +13,8 @@ import math
 
 import simpy
 
+from vtrace.sim.speed import GuestSpeed
+
 
 class VcpuTimeline:
     """When one vCPU is free, and how much of its time went to exits."""
@@ -25,10 +27,12 @@ class VcpuTimeline:
         "handler_free_ns",
         "lock_wait",
         "preempt_at_ns",
+        "speed",
         "stopped_ns",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, speed: GuestSpeed | None = None) -> None:
+        self.speed = speed  # its slow stretches (None: always one speed)
         self.halted = False  # the guest halted (HLT): an interrupt must wake its thread
         # its thread sleeps on the back end's lock (to write a kick, or to take an
         # interrupt) until this event: it runs no guest code meanwhile

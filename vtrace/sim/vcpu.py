@@ -121,6 +121,8 @@ class Vcpu:
         workload = self.workload
         pending = self.pending
         prep_ns = g.prep_ns
+        speed = timeline.speed
+        driver_ns = g.driver_ns
         stalls = not self.prep.constant
         if stalls:
             prep_ns = max(prep_ns, 1e-9)  # a stall can fall on a request with no other cost
@@ -203,6 +205,8 @@ class Vcpu:
                 # the driver's own work plus, for an emulated device, its register exits (plus,
                 # now and then, the host preempting the vCPU thread)
                 cost = self.prep.next() if stalls else prep_ns
+                if speed is not None:  # a slow stretch slows the driver's own work
+                    cost += (speed.factor(now) - 1.0) * driver_ns
                 timeline.busy_until_ns = now + cost
                 timeline.exit_ns += exit_ns
                 prepared = True
