@@ -19,7 +19,7 @@ import pytest
 from vtrace import open_trace
 from vtrace.errors import VtraceError
 from vtrace.ingest import read_events
-from vtrace.lab import initramfs
+from vtrace.lab import initramfs, tap
 from vtrace.lab.qemu import (
     QemuLabConfig,
     check_guest_shape,
@@ -137,8 +137,8 @@ def test_unknown_device_is_a_clear_error() -> None:
         (QemuLabConfig(queues=0), "--queues 0: between 1 and --vcpus 1"),
         (QemuLabConfig(device="ide", vcpus=2, queues=2), "--queues applies to virtio-blk only"),
         (
-            QemuLabConfig(device="virtio-net", request_bytes=56, vcpus=2, queues=2),
-            "--queues with virtio-net: QEMU's user network has one queue pair",
+            QemuLabConfig(device="virtio-net", request_bytes=56, requests=63, vcpus=2, queues=2),
+            "--requests 63: a multiple of --queues 2",
         ),
         (QemuLabConfig(device="ide", guest_trace=True), "--guest-trace applies to virtio-blk"),
         (
@@ -180,6 +180,72 @@ def test_command_has_the_vcpus_and_queues(tmp_path: Path) -> None:
     assert "vtrace_streams=2" in two[two.index("-append") + 1]
     # two vCPUs sharing one queue: the count is said, not left to QEMU's one per vCPU
     assert "virtio-blk-pci,drive=disk0,num-queues=1" in command(vcpus=2)
+    # multi-queue virtio-net: the host's tap interface, a tap queue per queue pair, and a
+    # ping stream per pair
+    config = QemuLabConfig(device="virtio-net", request_bytes=56, requests=64, vcpus=2, queues=2)
+    net = qemu_command(
+        config, qemu="qemu", accel="tcg", kernel=kernel, initrd=tmp_path / "i",
+        log_path=tmp_path / "l", qmp_path=tmp_path / "q", disk_path=None, tap_name="vtrace1",
+    )  # fmt: skip
+    assert net[net.index("-netdev") + 1] == (
+        "tap,id=net0,ifname=vtrace1,script=no,downscript=no,queues=2,vhost=off"
+    )
+    assert net[net.index("-device") + 1] == "virtio-net-pci,netdev=net0,mq=on,vectors=6,romfile="
+    line = net[net.index("-append") + 1]
+    assert "vtrace_net=tap" in line and "vtrace_streams=2" in line
+    with pytest.raises(VtraceError, match="no tap interface given"):
+        qemu_command(
+            config, qemu="qemu", accel="tcg", kernel=kernel, initrd=tmp_path / "i",
+            log_path=tmp_path / "l", qmp_path=tmp_path / "q", disk_path=None,
+        )  # fmt: skip
+    # one queue pair: QEMU's user network, one stream, as before
+    one_net = qemu_command(
+        QemuLabConfig(device="virtio-net", request_bytes=56, requests=64, vcpus=2),
+        qemu="qemu", accel="tcg", kernel=kernel, initrd=tmp_path / "i",
+        log_path=tmp_path / "l", qmp_path=tmp_path / "q", disk_path=None,
+    )  # fmt: skip
+    assert one_net[one_net.index("-netdev") + 1] == "user,id=net0,restrict=on"
+    assert "vtrace_streams=1" in one_net[one_net.index("-append") + 1]
+
+
+def test_virtio_net_queues_need_a_tap_interface() -> None:
+    config = QemuLabConfig(device="virtio-net", request_bytes=56, requests=64, vcpus=2, queues=2)
+    reason = tap.unavailable_reason()
+    if reason is None:
+        config.check()  # root with /dev/net/tun and ip: allowed
+    else:
+        with pytest.raises(VtraceError, match="--queues 2 with virtio-net: "):
+            config.check()
+
+
+def test_a_guest_with_fewer_queue_pairs_is_refused() -> None:
+    if tap.unavailable_reason() is not None:
+        pytest.skip(f"multi-queue virtio-net: {tap.unavailable_reason()}")
+    config = QemuLabConfig(device="virtio-net", request_bytes=56, requests=64, vcpus=2, queues=2)
+    check_guest_shape(config, {"cpus": "2", "queue_pairs": "2"})
+    with pytest.raises(VtraceError, match=r"--queues 2: the guest's virtio-net uses 1 queue"):
+        check_guest_shape(config, {"cpus": "2", "queue_pairs": "1"})
+
+
+def test_the_lab_tap_interface_is_made_and_removed() -> None:
+    reason = tap.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"multi-queue virtio-net: {reason}")
+    with tap.multiqueue_tap(2) as name:
+        shown = subprocess.run(
+            ["ip", "-o", "addr", "show", "dev", name], capture_output=True, text=True, check=True
+        ).stdout
+        assert "198.18.0.1/24" in shown and "198.18.0.2/24" in shown
+        detail = subprocess.run(
+            ["ip", "-d", "link", "show", name], capture_output=True, text=True, check=True
+        ).stdout
+        assert "multi_queue" in detail
+        # a second one would take the same range: refused, the first left alone
+        in_use = r"198.18.0.0/24 is already in use .*" + name
+        with pytest.raises(VtraceError, match=in_use), tap.multiqueue_tap(1):
+            pass
+    gone = subprocess.run(["ip", "link", "show", name], capture_output=True, text=True)
+    assert gone.returncode != 0
 
 
 def test_guest_with_fewer_cpus_or_queues_is_refused() -> None:
@@ -326,18 +392,22 @@ def test_virtio_blk_depth_1_vs_16(tmp_path: Path) -> None:
     assert qd16["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
 
 
+def _cli_run(out: Path, *options: str) -> dict:
+    """``vtrace qemu-lab run OPTIONS -o OUT --json``: its one JSON object."""
+    done = subprocess.run(
+        [str(VENV_BIN / "vtrace"), "qemu-lab", "run", *options, "-o", str(out), "--json"],
+        capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 @pytest.mark.qemu
 @pytest.mark.slow
 def test_virtio_blk_two_vcpus_two_queues(tmp_path: Path) -> None:
     # Through the CLI: the JSON keeps today's keys and adds vcpus, queues and per_queue.
-    out = subprocess.run(
-        [str(VENV_BIN / "vtrace"), "qemu-lab", "run", "--device", "virtio-blk", "--requests",
-         "64", "--queue-depth", "4", "--vcpus", "2", "--queues", "2", "-o",
-         str(tmp_path / "mq"), "--json"],
-        capture_output=True, text=True, timeout=200,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    s = json.loads(out.stdout)
+    s = _cli_run(tmp_path / "mq", "--device", "virtio-blk", "--requests", "64",
+                 "--queue-depth", "4", "--vcpus", "2", "--queues", "2")  # fmt: skip
     assert (s["vcpus"], s["queues"], s["virtqueue_pops"]) == (2, 2, 64)
     assert [(q["queue"], q["requests"]) for q in s["per_queue"]] == [(0, 32), (1, 32)]
     assert all(q["kicks"] >= 8 and q["interrupts"] >= 1 for q in s["per_queue"])  # 8 lots each
@@ -352,6 +422,33 @@ def test_virtio_blk_two_vcpus_two_queues(tmp_path: Path) -> None:
 
     notes = calibrate([tmp_path / "mq"], "virtio-blk", None).notes
     assert "backend.wakeup_quantiles_ns" not in notes and "backend.holds_kicks" not in notes
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_virtio_net_two_vcpus_two_queue_pairs(tmp_path: Path) -> None:
+    reason = tap.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"multi-queue virtio-net: {reason}")
+    s = _cli_run(tmp_path / "net", "--device", "virtio-net", "--requests", "256",
+                 "--request-bytes", "56", "--vcpus", "2", "--queues", "2")  # fmt: skip
+    assert (s["vcpus"], s["queues"]) == (2, 2)
+    # each stream's 128 echo requests leave by its vCPU's transmit queue (1, 3), and the
+    # tap driver sends each flow's replies to the receive queue of its pair (0, 2); a
+    # stray packet of the guest's or the host's own (neighbour discovery) may land on any
+    per_queue = {q["queue"]: q for q in s["per_queue"]}
+    assert sorted(per_queue) == [0, 1, 2, 3]
+    assert all(abs(per_queue[q]["requests"] - 128) <= 2 for q in (0, 1, 2, 3)), per_queue
+    assert per_queue[0]["kicks"] == per_queue[2]["kicks"] == 0
+    assert per_queue[1]["kicks"] >= 100 and per_queue[3]["kicks"] >= 100
+    meta = open_trace(tmp_path / "net").meta
+    assert meta["guest_info"]["queue_pairs"] == "2"
+    assert meta["guest_info"]["ping"] == "256 packets received"
+    command = " ".join(meta["qemu_command"])
+    assert "queues=2,vhost=off" in command and "mq=on,vectors=6" in command
+    # the run's tap interface is gone
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    assert not [ln for ln in links.stdout.splitlines() if ": vtrace" in ln]
 
 
 @pytest.mark.qemu
@@ -461,6 +558,31 @@ def test_virtio_net_receive_queue_gets_its_index() -> None:
         ("virtqueue_pop", 0, 16),
         ("virtqueue_pop", 1, 16),
     ]
+
+
+def test_multi_queue_virtio_net_receive_queues_get_their_indices() -> None:
+    # QEMU's VirtQueue array (stride 0x80 here): rx0, tx0, rx1, tx1, control. The kicks
+    # name the transmit queues 1 and 3; the stride between them names the others.
+    from vtrace.lab.qemu import _name_receive_queue
+
+    rows = [
+        ("virtio_queue_notify", 1, "vq 0x1080", 7),
+        ("virtio_queue_notify", 3, "vq 0x1180", 7),
+        ("virtqueue_pop", None, "vq 0x1000", 7),  # rx0
+        ("virtqueue_pop", None, "vq 0x1100", 7),  # rx1
+        ("virtqueue_fill", None, "vq 0x1200", 7),  # the control queue, 4
+        ("virtqueue_pop", None, "vq 0x1140", 7),  # not on the stride: left unnamed
+    ]
+    frame = pl.DataFrame(
+        rows, schema={"event": pl.String, "queue": pl.Int32, "raw": pl.String, "tid": pl.Int64},
+        orient="row",
+    )  # fmt: skip
+    assert _name_receive_queue(frame)["queue"].to_list() == [1, 3, 0, 2, 4, None]
+    # transmit pointers that do not sit on one stride name nothing
+    bad = frame.with_columns(
+        raw=pl.when(pl.col("queue") == 3).then(pl.lit("vq 0x1190")).otherwise(pl.col("raw"))
+    )
+    assert _name_receive_queue(bad)["queue"].to_list() == [1, 3, None, None, None, None]
 
 
 # --- the host scheduler over the window ---------------------------------------------------------

@@ -31,9 +31,11 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import median
 
+import polars as pl
 import pytest
 from real_runs import judge, qemu_per_request
 
+from vtrace import open_trace
 from vtrace.sim import simulate
 from vtrace.sim.calibrate import calibrate
 
@@ -128,3 +130,41 @@ def test_two_by_two_from_one_queue_timing(timed_predictions: list[dict], name: s
     print(f"\n2 x 2 {name}/request from 1 x 1 timing: median of 8 predictions {model:.4f}, "
           f"of {len(real)} runs {med:.4f} ({model / med - 1:+.1%})")  # fmt: skip
     assert abs(model / med - 1) <= 0.10
+
+
+# --- virtio-net: a ping stream per queue pair -------------------------------------------------
+# The 1 x 1 run (traces/qemu-virtio-net: QEMU's user network) calibrates; the 2 x 2 run
+# (traces/qemu-virtio-net-2x2: a multi-queue tap interface, one `ping -A` stream per queue
+# pair, stream i on vCPU i) is predicted. The model is the transmit side: kicks and
+# interrupts per transmitted packet, on the kicked (transmit) queues.
+NET_ONE = TRACES / "qemu-virtio-net"
+NET_TWO = TRACES / "qemu-virtio-net-2x2"
+
+
+def transmit_per_request(path: Path) -> dict[str, float]:
+    """Kicks and interrupts per packet on the queues the guest kicked (transmit)."""
+    ev = open_trace(path).events.with_columns(pl.col("event").cast(pl.String)).collect()
+    kicked = ev.filter(pl.col("event") == "virtio_queue_notify")["queue"].unique().to_list()
+    tx = ev.filter(pl.col("queue").is_in(kicked))
+    counts = dict(tx.group_by("event").len().iter_rows())
+    pops = counts["virtqueue_pop"]
+    return {"kicks": counts["virtio_queue_notify"] / pops, "irqs": counts["virtio_notify"] / pops}
+
+
+def test_multi_queue_virtio_net_trace_calibrates_to_its_shape() -> None:
+    cfg = calibrate([NET_TWO], "virtio-net", None).config
+    assert {k: cfg[k] for k in SHAPE} == SHAPE  # two transmit queues kicked, a stream each
+    assert cfg["backend.threads"] == "shared"  # QEMU's main loop pops both
+
+
+def test_virtio_net_two_queue_pairs_predicted() -> None:
+    one = calibrate([NET_ONE], "virtio-net", None).config
+    assert (one["vm.vcpus"], one["virtqueue.queues"]) == (1, 1)
+    over = {**SHAPE, "workload.requests": 8192, "workload.warmup_requests": 0}
+    s = simulate(one.with_overrides(over)).summary
+    real = transmit_per_request(NET_TWO)
+    for name in ("kicks", "irqs"):
+        model = s[f"{name}_per_request"]
+        print(f"\nvirtio-net 2 x 2 {name}/packet: model {model:.4f}, run {real[name]:.4f} "
+              f"({model / real[name] - 1:+.1%})")  # fmt: skip
+        assert abs(model / real[name] - 1) <= 0.10

@@ -79,6 +79,9 @@ if wanted qemu-virtio-blk-2x2-sched; then
 fi
 capture qemu-e1000 $VTRACE qemu-lab run --device e1000 --requests 1024 --request-bytes 56
 capture qemu-virtio-net $VTRACE qemu-lab run --device virtio-net --requests 1024 --request-bytes 56
+# multi-queue virtio-net: a tap interface on the host (root), a ping stream per queue pair
+capture qemu-virtio-net-2x2 $VTRACE qemu-lab run --device virtio-net --vcpus 2 --queues 2 \
+    --requests 2048 --request-bytes 56
 
 # --- /dev/kvm lab VMM traces (vtrace lab run) ----------------------------------------------------
 # The lab VMM runs tiny guests on /dev/kvm while the bcc collector records the VMM's KVM

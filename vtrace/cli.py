@@ -634,7 +634,11 @@ def qemu_lab_run(
     vcpus: int = typer.Option(
         1, help="Guest vCPUs (-smp); block workloads run one stream per vCPU, pinned to it."
     ),
-    queues: int = typer.Option(1, help="virtio-blk hardware queues (num-queues), at most VCPUS."),
+    queues: int = typer.Option(
+        1,
+        help="virtio-blk hardware queues (num-queues), or virtio-net queue pairs (as root: a "
+        "multi-queue tap interface made for the run, a ping stream per pair); at most VCPUS.",
+    ),
     sched: bool = typer.Option(
         True,
         "--sched/--no-sched",

@@ -10,7 +10,9 @@
 #
 # Parameters come from the kernel command line: vtrace_op=read|write|ping,
 # vtrace_requests=N, vtrace_bytes=N, vtrace_qd=N, vtrace_submit=batch|streams,
-# vtrace_streams=N (block: N streams, stream i pinned to CPU i, each 1/N of the requests).
+# vtrace_streams=N (N streams, stream i pinned to CPU i, each 1/N of the requests),
+# vtrace_net=tap (ping: the host's tap interface, stream i pinging 198.18.0.(i+1), instead
+# of QEMU's user network).
 #
 # vtrace_loop=1 (vtrace qemu-lab start): no markers to wait for; after "ready" the guest
 # prints "running" and repeats the workload (rounds of vtrace_requests) until QEMU is
@@ -44,6 +46,7 @@ submit=streams
 streams=1
 loop=0
 gtrace=0
+net=user
 for kv in $(cat /proc/cmdline); do
     # Only digits and letters reach the variables: the values are used in arithmetic.
     case "$kv" in
@@ -55,6 +58,7 @@ for kv in $(cat /proc/cmdline); do
         vtrace_streams=[0-9]*) streams=${kv#*=} ;;
         vtrace_loop=1) loop=1 ;;
         vtrace_gtrace=1) gtrace=1 ;;
+        vtrace_net=tap) net=tap ;;
     esac
 done
 
@@ -94,18 +98,40 @@ ioapic_pins() {
     END { print "" }' /proc/interrupts
 }
 
+# ping_target STREAM: the address stream STREAM pings
+ping_target() {
+    if [ "$net" = tap ]; then
+        echo "198.18.0.$(($1 + 1))"
+    else
+        echo 10.0.2.2
+    fi
+}
+
 if [ "$op" = ping ]; then
     wait_for /sys/class/net/eth0 >/dev/null || die "no eth0 (driver did not bind)"
     ip link set lo up
     ip link set eth0 up
-    ip addr add 10.0.2.15/24 dev eth0
-    # QEMU's user network answers echo requests to its gateway itself: the traffic stays
-    # inside QEMU. One warm-up exchange resolves ARP before the traced window.
-    # The link may still be negotiating: try for up to 30 s.
-    n=0
-    until ping -c 1 -W 3 10.0.2.2 >/dev/null 2>&1; do
-        n=$((n + 1))
-        [ $n -lt 10 ] || die "no echo reply from 10.0.2.2"
+    if [ "$net" = tap ]; then
+        # the host's tap interface, an address per stream (vtrace/lab/tap.py); the tap
+        # driver sends each flow's replies to the queue its requests came from
+        ip addr add 198.18.0.100/24 dev eth0
+        say "info queue_pairs=$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)"
+    else
+        # QEMU's user network answers echo requests to its gateway itself: the traffic
+        # stays inside QEMU.
+        ip addr add 10.0.2.15/24 dev eth0
+    fi
+    # One warm-up exchange per target resolves ARP before the traced window. The link may
+    # still be negotiating: try for up to 30 s.
+    i=0
+    while [ $i -lt "$streams" ]; do
+        target=$(ping_target $i)
+        n=0
+        until ping -c 1 -W 3 "$target" >/dev/null 2>&1; do
+            n=$((n + 1))
+            [ $n -lt 10 ] || die "no echo reply from $target"
+        done
+        i=$((i + 1))
     done
 else
     disk=$(wait_for /dev/vda /dev/sda) || die "no disk (/dev/vda or /dev/sda) appeared"
@@ -272,28 +298,39 @@ read -r _go
 irq_before=$(device_interrupts)
 say start
 status=0
-if [ "$op" = ping ]; then
-    # -A: send the next request as soon as the reply arrives (one packet in flight).
-    ping -q -A -c "$requests" -s "$bytes" 10.0.2.2 >/tmp/ping.out 2>&1 || status=1
-else
-    # $streams streams (one per vCPU, stream i pinned to CPU i when there are several),
-    # each issuing its share of the requests over its own range of the disk.
-    per_stream=$((requests / streams))
-    pids=
-    i=0
-    while [ $i -lt "$streams" ]; do
-        block_stream $i $per_stream $((i * per_stream)) &
-        pids="$pids $!"
-        i=$((i + 1))
-    done
-    for p in $pids; do
-        wait "$p" || status=1
-    done
-fi
+# one_stream I: stream I's share of the workload, on CPU I when there are several streams.
+# ping: -A sends the next request as soon as the reply arrives (one packet in flight), to
+# the stream's own target (its flow keeps to queue pair I). Block: its own range of the disk.
+one_stream() {
+    if [ "$op" = ping ]; then
+        pinned "$1" ping -q -A -c "$per_stream" -s "$bytes" "$(ping_target "$1")" \
+            >/tmp/ping.$1.out 2>&1
+    else
+        block_stream "$1" $per_stream $(($1 * per_stream))
+    fi
+}
+per_stream=$((requests / streams))
+pids=
+i=0
+while [ $i -lt "$streams" ]; do
+    one_stream $i &
+    pids="$pids $!"
+    i=$((i + 1))
+done
+for p in $pids; do
+    wait "$p" || status=1
+done
 irq_after=$(device_interrupts)
 [ "$gtrace" = 1 ] && [ -n "$blk" ] && echo 0 >$T/tracing_on
 say "info guest_interrupts=$((irq_after - irq_before))"
-[ "$op" = ping ] && say "info ping=$(grep -o '[0-9]* packets received' /tmp/ping.out)"
+if [ "$op" = ping ]; then
+    received=0
+    for f in /tmp/ping.*.out; do
+        n=$(grep -o '[0-9]* packets received' "$f" | grep -o '^[0-9]*')
+        received=$((received + ${n:-0}))
+    done
+    say "info ping=$received packets received"
+fi
 say "end status=$status"
 read -r next
 if [ "$next" = dump ]; then

@@ -39,7 +39,7 @@ import polars as pl
 
 from vtrace import schema as s
 from vtrace.errors import VtraceError
-from vtrace.lab import sched
+from vtrace.lab import sched, tap
 from vtrace.lab.guest_trace import guest_events
 from vtrace.lab.initramfs import DEVICE_MODULES, GuestKernel, build_initramfs, find_kernel
 from vtrace.output import check_new_dir
@@ -125,7 +125,7 @@ class QemuLabConfig:
     timeout_s: float = 180.0  # hard limit for the whole run, boot included
     qemu: str = QEMU_BINARY
     vcpus: int = 1  # -smp; block workloads run one stream per vCPU
-    queues: int = 1  # virtio-blk num-queues (blk-mq hardware queues)
+    queues: int = 1  # virtio-blk num-queues (blk-mq hardware queues); virtio-net queue pairs
     sched: bool = True  # record the host scheduler over the window when root (lab.sched)
     guest_trace: bool = False  # the guest's block-layer issue/complete (lab.guest_trace)
 
@@ -147,11 +147,15 @@ class QemuLabConfig:
             raise VtraceError(f"--queues applies to virtio-blk only ({self.device} has one)")
         if self.queues > 1 and self.device == "virtio-net":
             # virtio-net takes its queue pairs from the back end's queues; QEMU's user
-            # network has one (-netdev user takes no queues=), only tap / vhost-user have more.
-            raise VtraceError(
-                "--queues with virtio-net: QEMU's user network has one queue pair (-netdev user "
-                "takes no queues=); more need a tap back end, which this lab does not set up"
-            )
+            # network has one (-netdev user takes no queues=): more need a tap interface
+            if self.requests % self.queues:
+                raise VtraceError(
+                    f"--requests {self.requests}: a multiple of --queues {self.queues} "
+                    "(one ping stream per queue pair)"
+                )
+            reason = tap.unavailable_reason()
+            if reason is not None:
+                raise VtraceError(f"--queues {self.queues} with virtio-net: {reason}")
         if self.guest_trace and self.device != "virtio-blk":
             # its events are placed on the host's clock by QEMU's virtio-blk reads and writes
             raise VtraceError(f"--guest-trace applies to virtio-blk only, not {self.device}")
@@ -289,14 +293,22 @@ def qemu_version(qemu: str) -> str:
     return m.group(1) if m else first.strip()
 
 
+def uses_tap(config: QemuLabConfig) -> bool:
+    """Multi-queue virtio-net: a tap interface on the host instead of QEMU's user network."""
+    return config.device == "virtio-net" and config.queues > 1
+
+
 def kernel_command_line(config: QemuLabConfig) -> str:
     op = "ping" if config.device in NET_DEVICES else ("write" if config.write else "read")
+    # block: a stream per vCPU; ping: a stream per queue pair (one on the user network)
+    streams = config.queues if config.device in NET_DEVICES else config.vcpus
     return (
         "console=ttyS0 panic=-1 quiet loglevel=3 "
         f"vtrace_op={op} vtrace_requests={config.requests} "
         f"vtrace_bytes={config.request_bytes} vtrace_qd={config.queue_depth} "
-        f"vtrace_submit={config.submit} vtrace_streams={config.vcpus}"
+        f"vtrace_submit={config.submit} vtrace_streams={streams}"
         + (" vtrace_gtrace=1" if config.guest_trace else "")
+        + (" vtrace_net=tap" if uses_tap(config) else "")
     )
 
 
@@ -328,8 +340,10 @@ def qemu_command(
     qmp_path: Path,
     disk_path: Path | None,
     timestamps: bool = True,
+    tap_name: str | None = None,
 ) -> list[str]:
-    """The QEMU command line (no default devices; the one device under test)."""
+    """The QEMU command line (no default devices; the one device under test); a
+    multi-queue virtio-net uses the host's tap interface ``tap_name``."""
     cmd = [
         qemu,
         "-nodefaults",
@@ -378,6 +392,18 @@ def qemu_command(
                 # (one per queue and one for configuration changes).
                 blk += f",num-queues={config.queues}"
             cmd += ["-device", blk]
+    elif uses_tap(config):
+        if tap_name is None:
+            raise VtraceError("multi-queue virtio-net: no tap interface given")
+        # one tap queue per queue pair; vhost=off: QEMU's own virtio-net code serves them,
+        # so its trace events see every kick and pop. The vectors: one per queue, one for
+        # the control queue and one for configuration changes.
+        netdev = (
+            f"tap,id=net0,ifname={tap_name},script=no,downscript=no,"
+            f"queues={config.queues},vhost=off"
+        )
+        nic = f"virtio-net-pci,netdev=net0,mq=on,vectors={2 * config.queues + 2},romfile="
+        cmd += ["-netdev", netdev, "-device", nic]
     else:
         # restrict=on: the guest reaches nothing outside QEMU; echo requests to the gateway
         # are answered by QEMU's user network itself.
@@ -527,17 +553,36 @@ def run_guest(
     initrd = build_initramfs(kernel, config.device)
     disk = make_disk(config, workdir)
     qmp_path = workdir / "qmp.sock"
-    cmd = qemu_command(
-        config,
-        qemu=qemu,
-        accel=accel,
-        kernel=kernel,
-        initrd=initrd,
-        log_path=log_path,
-        qmp_path=qmp_path,
-        disk_path=disk,
-        timestamps=timestamps,
-    )
+    with contextlib.ExitStack() as net:
+        tap_name = (
+            net.enter_context(tap.multiqueue_tap(config.queues)) if uses_tap(config) else None
+        )
+        cmd = qemu_command(
+            config,
+            qemu=qemu,
+            accel=accel,
+            kernel=kernel,
+            initrd=initrd,
+            log_path=log_path,
+            qmp_path=qmp_path,
+            disk_path=disk,
+            timestamps=timestamps,
+            tap_name=tap_name,
+        )
+        return _run_booted(config, cmd, qemu, kernel, accel, reason, qmp_path, boot_timeout_s)
+
+
+def _run_booted(
+    config: QemuLabConfig,
+    cmd: list[str],
+    qemu: str,
+    kernel: GuestKernel,
+    accel: str,
+    reason: str,
+    qmp_path: Path,
+    boot_timeout_s: float,
+) -> GuestRun:
+    """Run QEMU's ``cmd``: boot, the traced window, power-off."""
     run = GuestRun(accel, reason, qemu_version(qemu), kernel.version, cmd)
     events = (*COMMON_EVENTS, *DEVICE_EVENTS[config.device])
     guest = GuestSession(cmd, qmp_path, run, time.monotonic() + config.timeout_s)
@@ -694,12 +739,14 @@ def device_events(
 
 
 def _name_receive_queue(events: pl.DataFrame) -> pl.DataFrame:
-    """virtio-net: give the receive queue (0) its index.
+    """virtio-net: give the receive queues (0, 2, ...) their indices.
 
     The importer names a queue by the ``virtio_queue_notify`` events that carry its
-    ``VirtQueue`` pointer, and the guest never kicks the receive queue while it has
-    buffers. QEMU keeps a device's VirtQueues in one array in index order, so a queue
-    whose pointer lies below that of the transmit queue (1) can only be queue 0.
+    ``VirtQueue`` pointer, and the guest never kicks a receive queue while it has
+    buffers. QEMU keeps a device's VirtQueues in one array in index order, so with one
+    transmit queue (1) a queue whose pointer lies below it can only be queue 0; with
+    several (1, 3, ...: multi-queue pairs) the array's stride between two of them names
+    every other pointer (index = 1 + its distance from queue 1 / the stride).
     """
     vq = (
         pl.col("raw")
@@ -707,13 +754,39 @@ def _name_receive_queue(events: pl.DataFrame) -> pl.DataFrame:
         .str.to_integer(base=16, dtype=pl.UInt64, strict=False)
     )
     frame = events.with_columns(_vq=vq)
-    transmit = frame.filter(pl.col("queue") == 1)["_vq"].drop_nulls().unique()
-    if transmit.len() != 1:
+    known = (
+        frame.filter(pl.col("queue").is_not_null() & pl.col("_vq").is_not_null())
+        .group_by("queue")
+        .agg(pl.col("_vq").unique())
+        .sort("queue")
+    )
+    if known.is_empty() or any(len(v) != 1 for v in known["_vq"]):
         return frame.drop("_vq")
-    below = pl.col("queue").is_null() & (pl.col("_vq") < transmit[0])
-    frame = frame.with_columns(
-        queue=pl.when(below).then(pl.lit(0, pl.Int32)).otherwise(pl.col("queue"))
-    ).drop("_vq")
+    pointers = {int(q): int(v[0]) for q, v in known.iter_rows()}
+    if 1 not in pointers:
+        return frame.drop("_vq")
+    one = pointers[1]
+    unnamed = pl.col("queue").is_null() & pl.col("_vq").is_not_null()
+    others = [(q, p) for q, p in pointers.items() if q != 1]
+    if others:
+        q, p = others[0]
+        stride, rest = divmod(p - one, q - 1)
+        consistent = (
+            stride > 0 and not rest and all(pp - one == (qq - 1) * stride for qq, pp in others)
+        )
+        if not consistent:
+            return frame.drop("_vq")
+        offset = pl.col("_vq").cast(pl.Int64) - one
+        index = 1 + offset // stride
+        named = unnamed & (offset % stride == 0) & (index >= 0)
+        frame = frame.with_columns(
+            queue=pl.when(named).then(index.cast(pl.Int32)).otherwise(pl.col("queue"))
+        ).drop("_vq")
+    else:
+        below = unnamed & (pl.col("_vq") < one)
+        frame = frame.with_columns(
+            queue=pl.when(below).then(pl.lit(0, pl.Int32)).otherwise(pl.col("queue"))
+        ).drop("_vq")
     # virtqueue_flush lines carry no pointer the import keeps; QEMU flushes right after
     # filling the same queue in the same thread, so a flush takes that fill's queue.
     ev = pl.col("event")
@@ -838,7 +911,8 @@ def per_queue_counts(events: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 def check_guest_shape(config: QemuLabConfig, guest_info: dict[str, str]) -> None:
-    """The guest saw the vCPUs and (virtio-blk) the hardware queues it was given.
+    """The guest saw the vCPUs and the hardware queues (virtio-blk) or queue pairs
+    (multi-queue virtio-net) it was given.
 
     A guest kernel that brings up fewer CPUs (``nr_cpus=``, a CPU that failed to start) or
     maps fewer blk-mq queues would make a run that is not the one asked for.
@@ -850,6 +924,11 @@ def check_guest_shape(config: QemuLabConfig, guest_info: dict[str, str]) -> None
     if config.device == "virtio-blk" and hw_queues.isdigit() and int(hw_queues) != config.queues:
         raise VtraceError(
             f"--queues {config.queues}: the guest's virtio-blk has {hw_queues} hardware queues"
+        )
+    pairs = guest_info.get("queue_pairs", "")
+    if uses_tap(config) and pairs.isdigit() and int(pairs) != config.queues:
+        raise VtraceError(
+            f"--queues {config.queues}: the guest's virtio-net uses {pairs} queue pairs"
         )
 
 
@@ -1002,6 +1081,11 @@ def start_lab_guest(
     open after vtrace has removed its name.
     """
     config.check()
+    if uses_tap(config):
+        raise VtraceError(
+            "qemu-lab start: --queues with virtio-net takes a tap interface the lab makes for "
+            "one run; use qemu-lab run"
+        )
     qmp = Path(qmp_path).absolute()
     if qmp.exists():
         if _socket_in_use(qmp):

@@ -296,6 +296,11 @@ def fit_qemu(cfg: Config, f: QemuFacts) -> tuple[dict[str, Any], dict[str, tuple
         )
         if f.device in ("ide", "virtio-blk"):
             fitted["workload.jobs"] = (f.vcpus, f"{meta_src} vcpus: one stream per vCPU")
+        elif len(f.queues) > 1:  # multi-queue virtio-net: a ping stream per queue pair
+            fitted["workload.jobs"] = (
+                len(f.queues),
+                f"{f.name}: one ping stream per kicked transmit queue, on vCPU i",
+            )
         if f.pop_threads == 1 and len(f.queues) > 1:
             fitted["backend.threads"] = (
                 "shared",
