@@ -1,11 +1,12 @@
 """A vCPU thread's speed: stretches of time in which the guest's code runs slower.
 
-A vCPU thread does not run guest code at one speed on a shared host: for a while its CPU
-is slower (a busy sibling hyperthread, the host's own hypervisor, a TCG translation cache
-being rebuilt), then fast again. On this project's QEMU runs under TCG, whole lots of four
-requests halted either about 41 or about 70 µs after their first kick, in stretches of up
-to a few hundred lots; in the slow stretches the guest adds a request about every 9 µs
-instead of 5, slower than QEMU pops (about 4 µs), and a deep lot goes in many small pieces.
+A vCPU thread does not always run guest code at one speed on a shared host: for a while
+it runs slower, then fast again (what slows it, a busy sibling hyperthread or the host's
+own scheduling, is not in the trace). In the QEMU lab's runs under TCG
+(traces/qemu-virtio-blk-sched), whole lots of four requests halted either about 41 or
+about 70 µs after their first kick, in stretches of up to a few hundred lots; in the slow
+stretches the guest adds a request about every 8 to 10 µs instead of 5, slower than QEMU
+pops (about 4 µs), and a deep lot goes in many small pieces.
 
 With ``vcpu.slow_share`` above 0 each vCPU alternates between fast and slow stretches of
 exponential length: slow ones of mean ``slow_stretch_ns``, fast ones of mean
