@@ -254,10 +254,10 @@ def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[A
     if len(by_depth) < 2:
         return {}
     fitted: dict[str, tuple[Any, str]] = {}
+    pooled = {d: np.concatenate([t.to_halt_ns for t in ts]) for d, ts in by_depth.items()}
     fast_median: dict[int, float] = {}
     bounds: dict[int, float | None] = {}
-    for depth, ts in by_depth.items():
-        samples = np.concatenate([t.to_halt_ns for t in ts])
+    for depth, samples in pooled.items():
         bounds[depth] = bound = two_speeds(samples)
         fast_median[depth] = float(
             np.median(samples if bound is None else samples[samples <= bound])
@@ -267,7 +267,7 @@ def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[A
     slope = (h1 - h0) / (d1 - d0)
     if slope <= 0:
         return {}
-    lots = sum(t.to_halt_ns.size for d in (d0, d1) for t in by_depth[d])
+    lots = pooled[d0].size + pooled[d1].size
     split = [d for d in (d0, d1) if bounds[d] is not None]
     fitted["vcpu.request_prep_ns"] = (
         round(slope, 1),
@@ -291,8 +291,7 @@ def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[A
             slow_lots += int(slow.sum())
             stretches += _slow_stretches(t.to_halt_at_ns, slow)
     deep = max(split)
-    samples = np.concatenate([t.to_halt_ns for t in by_depth[deep]])
-    factor = float(np.median(samples[samples > bounds[deep]])) / fast_median[deep]
+    factor = float(np.median(pooled[deep][pooled[deep] > bounds[deep]])) / fast_median[deep]
     fitted["vcpu.slow_share"] = (
         round(slow_lots / lots, 4),
         f"{names}: {slow_lots} of the {lots} whole lots in the slow mode of their kick write "
