@@ -129,7 +129,7 @@ class QueueServer:
     def _pass(self, start_ns: int) -> None:
         """Take every available descriptor, do its work, publish used.idx once."""
         q = self.queue
-        memory = q.bytes
+        memory_bytes = len(q.memory)
         pending = q.avail_pending()
         if not pending:
             return
@@ -138,9 +138,10 @@ class QueueServer:
         for _ in range(pending):
             pop_ns = time.monotonic_ns()
             head, addr, length = q.pop()
-            if addr + length <= memory.size:
-                # The request's work: fill the buffer, tagged with its number.
-                memory[addr : addr + length] = (q.last_avail - 1) & 0xFF
+            if addr + length <= memory_bytes:
+                # The request's work: fill the buffer, tagged with its number, keeping the
+                # interpreter lock (another queue's thread must not run inside this pass)
+                q.fill(addr, length, (q.last_avail - 1) & 0xFF)
             else:
                 length = 0  # outside guest memory: complete it with nothing written
             q.push(head, length)

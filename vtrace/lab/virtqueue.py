@@ -67,14 +67,14 @@ class DeviceQueue:
     Indices are free-running 16-bit counters as in the spec; ``last_avail`` and
     ``used_count`` count without wrapping so the back end can number requests. The hot
     path reads and writes the rings with ``struct`` on the mapping (a numpy scalar access
-    costs several times more); ``bytes`` is a numpy view for the requests' data.
+    costs several times more). Requests' buffers are written through the mapping too
+    (:meth:`fill`).
     """
 
     def __init__(self, memory: mmap.mmap, ring: RingLayout) -> None:
         self.memory = memory
         self.ring = ring
         self.mask = ring.ring_size - 1
-        self.bytes = np.frombuffer(memory, dtype=np.uint8)
         self.last_avail = 0
         self.used_count = 0
         self._avail_ring = ring.avail + 4
@@ -126,6 +126,13 @@ class DeviceQueue:
         _USED_ELEM.pack_into(self.memory, self._used_ring + 8 * slot, head, written_bytes)
         self.used_count += 1
 
+    def fill(self, addr: int, length: int, value: int) -> None:
+        """Write ``length`` bytes of ``value`` at guest address ``addr``: a copy into the
+        mapping, during which the thread keeps Python's interpreter lock (numpy's fill of
+        a view lets go of it, so another back-end thread would run in the middle of this
+        one's pass)."""
+        self.memory[addr : addr + length] = bytes((value,)) * length
+
     def flush(self) -> None:
         """Publish every pushed element by storing used.idx once."""
         self._used_idx.value = self.used_count & 0xFFFF
@@ -133,5 +140,4 @@ class DeviceQueue:
     def release(self) -> None:
         """Drop the views of guest memory so the VM can unmap it."""
         del self._avail_flags, self._avail_idx, self._used_flags, self._used_idx
-        del self.bytes
         del self.memory
