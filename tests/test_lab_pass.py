@@ -4,9 +4,9 @@ The lab's back-end threads are Python threads: one runs at a time. With a thread
 a pass that let go of the interpreter lock in the middle (numpy's fill of a request's buffer
 does, for each request) let the other queue's thread run, and this one waited for the lock
 with NO_NOTIFY still set and no CPU held: its vCPU ran on and added its next batch without
-a kick (0.088 to 0.125 kicks per request at batch 8 on 2 x 2, where every batch was kicked
-once the pass kept the lock: 0.106 to 0.125). A vhost worker's pass is never stalled by
-another queue's worker, and the model has no such stall.
+a kick (0.088 to 0.125 kicks per request in 16 runs at batch 8 on 2 x 2; once the pass kept
+the lock, 0.106 to 0.125 in 12, 11 of them 0.122 or more). A vhost worker's pass is never
+stalled by another queue's worker, and the model has no such stall.
 """
 
 from __future__ import annotations
