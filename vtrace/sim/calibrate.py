@@ -15,10 +15,11 @@ trace and the statistic beside every fitted value):
 - a polling guest's look at used.idx (``poll_ns``) and its reap of used buffers
   (``reap_ns``): the base model's values scaled by fitted / base ``request_prep_ns``, since
   they are the same emulated guest instructions (a large ring reaps too rarely to show them);
-- the back end's wake-up (kick write to the first pop after the eventfd wake-up; rare
-  wake-ups over 10x the median are a preempted thread, ``backend.stall_*``), its time per
-  request (between two pops of one pass) and per pass (last pop to the used.idx
-  publish), from the lab back end's ``lab_kick``/``lab_pop``/``lab_complete`` events.
+- the back end's wake-up (from the first kick its eventfd merged, ``lab_kick``'s count, to
+  the first pop after the wake-up; rare wake-ups over 10x the median are a preempted
+  thread, ``backend.stall_*``), its time per request (between two pops of one pass) and
+  per pass (last pop to the used.idx publish), from the lab back end's
+  ``lab_kick``/``lab_pop``/``lab_complete`` events.
 - a lab run on several vCPUs (``vtrace lab run --vcpus N --queues M``): ``vm.vcpus``,
   ``virtqueue.queues`` and ``backend.threads`` from its meta.json; the guest's time per
   batch from the busiest vCPU thread over its share of the requests, the back end's times
@@ -201,13 +202,15 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
             & (pl.col("tid") == backend_tid)
             & (pl.col("queue") == queue)
         )
-        .select("ts_ns", pl.col("event").cast(pl.String))
+        .select("ts_ns", pl.col("event").cast(pl.String), "count")
         .sort("ts_ns")
         .collect()
         .with_columns(
             pass_id=(pl.col("event") != LAB_POP).cum_sum(),
             next_ts=pl.col("ts_ns").shift(-1),
             next_event=pl.col("event").shift(-1),
+            # the end of the pass before (a kick before it found the thread at work)
+            after=pl.when(pl.col("event") == LAB_COMPLETE).then(pl.col("ts_ns")).forward_fill(),
         )
     )
     pop_rows = lab_ev.filter(pl.col("event") == LAB_POP)
@@ -223,17 +226,18 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         .to_series()
         .to_numpy()
     )
-    kick_writes = acc.filter(pl.col("handled").cast(pl.String) == "kernel").select(
-        pl.col("ts_ns").alias("kick_ts"), pl.col("ts_ns")
-    )
+    # A wake-up starts at the first kick that found the thread asleep: its eventfd counts
+    # the kicks merged into one wake-up (lab_kick's count), and the guest goes on kicking
+    # while a stalled thread waits to run, so the last kick would hide the stall. Never a
+    # kick from before the pass that came before (other vCPUs' kicks are not in kick_ts).
+    kick_ts = acc.filter(pl.col("handled").cast(pl.String) == "kernel")["ts_ns"].to_numpy()
     wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
-    wakes = wakes.join_asof(kick_writes, on="ts_ns", strategy="backward")
-    facts.wake_ns = (
-        wakes.drop_nulls("kick_ts")
-        .select(pl.col("next_ts") - pl.col("kick_ts"))
-        .to_series()
-        .to_numpy()
-    )
+    last = np.searchsorted(kick_ts, wakes["ts_ns"].to_numpy(), side="right") - 1
+    merged = wakes["count"].fill_null(1).clip(lower_bound=1).to_numpy().astype(np.int64)
+    since = np.searchsorted(kick_ts, wakes["after"].fill_null(0).to_numpy(), side="right")
+    first = np.minimum(np.maximum(last - merged + 1, since), last)
+    seen = last >= 0  # a wake-up before the vCPU's first recorded kick: none to count from
+    facts.wake_ns = (wakes["next_ts"].to_numpy()[seen] - kick_ts[first[seen]]).astype(np.float64)
     mine = [t for t in lab.get("threads", []) if t.get("tid") == backend_tid]
     if mine and mine[0].get("wakeups"):
         # every queue the thread served: its CPU time covers them all
@@ -388,8 +392,9 @@ def fit_virtio(
         stalled = w > STALL_FACTOR * np.median(w)
         fitted["backend.wakeup_ns"] = (
             float(w[~stalled].mean()),
-            f"{names}: mean from a kick's kvm_pio to the first lab_pop after the eventfd "
-            f"wake-up, leaving out stalls (over {STALL_FACTOR}x the median)",
+            f"{names}: mean from the first kick's kvm_pio that the eventfd wake-up merged "
+            f"(lab_kick count) to the first lab_pop after it, leaving out stalls (over "
+            f"{STALL_FACTOR}x the median)",
         )
         fitted["backend.stall_probability"] = (
             float(stalled.mean()),
