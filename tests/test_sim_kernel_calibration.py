@@ -120,3 +120,19 @@ def test_a_trace_with_a_part_missing_is_refused_by_calibrate_and_replay(tmp_path
     )  # fmt: skip
     assert r.returncode == 2 and "incomplete trace" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_fit_says_which_batch_each_trace_was_taken_to_run(tmp_path: Path) -> None:
+    """From the kernel's events alone the guest's batch is requests per kick, which the
+    back end's suppressed kicks inflate: the written source says so, trace by trace."""
+    names = ["lab-virtio-b1", "lab-virtio-b8"]
+    full = calibrate([TRACES / n for n in names], "lab-virtio")
+    assert "lab-virtio-b1 batch 1 (lab meta); lab-virtio-b8 batch 8 (lab meta)" in (
+        full.notes["vcpu.request_prep_ns"]
+    )
+    kernel = calibrate([kernel_only(n, tmp_path) for n in names], "lab-virtio", requests=2000)
+    source = kernel.notes["vcpu.request_prep_ns"]
+    assert "lab-virtio-b1 batch 1 (1.00 requests per kick, rounded)" in source
+    assert "lab-virtio-b8 batch 8 (8.00 requests per kick, rounded)" in source
+    assert "more than the guest's batch" in source
+    assert source == kernel.notes["vcpu.batch_prep_ns"]

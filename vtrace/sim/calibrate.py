@@ -84,6 +84,7 @@ class TraceFacts:
     # and the run's shape as config values (vm.vcpus, virtqueue.queues, backend.threads)
     vcpu_requests: int = 0
     shape: dict[str, Any] = field(default_factory=dict)
+    batch_from: str = "lab meta"  # where ``batch`` came from
 
 
 @dataclass
@@ -156,6 +157,11 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         duration_ns=duration,
         kicks=kicks,
         userspace_exits=user.height,
+        batch_from="lab meta"
+        if lab.get("batch")
+        else f"{requests / kicks:.2f} requests per kick, rounded"
+        if kicks
+        else "no kicks",
     )
     if user.height >= requests:  # an emulated device: per-register gaps and counts
         per_port = (
@@ -348,19 +354,29 @@ def fit_virtio(
         b.append(f.batch)
         y.append(f.duration_ns / batches - f.kicks / batches * kernel_exit)
     b_arr, y_arr = np.array(b, dtype=float), np.array(y)
+    # The batch each trace ran: the lab records it; from the kernel's events alone it is
+    # requests per kick, which kicks the back end suppressed make larger than the guest's.
+    batches_from = "; ".join(f"{f.name} batch {f.batch} ({f.batch_from})" for f in facts)
+    if any(f.batch_from != "lab meta" for f in facts):
+        batches_from += (
+            ": requests per kick, where the back end suppressed kicks, is more than the "
+            "guest's batch"
+        )
     if len(set(b)) >= 2:
         (prep, batch_prep), *_ = np.linalg.lstsq(
             np.column_stack([b_arr, np.ones_like(b_arr)]), y_arr, rcond=None
         )
         source = (
             f"{names}: least squares on batch size of the vCPU's run time per batch "
-            "(duration / batches), less the kicks' kernel_exit_ns"
+            f"(duration / batches), less the kicks' kernel_exit_ns; {batches_from}"
         )
         fitted["vcpu.batch_prep_ns"] = (max(0.0, float(batch_prep)), source)
     else:
         batch_prep = cfg["vcpu.batch_prep_ns"]
         prep = float(np.mean((y_arr - batch_prep) / b_arr))
-        source = f"{names}: vCPU run time per batch / batch size, one batch size only"
+        source = (
+            f"{names}: vCPU run time per batch / batch size, one batch size only; {batches_from}"
+        )
     fitted["vcpu.request_prep_ns"] = (max(0.0, float(prep)), source)
     # A polling guest's looks at used.idx and its reaps run the same emulated guest
     # instructions as its requests, so they scale with the fitted per-request time (the
