@@ -36,7 +36,8 @@ SERIES = Path(__file__).resolve().parent.parent / "traces" / "qemu-virtio-blk-sc
 ROUNDS = range(1, 9)
 MISSES = {
     (32, "kicks"): "-13 % on the runs' median: the model's deep lots in a fast stretch split "
-    "into two or three pieces where real ones go in one kick or in many (up to 13)",
+    "into two or three pieces where real ones go in one kick or, in a tail of lock-step lots "
+    "(a request per cycle of QEMU's lock, its I/O and the guest's interrupt), in many",
 }
 
 
