@@ -127,8 +127,9 @@ def test_the_fit_says_which_batch_each_trace_was_taken_to_run(tmp_path: Path) ->
     back end's suppressed kicks inflate: the written source says so, trace by trace."""
     names = ["lab-virtio-b1", "lab-virtio-b8"]
     full = calibrate([TRACES / n for n in names], "lab-virtio")
-    assert "lab-virtio-b1 batch 1 (lab meta); lab-virtio-b8 batch 8 (lab meta)" in (
-        full.notes["vcpu.request_prep_ns"]
+    assert (
+        "lab-virtio-b1 batch 1 (lab meta); lab-virtio-b8 batch 8 (lab meta)"
+        in (full.notes["vcpu.request_prep_ns"])
     )
     kernel = calibrate([kernel_only(n, tmp_path) for n in names], "lab-virtio", requests=2000)
     source = kernel.notes["vcpu.request_prep_ns"]

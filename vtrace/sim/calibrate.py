@@ -28,16 +28,21 @@ trace and the statistic beside every fitted value):
 A QEMU guest trace (``vtrace qemu-lab run``, TCG) sets the path's structure instead of its
 costs: see :mod:`vtrace.sim.qemu_guest`.
 
-The in-kernel kick round trip cannot be separated from the guest's own time in these
-traces (no ``kvm_entry`` without hardware virtualisation), so ``kvm.kernel_exit_ns`` stays
-as the base model has it (measured with ``vtrace lab exit-cost``: about 1.9 us on the
-development machines, docs/sources.md).
+Where the trace pairs the vCPU thread's ``kvm_exit`` with its ``kvm_entry`` (hardware
+virtualisation), the exits are timed themselves: ``kvm.kernel_exit_ns`` is the median exit
+to entry of the exits that carried the kicks (``kvm_pio``, ``kvm_mmio`` or ``kvm_fast_mmio``
+handled in the kernel), ``kvm.userspace_exit_ns`` that of the exits handled in user space,
+and the source lists the thread's exits by reason with their counts and medians. Without
+them (software KVM, as on the development machines) the in-kernel kick round trip cannot
+be separated from the guest's own time, so ``kvm.kernel_exit_ns`` stays as the base model
+has it (measured with ``vtrace lab exit-cost``: about 1.9 us there, docs/sources.md).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +90,13 @@ class TraceFacts:
     vcpu_requests: int = 0
     shape: dict[str, Any] = field(default_factory=dict)
     batch_from: str = "lab meta"  # where ``batch`` came from
+    # hardware virtualisation (kvm_exit paired with kvm_entry): exit to entry of the exits
+    # that carried the kicks and of those handled in user space; the vCPU thread's exits by
+    # reason (count, median ns)
+    kick_exit_ns: np.ndarray | None = None
+    kick_exit_reasons: list[str] = field(default_factory=list)
+    user_exit_ns: np.ndarray | None = None
+    exit_reasons: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,10 +114,12 @@ class Calibration:
 
 
 def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
-    """PIO/MMIO accesses on the busiest vCPU thread, in time order, with the gap to the next."""
+    """PIO/MMIO accesses on the busiest vCPU thread, in time order, with the gap to the next.
+    A notify write KVM completes on its fast MMIO path (``kvm_fast_mmio``: an ioeventfd
+    with no length, as a modern virtio-pci queue's) is a kick handled in the kernel."""
     from vtrace.analyze import accesses
 
-    acc = accesses(events).filter(pl.col("event").cast(pl.String) != "kvm_fast_mmio")
+    acc = accesses(events)
     if acc.height == 0:
         return acc
     tid = acc.group_by("tid").len().sort("len", descending=True)["tid"][0]
@@ -114,6 +128,43 @@ def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
         .sort("ts_ns")
         .with_columns(gap_ns=pl.col("ts_ns").shift(-1) - pl.col("ts_ns"))
     )
+
+
+def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> None:
+    """Where the trace pairs the vCPU thread's ``kvm_exit`` with its ``kvm_entry`` (hardware
+    virtualisation): the exits that carried its kicks and those handled in user space, exit
+    to entry, and the thread's exits by reason, into ``facts``."""
+    from vtrace.analyze import exits
+
+    tid = acc["tid"][0]
+    ex = exits(events.filter(pl.col("tid") == tid)).drop_nulls("duration_ns").sort("ts_ns")
+    if ex.height == 0:
+        return
+    reasons = (
+        ex.group_by(
+            name=pl.col("reason_name").cast(pl.String).fill_null(pl.col("reason").cast(pl.String))
+        )
+        .agg(pl.len().alias("n"), pl.col("duration_ns").median().alias("median"))
+        .sort("n", descending=True)
+    )
+    facts.exit_reasons = {name: (int(n), float(m)) for name, n, m in reasons.iter_rows()}
+    kicks = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    carried = (
+        kicks.select(access_ts="ts_ns")
+        .join_asof(
+            ex.select("ts_ns", "entry_ts_ns", "duration_ns", "reason_name"),
+            left_on="access_ts",
+            right_on="ts_ns",
+            strategy="backward",
+        )
+        .filter(pl.col("access_ts") <= pl.col("entry_ts_ns"))  # inside that exit
+    )
+    facts.kick_exit_ns = carried["duration_ns"].to_numpy().astype(np.float64)
+    facts.kick_exit_reasons = sorted(
+        set(carried["reason_name"].cast(pl.String).drop_nulls().to_list())
+    )
+    user = ex.filter(pl.col("handled").cast(pl.String) == "user")
+    facts.user_exit_ns = user["duration_ns"].to_numpy().astype(np.float64)
 
 
 def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> TraceFacts:
@@ -141,7 +192,9 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         )
     acc = _vcpu_accesses(events)
     if acc.height < 2:
-        raise VtraceError(f"{path}: no kvm_pio/kvm_mmio events on a vCPU thread: record kvm events")
+        raise VtraceError(
+            f"{path}: no kvm_pio/kvm_mmio/kvm_fast_mmio events on a vCPU thread: record kvm events"
+        )
     requests = pops.height or int(requests or 0)
     duration = float(acc["ts_ns"][-1] - acc["ts_ns"][0])
     user = acc.filter(pl.col("handled").cast(pl.String) == "user")
@@ -163,6 +216,7 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         if kicks
         else "no kicks",
     )
+    _exit_costs(events, acc, facts)
     if user.height >= requests:  # an emulated device: per-register gaps and counts
         per_port = (
             user.drop_nulls("gap_ns")
@@ -270,6 +324,7 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
     """Fitted values (with their sources) applied to ``cfg``."""
     fitted: dict[str, tuple[float, str]] = {}
     values: dict[str, Any] = {}
+    cfg = _fit_exit_costs(cfg, facts, fitted)
     if cfg.kind == "emulated":
         fit_emulated(cfg, facts, fitted, values)
     else:
@@ -279,6 +334,42 @@ def fit(cfg: Config, facts: list[TraceFacts]) -> tuple[Config, dict[str, tuple[f
             digits = 6 if key.endswith(("probability", "share")) else 1
             values[key] = round(value, digits)
     return cfg.with_overrides(values, where="calibrate"), fitted
+
+
+def _pooled(arrays: Iterable[np.ndarray | None]) -> np.ndarray:
+    """Several traces' samples together (empty when none has any)."""
+    kept = [a for a in arrays if a is not None and a.size]
+    return np.concatenate(kept) if kept else np.empty(0)
+
+
+def _exit_table(facts: list[TraceFacts]) -> str:
+    """Each trace's exits by reason: ``name: REASON count x median us, ...``."""
+    return "; ".join(
+        f"{f.name}: "
+        + ", ".join(f"{r} {n} x {m / 1000:.1f} us" for r, (n, m) in f.exit_reasons.items())
+        for f in facts
+        if f.exit_reasons
+    )
+
+
+def _fit_exit_costs(
+    cfg: Config, facts: list[TraceFacts], fitted: dict[str, tuple[float, str]]
+) -> Config:
+    """``kvm.kernel_exit_ns`` from the exits that carried the kicks, exit to entry, where the
+    traces pair them (hardware virtualisation); ``cfg`` with it, for the fits that use it."""
+    samples = _pooled(f.kick_exit_ns for f in facts)
+    if not samples.size:
+        return cfg
+    names = ", ".join(f.name for f in facts)
+    reasons = sorted({r for f in facts for r in f.kick_exit_reasons})
+    value = float(np.median(samples))
+    fitted["kvm.kernel_exit_ns"] = (
+        value,
+        f"{names}: median kvm_exit to kvm_entry of the exits that carried the kicks "
+        f"({samples.size}, reason {' / '.join(reasons) or 'unnamed'}); the vCPU thread's "
+        f"exits by reason: {_exit_table(facts)}",
+    )
+    return cfg.with_overrides({"kvm.kernel_exit_ns": round(value, 1)}, where="calibrate")
 
 
 def fit_emulated(
@@ -295,12 +386,21 @@ def fit_emulated(
         raise VtraceError(f"{f.name}: no user-space register accesses: not an emulated device")
     # A PIO read is traced when user space has supplied its value, after the round trip,
     # so only the interval after a write spans one whole exit round trip.
-    exit_ns = float(np.median([_exit_round_trip(x) for x in facts]))
-    fitted["kvm.userspace_exit_ns"] = (
-        exit_ns,
-        f"{names}: smallest per-register median interval from a user-space PIO write to "
-        "the next access (median over traces)",
-    )
+    user = _pooled(x.user_exit_ns for x in facts)
+    if user.size:  # hardware virtualisation: the exits themselves, exit to entry
+        exit_ns = float(np.median(user))
+        fitted["kvm.userspace_exit_ns"] = (
+            exit_ns,
+            f"{names}: median kvm_exit to kvm_entry of the exits handled in user space "
+            f"({user.size}); the vCPU thread's exits by reason: {_exit_table(facts)}",
+        )
+    else:
+        exit_ns = float(np.median([_exit_round_trip(x) for x in facts]))
+        fitted["kvm.userspace_exit_ns"] = (
+            exit_ns,
+            f"{names}: smallest per-register median interval from a user-space PIO write to "
+            "the next access (median over traces)",
+        )
     accesses = []
     work = 0.0
     for (addr, write), count in sorted(f.access_count.items()):
