@@ -90,6 +90,7 @@ class TraceFacts:
     vcpu_requests: int = 0
     shape: dict[str, Any] = field(default_factory=dict)
     batch_from: str = "lab meta"  # where ``batch`` came from
+    shape_from: dict[str, str] = field(default_factory=dict)  # each shape key's source
     # hardware virtualisation (kvm_exit paired with kvm_entry): exit to entry of the exits
     # that carried the kicks and of those handled in user space; the vCPU thread's exits by
     # reason (count, median ns)
@@ -113,13 +114,11 @@ class Calibration:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
-    """PIO/MMIO accesses on the busiest vCPU thread, in time order, with the gap to the next.
-    A notify write KVM completes on its fast MMIO path (``kvm_fast_mmio``: an ioeventfd
-    with no length, as a modern virtio-pci queue's) is a kick handled in the kernel."""
-    from vtrace.analyze import accesses
-
-    acc = accesses(events)
+def _vcpu_accesses(acc: pl.DataFrame) -> pl.DataFrame:
+    """Of every thread's PIO/MMIO accesses, the busiest vCPU thread's, in time order, with
+    the gap to the next. A notify write KVM completes on its fast MMIO path
+    (``kvm_fast_mmio``: an ioeventfd with no length, as a modern virtio-pci queue's) is a
+    kick handled in the kernel."""
     if acc.height == 0:
         return acc
     tid = acc.group_by("tid").len().sort("len", descending=True)["tid"][0]
@@ -128,6 +127,48 @@ def _vcpu_accesses(events: pl.LazyFrame) -> pl.DataFrame:
         .sort("ts_ns")
         .with_columns(gap_ns=pl.col("ts_ns").shift(-1) - pl.col("ts_ns"))
     )
+
+
+# a vCPU thread or notify address with fewer of the kicks than this share is a stray (one
+# kick at start-up), not part of the run's shape
+SHAPE_SHARE = 0.01
+
+
+def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> None:
+    """Kernel events alone: the run's shape from the kicks (the vCPU threads that wrote them,
+    the notify addresses, one per queue), each queue's kicks and each interrupt line's
+    injections per second, into ``facts``."""
+    from vtrace.analyze.interrupts import interrupts, interrupts_by_line
+
+    kicks = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    if kicks.height == 0:
+        return
+    floor = SHAPE_SHARE * kicks.height
+    threads = kicks.group_by("tid").len().filter(pl.col("len") >= floor).sort("tid")
+    queues = kicks.group_by("addr").len().filter(pl.col("len") >= floor).sort("addr")
+    window = max(1.0, float(acc["ts_ns"].max() - acc["ts_ns"].min())) / 1e9
+    lines = interrupts_by_line(interrupts(events)).with_columns(
+        # a line raised and lowered counts once (raised); an MSI has no level (count)
+        n=pl.when(pl.col("raised") > 0).then("raised").otherwise("count")
+    )
+    irqs = ", ".join(
+        f"{'MSI vector ' + format(v, '#x') if v is not None else f'GSI {g}'}: {n} "
+        f"({n / window:,.0f}/s)"
+        for g, v, n in lines.select("gsi", "vector", "n").iter_rows()
+    )
+    per_queue = "; ".join(
+        f"port {a:#x}: {n} kicks ({n / window:,.0f}/s)" for a, n in queues.iter_rows()
+    )
+    facts.shape = {"vm.vcpus": threads.height, "virtqueue.queues": queues.height}
+    facts.shape_from = {
+        "vm.vcpus": f"kernel events: {threads.height} vCPU threads wrote kicks ("
+        + ", ".join(f"tid {t}: {n}" for t, n in threads.iter_rows())
+        + ")",
+        "virtqueue.queues": f"kernel events: {queues.height} notify addresses written: "
+        f"{per_queue}; interrupts: {irqs or 'none recorded'}",
+    }
+    if threads.height > 1:  # the busiest vCPU thread's share of the requests
+        facts.vcpu_requests = -(-facts.requests // threads.height)
 
 
 def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> None:
@@ -190,7 +231,10 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
             f"{path}: no request count: no {LAB_POP} events (vtrace lab run --record), no QEMU "
             "guest events (vtrace qemu-lab run): give --requests N (what the guest's iostat said)"
         )
-    acc = _vcpu_accesses(events)
+    from vtrace.analyze import accesses
+
+    every = accesses(events)
+    acc = _vcpu_accesses(every)
     if acc.height < 2:
         raise VtraceError(
             f"{path}: no kvm_pio/kvm_mmio/kvm_fast_mmio events on a vCPU thread: record kvm events"
@@ -200,22 +244,25 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     user = acc.filter(pl.col("handled").cast(pl.String) == "user")
     kick_rows = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
     kicks = kick_rows.height
-    # the guest's batch: the lab's own record of it, else requests per kick (each batch kicks
-    # once unless the back end suppressed it, which only lowers the kicks)
-    batch = int(lab.get("batch") or max(1, round(requests / kicks)) if kicks else 1)
     facts = TraceFacts(
         name=Path(path).name,
         requests=requests,
-        batch=batch,
+        batch=1,
         duration_ns=duration,
         kicks=kicks,
         userspace_exits=user.height,
-        batch_from="lab meta"
-        if lab.get("batch")
-        else f"{requests / kicks:.2f} requests per kick, rounded"
-        if kicks
-        else "no kicks",
+        batch_from="no kicks",
     )
+    if pops.height == 0 and kicks and user.height < requests:  # a virtio device's kernel events
+        _kernel_shape(events, every, facts)
+    # the guest's batch: the lab's own record of it, else the vCPU's requests per kick (each
+    # batch kicks once unless the back end suppressed it, which only lowers the kicks)
+    if lab.get("batch"):
+        facts.batch, facts.batch_from = int(lab["batch"]), "lab meta"
+    elif kicks:
+        per_kick = (facts.vcpu_requests or requests) / kicks
+        facts.batch = max(1, round(per_kick))
+        facts.batch_from = f"{per_kick:.2f} requests per kick, rounded"
     _exit_costs(events, acc, facts)
     if user.height >= requests:  # an emulated device: per-register gaps and counts
         per_port = (
@@ -682,10 +729,12 @@ def calibrate(
         notes = {k: src for k, (_, src) in fitted.items()}
         notes["backend.publish"] = "the lab back end publishes used.idx once per pass"
         shaped = [f for f in facts if f.shape]
-        if shaped:  # a lab run on several vCPUs: the last such trace gives the shape
-            cfg = cfg.with_overrides(shaped[-1].shape, where="calibrate")
-            for key in shaped[-1].shape:
-                notes[key] = f"{shaped[-1].name}: meta.json lab {key.split('.')[1]}"
+        if shaped:  # a run on several vCPUs or queues: the last such trace gives the shape
+            last = shaped[-1]
+            cfg = cfg.with_overrides(last.shape, where="calibrate")
+            for key in last.shape:
+                source = last.shape_from.get(key, f"meta.json lab {key.split('.')[1]}")
+                notes[key] = f"{last.name}: {source}"
         if cfg.kind != "virtio":
             notes.pop("backend.publish")
     if output is not None:
