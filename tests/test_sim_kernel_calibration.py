@@ -87,6 +87,8 @@ def test_kernel_events_without_a_request_count_is_one_line(tmp_path: Path) -> No
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # what the kernel's events gave besides the fitted numbers: the run's shape
+    assert "vm.vcpus = 1" in r.stdout and "virtqueue.queues = 1" in r.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "vtrace.cli", "calibrate", str(trace), "--model", "lab-virtio",
          "-o", str(tmp_path / "bad.toml")],

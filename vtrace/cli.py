@@ -830,6 +830,12 @@ def replay_cmd(
   vtrace calibrate runs/virtio-b1 runs/virtio-b8 --model lab-virtio -o lab-virtio-fit.toml
 
   vtrace calibrate runs/emulated --model lab-emulated -o lab-emulated-fit.toml
+
+  vtrace calibrate host-trace --model virtio-blk --requests 250000 -o host-fit.toml
+
+The last is a production host's trace of kernel events alone (vtrace record): exit costs
+from kvm_exit to kvm_entry, the kicks and interrupts of each queue, the vCPUs and queues
+that kicked; --requests is what the guest's iostat counted over the recording.
 """,
 )
 def calibrate_cmd(
@@ -850,11 +856,17 @@ def calibrate_cmd(
     ] = None,
 ) -> None:
     """Fit the costs a trace can show and write a model whose comments say where each came from."""
+    from rich.markup import escape
+
     from vtrace.sim.calibrate import calibrate
 
     fit = calibrate(traces, model, output, force=force, requests=requests)
     for key, (value, source) in fit.fitted.items():
-        console.print(f"{key} = {value:.6g}  [dim]# {source}[/dim]")
+        console.print(f"{key} = {value:.6g}  [dim]# {escape(source)}[/dim]")
+    for key, source in fit.notes.items():  # settings the traces gave: the shape, the path
+        if key not in fit.fitted:
+            value = escape(repr(fit.config[key]))
+            console.print(f"{key} = {value}  [dim]# {escape(source)}[/dim]")
     console.print(f"wrote {output}")
 
 
