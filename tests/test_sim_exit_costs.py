@@ -61,6 +61,7 @@ def test_fast_mmio_notify_writes_are_the_kicks(tmp_path: Path) -> None:
     facts = fit.facts[0]
     assert facts.kicks == REQUESTS // 8
     assert facts.batch == 8
+    assert f"MMIO {NOTIFY_GPA:#x}: {REQUESTS // 8} kicks" in fit.notes["virtqueue.queues"]
 
 
 def test_exit_costs_come_from_exit_to_entry(tmp_path: Path) -> None:

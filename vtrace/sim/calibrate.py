@@ -145,7 +145,12 @@ def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) ->
         return
     floor = SHAPE_SHARE * kicks.height
     threads = kicks.group_by("tid").len().filter(pl.col("len") >= floor).sort("tid")
-    queues = kicks.group_by("addr").len().filter(pl.col("len") >= floor).sort("addr")
+    queues = (
+        kicks.group_by("addr")
+        .agg(pl.len(), pio=(pl.col("event").cast(pl.String) == "kvm_pio").all())
+        .filter(pl.col("len") >= floor)
+        .sort("addr")
+    )
     window = max(1.0, float(acc["ts_ns"].max() - acc["ts_ns"].min())) / 1e9
     lines = interrupts_by_line(interrupts(events)).with_columns(
         # a line raised and lowered counts once (raised); an MSI has no level (count)
@@ -157,7 +162,8 @@ def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) ->
         for g, v, n in lines.select("gsi", "vector", "n").iter_rows()
     )
     per_queue = "; ".join(
-        f"port {a:#x}: {n} kicks ({n / window:,.0f}/s)" for a, n in queues.iter_rows()
+        f"{'port' if pio else 'MMIO'} {a:#x}: {n} kicks ({n / window:,.0f}/s)"
+        for a, n, pio in queues.iter_rows()
     )
     facts.shape = {"vm.vcpus": threads.height, "virtqueue.queues": queues.height}
     facts.shape_from = {
