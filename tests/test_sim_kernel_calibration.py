@@ -160,9 +160,11 @@ def test_a_multi_queue_guest_is_read_off_the_kernel_events(tmp_path: Path) -> No
     write_trace(out / "mq", events, {k: v for k, v in t.meta.items() if k != "lab"})
     kernel = calibrate([out / "mq"], "lab-virtio", requests=4000)
     assert (kernel.config["vm.vcpus"], kernel.config["virtqueue.queues"]) == (2, 2)
+    f, k = full.facts[0], kernel.facts[0]
+    seen = [(x.batch, x.vcpu_requests, x.kicks, x.duration_ns) for x in (f, k)]
     assert kernel.config["vcpu.request_prep_ns"] == pytest.approx(
         full.config["vcpu.request_prep_ns"], rel=0.02
-    )
+    ), seen
     # at batch 32, as above: the back end's wake-ups, which only the full trace shows, hardly
     # matter there
     a, b = (
@@ -175,3 +177,20 @@ def test_a_multi_queue_guest_is_read_off_the_kernel_events(tmp_path: Path) -> No
         assert f"port {q['notify_port']:#x}: {q['guest_kicks']} kicks" in source
     assert "interrupts: none recorded" in source
     assert "kernel events: 2 vCPU threads wrote kicks" in kernel.notes["vm.vcpus"]
+
+
+def test_the_busiest_vcpu_thread_is_chosen_the_same_way_every_time() -> None:
+    """Two vCPU threads with as many accesses each (a 2 x 2 run's, where each kicks its
+    queue once a batch): whichever order the rows come in, the same thread's accesses are
+    read, so a full and a kernel-only calibration of one run time the same vCPU."""
+    from vtrace.sim.calibrate import _vcpu_accesses
+
+    rows = [(tid, ts) for tid in (7, 3) for ts in range(tid, tid + 1000, 10)]
+    frame = pl.DataFrame(rows, schema=["tid", "ts_ns"], orient="row")
+    picked = {
+        _vcpu_accesses(frame.sample(fraction=1.0, shuffle=True, seed=seed))["tid"][0]
+        for seed in range(20)
+    }
+    picked.add(_vcpu_accesses(frame)["tid"][0])
+    picked.add(_vcpu_accesses(frame.reverse())["tid"][0])
+    assert picked == {3}

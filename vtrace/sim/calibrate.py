@@ -121,7 +121,10 @@ def _vcpu_accesses(acc: pl.DataFrame) -> pl.DataFrame:
     kick handled in the kernel."""
     if acc.height == 0:
         return acc
-    tid = acc.group_by("tid").len().sort("len", descending=True)["tid"][0]
+    # ties (a 2 x 2 run's vCPUs kick as often) go to the lowest thread id: never the order
+    # group_by happened to return, so every calibration of one run reads the same thread
+    busiest = acc.group_by("tid").len().sort(["len", "tid"], descending=[True, False])
+    tid = busiest["tid"][0]
     return (
         acc.filter(pl.col("tid") == tid)
         .sort("ts_ns")
@@ -283,7 +286,9 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         if pops.height:
             starts = pops.join_asof(
                 user.select("ts_ns", "addr", "write"), on="ts_ns", strategy="backward"
-            ).group_by("addr", "write").len().sort("len", descending=True)  # fmt: skip
+            ).group_by("addr", "write").len().sort(
+                ["len", "addr", "write"], descending=[True, False, False]
+            )  # fmt: skip
             if starts.height:
                 facts.start_port = (int(starts["addr"][0]), bool(starts["write"][0]))
         elif facts.access_gap_ns:
