@@ -115,6 +115,28 @@ def test_lost_entry_leaves_exit_unpaired_instead_of_borrowing_the_next_one() -> 
     assert out.get_column("handled").cast(pl.String).to_list() == [None, "kernel", "user", "kernel"]
 
 
+def test_an_entry_in_the_same_microsecond_as_the_next_exit_stays_with_its_own() -> None:
+    """Text traces print microseconds: a guest that runs under a microsecond between two
+    exits leaves an entry and the next exit with one timestamp. The entry, before the exit
+    in the trace, belongs to the exit before it; the exit pairs with the entry after it."""
+    ev = events(
+        kexit(1_000, 7),
+        kentry(2_000, 7),
+        kexit(2_000, 7, reason=49, name="EPT_MISCONFIG"),
+        kentry(5_000, 7),
+        kexit(5_000, 7),
+        uexit(5_000, 7),
+        kentry(9_000, 7),
+    )
+    out = exits(ev)
+    assert out.select("ts_ns", "entry_ts_ns", "duration_ns").rows() == [
+        (1_000, 2_000, 1_000),
+        (2_000, 5_000, 3_000),
+        (5_000, 9_000, 4_000),
+    ]
+    assert out.get_column("handled").cast(pl.String).to_list() == ["kernel", "kernel", "user"]
+
+
 def test_exit_tolerance_bounds_the_pairing() -> None:
     ev = events(kexit(0, 7), kentry(2_000_000_000, 7))
     # The default tolerance is 1 s: an entry 2 s later is taken for another exit's.

@@ -39,6 +39,12 @@ def exits_from_timeline(
 ) -> pl.LazyFrame:
     """:func:`exits` from a :func:`~vtrace.analyze.timeline.kvm_timeline` (shared by several
     analyses of one trace), plus the timeline's columns named in ``keep``."""
+    # The thread's order pairs an exit with its entry, not the timestamps: text traces print
+    # microseconds, and a guest that ran under one between two exits leaves the entry and
+    # the next exit with the same timestamp. Rows are in (tid, ts_ns) order, ties in trace
+    # order (kvm_timeline), so the row number is each thread's sequence.
+    timeline = timeline.with_columns(_seq=pl.int_range(pl.len(), dtype=pl.Int64))
+    same_next = pl.col("tid").shift(-1) == pl.col("tid")
     exits = timeline.filter(pl.col("event") == KVM_EXIT).select(
         *keep,
         "tid",
@@ -51,43 +57,48 @@ def exits_from_timeline(
         "isa",
         "flags",
         "rip",
+        "_seq",
         # The thread's next exit bounds the pairing: an entry after it belongs to that one.
-        pl.when(pl.col("tid").shift(-1) == pl.col("tid"))
-        .then(pl.col("ts_ns").shift(-1))
-        .alias("next_exit_ts_ns"),
+        pl.when(same_next).then(pl.col("_seq").shift(-1)).alias("_next_exit_seq"),
     )
     entries = timeline.filter(pl.col("event") == KVM_ENTRY).select(
-        "tid", pl.col("ts_ns").alias("entry_ts_ns")
+        "tid", pl.col("_seq").alias("_entry_seq"), pl.col("ts_ns").alias("entry_ts_ns")
     )
     user = timeline.filter(pl.col("event") == KVM_USERSPACE_EXIT).select(
         "tid",
+        pl.col("_seq").alias("_user_seq"),
         pl.col("ts_ns").alias("user_ts_ns"),
         pl.col("reason_name").alias("user_reason_name"),
     )
     paired = exits.join_asof(
         entries,
-        left_on="ts_ns",
-        right_on="entry_ts_ns",
+        left_on="_seq",
+        right_on="_entry_seq",
         by="tid",
         strategy="forward",
-        tolerance=tolerance_ns,
-        check_sortedness=False,  # sorted by (tid, ts_ns) in kvm_timeline
+        check_sortedness=False,  # row numbers: increasing
     ).join_asof(
         user,
-        left_on="ts_ns",
-        right_on="user_ts_ns",
+        left_on="_seq",
+        right_on="_user_seq",
         by="tid",
         strategy="forward",
-        tolerance=tolerance_ns,
         check_sortedness=False,
     )
-    entry_ok = pl.col("entry_ts_ns").is_not_null() & (
-        pl.col("next_exit_ts_ns").is_null() | (pl.col("entry_ts_ns") <= pl.col("next_exit_ts_ns"))
+    next_exit = pl.col("_next_exit_seq")
+    entry_ok = (
+        pl.col("_entry_seq").is_not_null()
+        & (pl.col("entry_ts_ns") - pl.col("ts_ns") <= tolerance_ns)
+        & (next_exit.is_null() | (pl.col("_entry_seq") < next_exit))
     )
     entry = pl.when(entry_ok).then(pl.col("entry_ts_ns"))
     # Where the exit ends: its entry, or (entry lost) the thread's next exit.
-    end = pl.coalesce(entry, pl.col("next_exit_ts_ns"))
-    went_user = pl.col("user_ts_ns").is_not_null() & (end.is_null() | (pl.col("user_ts_ns") < end))
+    end = pl.coalesce(pl.when(entry_ok).then(pl.col("_entry_seq")), next_exit)
+    went_user = (
+        pl.col("_user_seq").is_not_null()
+        & (pl.col("user_ts_ns") - pl.col("ts_ns") <= tolerance_ns)
+        & (end.is_null() | (pl.col("_user_seq") < end))
+    )
     return paired.select(
         "tid",
         "pid",
