@@ -143,7 +143,7 @@ def test_unknown_device_is_a_clear_error() -> None:
         (QemuLabConfig(device="ide", guest_trace=True), "--guest-trace applies to virtio-blk"),
         (
             QemuLabConfig(requests=600_000, guest_trace=True),
-            "--guest-trace with --requests 600000: .* at most 524288 requests",
+            "--guest-trace with --requests 600000: .* at most 262144 requests",
         ),
         (QemuLabConfig(requests=63, vcpus=2), "--requests 63: a multiple of --vcpus 2"),
         (
@@ -685,6 +685,18 @@ def test_guest_trace_lines_become_guest_events() -> None:
     assert ev["vcpu"].to_list() == [0, 0, 0] and ev["source"].unique().to_list() == ["guest"]
 
 
+def test_guest_interrupt_handler_lines_become_guest_events() -> None:
+    from vtrace.lab.guest_trace import parse_lines
+
+    ev = parse_lines([GUEST_LINES[0], "2.576300 0 h 25", "2.576308 0 x 25"], "vda")
+    assert ev["event"].to_list() == ["block_rq_issue", "irq_handler_entry", "irq_handler_exit"]
+    assert ev["value"].to_list() == [None, 25, 25]  # the IRQ number
+    assert ev["ts_ns"].to_list() == [2_576_220_000, 2_576_300_000, 2_576_308_000]
+    assert ev["addr"].to_list() == [128 * 512, None, None]
+    with pytest.raises(VtraceError, match=r"line 1: .*'SECONDS CPU h\|x IRQ'"):
+        parse_lines(["2.5 0 h virtio0"], "vda")
+
+
 def test_a_garbled_guest_trace_line_is_named() -> None:
     from vtrace.lab.guest_trace import parse_lines
 
@@ -726,12 +738,18 @@ def test_virtio_blk_run_records_the_guests_block_layer(tmp_path: Path) -> None:
     s, meta = _run(tmp_path, "gt", device="virtio-blk", requests=256, queue_depth=4,
                    guest_trace=True)  # fmt: skip
     g = meta["guest_trace"]
-    assert g["recorded"] and g["lost"] == 0 and g["events"] == 2 * 256
+    assert g["recorded"] and g["lost"] == 0 and g["events"] == 2 * 256 + 2 * g["interrupts"]
     assert g["paired"] == g["issued"] == 256  # every request the guest issued, QEMU read
     ev = open_trace(tmp_path / "gt").events.collect()
     guest = ev.filter(pl.col("source").cast(pl.String) == "guest")
     name = guest["event"].cast(pl.String)
     assert (name == "block_rq_issue").sum() == (name == "block_rq_complete").sum() == 256
+    # every interrupt the guest counted on the disk's queue ran its handler once, traced
+    entries, exits = (name == "irq_handler_entry").sum(), (name == "irq_handler_exit").sum()
+    assert entries == exits == g["interrupts"] == int(meta["guest_info"]["guest_interrupts"])
+    handler = guest.filter(name.is_in(["irq_handler_entry", "irq_handler_exit"]))
+    spans = handler["ts_ns"].to_numpy().reshape(-1, 2)  # entry, exit, one CPU
+    assert (spans[:, 1] >= spans[:, 0]).all() and np.median(spans[:, 1] - spans[:, 0]) > 0
     # on the host's clock: each request QEMU read after the guest issued it, and it
     # completed in the guest after QEMU completed it
     reads = ev.filter(pl.col("event").cast(pl.String) == "virtio_blk_handle_read")

@@ -650,8 +650,9 @@ def qemu_lab_run(
         False,
         "--guest-trace/--no-guest-trace",
         help="virtio-blk: also record the guest's block layer issuing and completing each "
-        "request (source guest: when the guest added it, how fast it adds); the guest "
-        "prints them after the workload.",
+        "request and its disk interrupt handler's entries and exits (source guest: when "
+        "the guest added each request, how long each interrupt held it); the guest prints "
+        "them after the workload.",
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

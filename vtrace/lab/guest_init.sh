@@ -247,25 +247,36 @@ if [ "$loop" = 1 ]; then
     done
 fi
 
-# --guest-trace: the block layer's issue and completion of every request on the disk,
-# recorded over the workload (tracefs) and printed once the host has stopped recording.
-# 128 bytes a request per CPU (GUEST_TRACE_BYTES in qemu.py) covers both events with room
-# to spare; a buffer that still fills is reported.
+# --guest-trace: the block layer's issue and completion of every request on the disk, and
+# the entry and exit of the disk's interrupt handlers, recorded over the workload (tracefs)
+# and printed once the host has stopped recording. 256 bytes a request per CPU
+# (GUEST_TRACE_BYTES in qemu.py) covers the two block events and up to one interrupt a
+# request with room to spare; a buffer that still fills is reported.
 T=/sys/kernel/tracing
 gtrace_on() {
     mount -t tracefs nodev $T 2>/dev/null
     [ -e $T/events/block/block_rq_issue/enable ] || die "guest trace: no block tracepoints"
     echo 0 >$T/tracing_on
-    echo $((requests * 128 / 1024 + 1024)) >$T/buffer_size_kb ||
+    echo $((requests * 256 / 1024 + 1024)) >$T/buffer_size_kb ||
         die "guest trace: cannot size the ring buffer"
     echo >$T/trace
     echo 1 >$T/events/block/block_rq_issue/enable
     echo 1 >$T/events/block/block_rq_complete/enable
+    # the virtio-blk request queues' interrupts (virtioN-req.Q in /proc/interrupts) only
+    irqs=$(awk '/virtio[0-9]+-req/ { sub(":", "", $1); printf "%s%s", sep, "irq==" $1; sep = "||" }' \
+        /proc/interrupts)
+    if [ -n "$irqs" ] && [ -e $T/events/irq/irq_handler_entry/enable ]; then
+        for e in irq_handler_entry irq_handler_exit; do
+            echo "$irqs" >$T/events/irq/$e/filter || die "guest trace: cannot filter $e"
+            echo 1 >$T/events/irq/$e/enable
+        done
+    fi
     echo 1 >$T/tracing_on
 }
 
 # gtrace_dump: one compact line per event on the disk (major:minor $devno): guest clock,
-# CPU, i(ssue) or c(omplete), RWBS, first sector, sectors.
+# CPU, i(ssue) or c(omplete), RWBS, first sector, sectors; and per interrupt handler run:
+# guest clock, CPU, h (entry) or x (exit), the IRQ number.
 gtrace_dump() {
     lost=0
     for f in $T/per_cpu/cpu*/stats; do
@@ -275,6 +286,20 @@ gtrace_dump() {
     say "info guest_trace_lost=$lost"
     devno=$(cat /sys/block/$blk/dev | tr : ,)
     awk -v dev="$devno" -v mark="vtrace-guest: gt" '
+        / irq_handler_(entry|exit): / {
+            for (i = 1; i <= NF; i++) {
+                if ($i ~ /^\[[0-9]+\]$/) cpu = substr($i, 2, length($i) - 2) + 0
+                if ($i == "irq_handler_entry:" || $i == "irq_handler_exit:") {
+                    ts = $(i - 1)
+                    sub(/:$/, "", ts)
+                    ev = ($i == "irq_handler_entry:") ? "h" : "x"
+                    irq = $(i + 1)
+                    sub(/^irq=/, "", irq)
+                }
+            }
+            print mark, ts, cpu, ev, irq
+            next
+        }
         / block_rq_(issue|complete): / {
             k = 0
             sec = 0

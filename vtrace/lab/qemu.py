@@ -103,7 +103,7 @@ DEVICE_EVENTS: dict[str, tuple[str, ...]] = {
 
 MAX_VCPUS = 64  # TCG runs them all on the host's cores; more only slows the boot
 _MARK = "vtrace-guest: "
-GUEST_TRACE_BYTES = 128  # the guest's tracefs buffer per request and CPU (guest_init.sh)
+GUEST_TRACE_BYTES = 256  # the guest's tracefs buffer per request and CPU (guest_init.sh)
 _GUEST_TRACE = _MARK + "gt "  # one event of the guest's block trace (lab.guest_trace)
 _CONSOLE_TAIL = 15
 
