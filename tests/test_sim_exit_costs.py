@@ -28,6 +28,11 @@ MSR_EVERY = 4  # every 4th batch the guest also writes an MSR (its timer): 1 us 
 REQUESTS = 2000
 
 
+def line(event: str, payload: str, at: int) -> str:
+    """One tracefs line of ``event`` at ``at`` microseconds."""
+    return tracefs_line(event, payload, ts=f"{at // 1_000_000}.{at % 1_000_000:06d}")
+
+
 def kernel_trace(tmp_path: Path, batch: int) -> Path:
     """A vCPU thread's kvm_exit / kvm_fast_mmio / kvm_entry lines for ``REQUESTS`` requests
     added ``batch`` at a time and kicked once a batch, imported as a trace directory."""
@@ -35,9 +40,6 @@ def kernel_trace(tmp_path: Path, batch: int) -> Path:
     t = 1_000_000  # us
     entry = print_fmt("kvm_entry")
     fast = print_fmt("kvm_fast_mmio")
-
-    def line(event: str, payload: str, at: int) -> str:
-        return tracefs_line(event, payload, ts=f"{at // 1_000_000}.{at % 1_000_000:06d}")
 
     for i in range(REQUESTS // batch):
         t += batch * PREP_US + BATCH_PREP_US
@@ -123,9 +125,6 @@ def emulated_trace(tmp_path: Path, requests: int = 400) -> Path:
     entry = print_fmt("kvm_entry")
     pio = print_fmt("kvm_pio")
 
-    def line(event: str, payload: str, at: int) -> str:
-        return tracefs_line(event, payload, ts=f"{at // 1_000_000}.{at % 1_000_000:06d}")
-
     for _ in range(requests):
         for port in PORTS:
             t += PREP_US
@@ -151,3 +150,63 @@ def test_user_space_exit_cost_comes_from_exit_to_entry(tmp_path: Path) -> None:
     )
     assert "IO_INSTRUCTION 1600 x 12.0 us" in notes["kvm.userspace_exit_ns"]
     assert [a["count"] for a in cfg["device.accesses"]] == [1, 1, 1, 1]
+
+
+NET_GPA = 0xFE002000  # another device's notify address (a virtio-net queue)
+
+
+def two_device_trace(tmp_path: Path) -> Path:
+    """The disk's kicks as in ``kernel_trace`` at batch 8, and every other batch the vCPU
+    also kicks a network queue (its own exit on the fast MMIO path)."""
+    lines = []
+    t = 3_000_000
+    entry = print_fmt("kvm_entry")
+    fast = print_fmt("kvm_fast_mmio")
+
+    for i in range(REQUESTS // 8):
+        t += 8 * PREP_US + BATCH_PREP_US
+        for gpa in (NOTIFY_GPA, NET_GPA) if i % 2 else (NOTIFY_GPA,):
+            lines.append(line("kvm_exit", exit_payload("EPT_MISCONFIG"), t))
+            lines.append(line("kvm_fast_mmio", fast % gpa, t + 1))
+            lines.append(line("kvm_entry", entry % (1, 0xFFFFFFFF81000020, 0, 0, ""), t + 3))
+            t += 3
+    text = tmp_path / "two.txt"
+    text.write_text("\n".join(lines) + "\n")
+    import_file("ftrace", text, tmp_path / "two", strict=True)
+    return tmp_path / "two"
+
+
+def test_notify_picks_the_devices_kicks_out_of_a_vms(tmp_path: Path) -> None:
+    trace = two_device_trace(tmp_path)
+    # every notify address is a queue to the kernel's events, and the source says which
+    mixed = calibrate([trace], "virtio-blk", requests=REQUESTS)
+    assert mixed.config["virtqueue.queues"] == 2
+    assert f"MMIO {NET_GPA:#x}: {REQUESTS // 16} kicks" in mixed.notes["virtqueue.queues"]
+    disk = calibrate([trace], "virtio-blk", requests=REQUESTS, notify=[NOTIFY_GPA])
+    facts = disk.facts[0]
+    assert (facts.kicks, facts.batch) == (REQUESTS // 8, 8)
+    assert disk.config["virtqueue.queues"] == 1
+    assert "--notify" in disk.notes["virtqueue.queues"]
+    with pytest.raises(VtraceError, match=r"no kicks at 0x1000 \(--notify\); .* 0xfe003000: 250"):
+        calibrate([trace], "virtio-blk", requests=REQUESTS, notify=[0x1000])
+
+
+def test_notify_on_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    trace = two_device_trace(tmp_path)
+    base = [sys.executable, "-m", "vtrace.cli", "calibrate", str(trace), "--model",
+            "virtio-blk", "--requests", str(REQUESTS)]  # fmt: skip
+    ok = subprocess.run(
+        [*base, "--notify", f"{NOTIFY_GPA:#x}", "-o", str(tmp_path / "fit.toml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "virtqueue.queues = 1" in ok.stdout
+    bad = subprocess.run(
+        [*base, "--notify", "disk", "-o", str(tmp_path / "bad.toml")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--notify" in bad.stderr and "disk" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.toml").exists()

@@ -826,18 +826,16 @@ def replay_cmd(
 
 @app.command(
     "calibrate",
-    epilog="""Examples:
-
-  vtrace calibrate runs/virtio-b1 runs/virtio-b8 --model lab-virtio -o lab-virtio-fit.toml
-
-  vtrace calibrate runs/emulated --model lab-emulated -o lab-emulated-fit.toml
-
-  vtrace calibrate host-trace --model virtio-blk --requests 250000 -o host-fit.toml
-
-The last is a production host's trace of kernel events alone (vtrace record): exit costs
-from kvm_exit to kvm_entry, the kicks and interrupts of each queue, the vCPUs and queues
-that kicked; --requests is what the guest's iostat counted over the recording.
-""",
+    epilog="Examples:\n\n"
+    "  vtrace calibrate runs/virtio-b1 runs/virtio-b8 --model lab-virtio -o lab-virtio-fit.toml\n\n"
+    "  vtrace calibrate runs/emulated --model lab-emulated -o lab-emulated-fit.toml\n\n"
+    "  vtrace calibrate host-trace --model virtio-blk --requests 250000 -o host-fit.toml\n\n"
+    "  vtrace calibrate host-trace --model virtio-blk --requests 250000 --notify 0xfe003000 "
+    "-o disk.toml\n\n"
+    "The last two read a production host's trace of kernel events alone (vtrace record): exit "
+    "costs from kvm_exit to kvm_entry, the kicks and interrupts of each queue, the vCPUs and "
+    "queues that kicked. --requests is what the guest's iostat counted over the recording; "
+    "--notify keeps the disk's kicks where the VM's network queues kicked too.",
 )
 def calibrate_cmd(
     traces: Annotated[list[str], typer.Argument(help="Trace directories to fit the costs from.")],
@@ -855,13 +853,33 @@ def calibrate_cmd(
             "or QEMU events): what the guest's iostat or fio counted.",
         ),
     ] = None,
+    notify: Annotated[
+        str | None,
+        typer.Option(
+            "--notify",
+            help="The device's notify addresses, comma-separated (I/O ports or guest-physical "
+            "addresses, 0x... or decimal): only the kicks written there count, where the "
+            "VM's other devices kicked too. Without it every kick handled in the kernel is "
+            "the device's; the written source lists each address with its kicks.",
+        ),
+    ] = None,
 ) -> None:
     """Fit the costs a trace can show and write a model whose comments say where each came from."""
     from rich.markup import escape
 
     from vtrace.sim.calibrate import calibrate
 
-    fit = calibrate(traces, model, output, force=force, requests=requests)
+    addresses = None
+    if notify is not None:
+        try:
+            addresses = [int(a, 0) for a in notify.split(",")]
+        except ValueError:
+            raise VtraceError(
+                f"--notify {notify!r}: give addresses, comma-separated, as 0x... or decimal"
+            ) from None
+        if any(a < 0 for a in addresses):
+            raise VtraceError(f"--notify {notify!r}: an address is not negative")
+    fit = calibrate(traces, model, output, force=force, requests=requests, notify=addresses)
     for key, (value, source) in fit.fitted.items():
         console.print(f"{key} = {value:.6g}  [dim]# {escape(source)}[/dim]")
     for key, source in fit.notes.items():  # settings the traces gave: the shape, the path

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class TraceFacts:
     shape: dict[str, Any] = field(default_factory=dict)
     batch_from: str = "lab meta"  # where ``batch`` came from
     shape_from: dict[str, str] = field(default_factory=dict)  # each shape key's source
+    notify: tuple[int, ...] = ()  # the device's notify addresses (--notify); () = every kick
     # hardware virtualisation (kvm_exit paired with kvm_entry): exit to entry of the exits
     # that carried the kicks and of those handled in user space; the vCPU thread's exits by
     # reason (count, median ns)
@@ -173,8 +174,9 @@ def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) ->
         "vm.vcpus": f"kernel events: {threads.height} vCPU threads wrote kicks ("
         + ", ".join(f"tid {t}: {n}" for t, n in threads.iter_rows())
         + ")",
-        "virtqueue.queues": f"kernel events: {queues.height} notify addresses written: "
-        f"{per_queue}; interrupts: {irqs or 'none recorded'}",
+        "virtqueue.queues": f"kernel events: {queues.height} notify addresses written"
+        + (" (--notify: the device's)" if facts.notify else "")
+        + f": {per_queue}; interrupts: {irqs or 'none recorded'}",
     }
     if threads.height > 1:  # the busiest vCPU thread's share of the requests
         facts.vcpu_requests = -(-facts.requests // threads.height)
@@ -217,12 +219,37 @@ def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> N
     facts.user_exit_ns = user["duration_ns"].to_numpy().astype(np.float64)
 
 
-def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> TraceFacts:
+def _only_notify(path: object, every: pl.DataFrame, notify: Sequence[int]) -> pl.DataFrame:
+    """The accesses less the kicks (writes handled in the kernel) at other addresses than
+    ``notify``: a VM's other devices' queues. None left at ``notify`` is an error naming
+    the addresses the kicks went to."""
+    kick = (pl.col("handled").cast(pl.String) == "kernel") & pl.col("write")
+    at = pl.col("addr").is_in([int(a) for a in notify])
+    if every.filter(kick & at).height == 0:
+        went = (
+            every.filter(kick)
+            .group_by("addr")
+            .len()
+            .sort(["len", "addr"], descending=[True, False])
+        )
+        listing = ", ".join(f"{a:#x}: {n}" for a, n in went.iter_rows()) or "none"
+        wanted = ", ".join(f"{int(a):#x}" for a in notify)
+        raise VtraceError(f"{path}: no kicks at {wanted} (--notify); the kicks went to {listing}")
+    return every.filter(~(kick & ~at))
+
+
+def trace_facts(
+    path: str | os.PathLike[str],
+    requests: int | None = None,
+    notify: Sequence[int] | None = None,
+) -> TraceFacts:
     """Read one trace (through ``open_trace`` and ``vtrace.analyze``) into what calibration needs.
 
     The request count comes from the lab back end's ``lab_pop`` events, else from
     ``requests`` (what the guest's iostat or fio said): a production host's trace has the
     kernel's events alone, and then the back end's own timings keep the base model's values.
+    ``notify``: the device's notify addresses (ports or guest-physical addresses); the kicks
+    the VM's vCPUs wrote to others, its other devices', are not this device's.
     """
     from vtrace import open_trace
 
@@ -243,6 +270,8 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
     from vtrace.analyze import accesses
 
     every = accesses(events)
+    if notify:
+        every = _only_notify(path, every, notify)
     acc = _vcpu_accesses(every)
     if acc.height < 2:
         raise VtraceError(
@@ -261,6 +290,7 @@ def trace_facts(path: str | os.PathLike[str], requests: int | None = None) -> Tr
         kicks=kicks,
         userspace_exits=user.height,
         batch_from="no kicks",
+        notify=tuple(int(a) for a in notify or ()),
     )
     if pops.height == 0 and kicks and user.height < requests:  # a virtio device's kernel events
         _kernel_shape(events, every, facts)
@@ -662,10 +692,12 @@ def calibrate(
     *,
     force: bool = False,
     requests: int | None = None,
+    notify: Sequence[int] | None = None,
 ) -> Calibration:
     """Fit ``model``'s costs to ``traces``; write the config to ``output`` (atomically,
     checked first; an existing file is replaced only with ``force``). ``requests`` is each
-    trace's request count where the trace has no request events (kernel events alone)."""
+    trace's request count where the trace has no request events (kernel events alone);
+    ``notify`` the device's notify addresses where the VM's other devices kicked too."""
     if not traces:
         raise VtraceError("calibrate: give at least one trace")
     if output is not None:
@@ -735,7 +767,7 @@ def calibrate(
             and not k.endswith("_quantiles_ns")  # a law, not one figure
         }
     else:
-        facts = [trace_facts(t, requests) for t in traces]
+        facts = [trace_facts(t, requests, notify) for t in traces]
         cfg, fitted = fit(cfg, facts)
         notes = {k: src for k, (_, src) in fitted.items()}
         notes["backend.publish"] = "the lab back end publishes used.idx once per pass"
