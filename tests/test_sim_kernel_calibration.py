@@ -194,3 +194,17 @@ def test_the_busiest_vcpu_thread_is_chosen_the_same_way_every_time() -> None:
     picked.add(_vcpu_accesses(frame)["tid"][0])
     picked.add(_vcpu_accesses(frame.reverse())["tid"][0])
     assert picked == {3}
+
+
+def test_writes_to_the_devices_kvm_emulates_are_not_kicks(tmp_path: Path) -> None:
+    """The interrupt-driven lab guest acknowledges its interrupts at the 8259 PIC (ports 0x20
+    and 0x21), which KVM emulates in the kernel: in-kernel writes that are not kicks, as in
+    vtrace.analyze.kicks, nor a queue."""
+    trace = kernel_only("lab-virtio-b8-irq", tmp_path)
+    fit = calibrate([trace], "lab-virtio", requests=2000)
+    notify = 0x200  # the lab's queue 0 notify port (vtrace/lab/guest/layout.inc)
+    facts = fit.facts[0]
+    assert facts.kicks == open_trace(TRACES / "lab-virtio-b8-irq").meta["lab"]["guest_kicks"]
+    assert fit.config["virtqueue.queues"] == 1
+    assert f"port {notify:#x}:" in fit.notes["virtqueue.queues"]
+    assert "port 0x20:" not in fit.notes["virtqueue.queues"]

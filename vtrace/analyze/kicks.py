@@ -79,8 +79,9 @@ def kicks_from_accesses(access: pl.LazyFrame, events: pl.LazyFrame) -> pl.LazyFr
     return pl.concat([kvm_kicks(access), vmm_kicks(events)], how="vertical")
 
 
-def kvm_kicks(access: pl.LazyFrame) -> pl.LazyFrame:
-    """The `kvm` rows of :func:`kicks`: notify writes KVM handled in the kernel."""
+def is_kvm_kick() -> pl.Expr:
+    """Over :func:`~vtrace.analyze.accesses.accesses` rows: a write KVM handled in the
+    kernel to no device of its own, i.e. an ioeventfd's (every `kvm_fast_mmio`)."""
     ev = pl.col("event")
     in_kernel_device = (
         pl.when(ev == KVM_PIO)
@@ -89,12 +90,12 @@ def kvm_kicks(access: pl.LazyFrame) -> pl.LazyFrame:
         .then(_in_ranges(IN_KERNEL_DEVICE_GPAS))
         .otherwise(False)
     )
-    return access.filter(
-        (pl.col("source") == "kvm")
-        & (pl.col("handled") == "kernel")
-        & pl.col("write")
-        & ~in_kernel_device
-    ).select(KICK_COLUMNS)
+    return (pl.col("handled") == "kernel") & pl.col("write") & ~in_kernel_device
+
+
+def kvm_kicks(access: pl.LazyFrame) -> pl.LazyFrame:
+    """The `kvm` rows of :func:`kicks`: notify writes KVM handled in the kernel."""
+    return access.filter((pl.col("source") == "kvm") & is_kvm_kick()).select(KICK_COLUMNS)
 
 
 def vmm_kicks(events: pl.LazyFrame) -> pl.LazyFrame:

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from vtrace.analyze.kicks import is_kvm_kick
 from vtrace.errors import VtraceError
 from vtrace.output import check_new_file, write_file
 from vtrace.schema import LAB_COMPLETE, LAB_KICK, LAB_POP
@@ -144,7 +145,7 @@ def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) ->
     injections per second, into ``facts``."""
     from vtrace.analyze.interrupts import interrupts, interrupts_by_line
 
-    kicks = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    kicks = acc.filter(is_kvm_kick())
     if kicks.height == 0:
         return
     floor = SHAPE_SHARE * kicks.height
@@ -200,7 +201,7 @@ def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> N
         .sort("n", descending=True)
     )
     facts.exit_reasons = {name: (int(n), float(m)) for name, n, m in reasons.iter_rows()}
-    kicks = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    kicks = acc.filter(is_kvm_kick())
     carried = (
         kicks.select(access_ts="ts_ns")
         .join_asof(
@@ -223,7 +224,7 @@ def _only_notify(path: object, every: pl.DataFrame, notify: Sequence[int]) -> pl
     """The accesses less the kicks (writes handled in the kernel) at other addresses than
     ``notify``: a VM's other devices' queues. None left at ``notify`` is an error naming
     the addresses the kicks went to."""
-    kick = (pl.col("handled").cast(pl.String) == "kernel") & pl.col("write")
+    kick = is_kvm_kick()
     at = pl.col("addr").is_in([int(a) for a in notify])
     if every.filter(kick & at).height == 0:
         went = (
@@ -280,7 +281,7 @@ def trace_facts(
     requests = pops.height or int(requests or 0)
     duration = float(acc["ts_ns"][-1] - acc["ts_ns"][0])
     user = acc.filter(pl.col("handled").cast(pl.String) == "user")
-    kick_rows = acc.filter((pl.col("handled").cast(pl.String) == "kernel") & pl.col("write"))
+    kick_rows = acc.filter(is_kvm_kick())
     kicks = kick_rows.height
     facts = TraceFacts(
         name=Path(path).name,
@@ -378,7 +379,7 @@ def trace_facts(
     # the kicks merged into one wake-up (lab_kick's count), and the guest goes on kicking
     # while a stalled thread waits to run, so the last kick would hide the stall. Never a
     # kick from before the pass that came before (other vCPUs' kicks are not in kick_ts).
-    kick_ts = acc.filter(pl.col("handled").cast(pl.String) == "kernel")["ts_ns"].to_numpy()
+    kick_ts = acc.filter(is_kvm_kick())["ts_ns"].to_numpy()
     wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
     last = np.searchsorted(kick_ts, wakes["ts_ns"].to_numpy(), side="right") - 1
     merged = wakes["count"].fill_null(1).clip(lower_bound=1).to_numpy().astype(np.int64)
