@@ -878,7 +878,7 @@ def calibrate_cmd(
                 f"--notify {notify!r}: give addresses, comma-separated, as 0x... or decimal"
             ) from None
         if any(a < 0 for a in addresses):
-            raise VtraceError(f"--notify {notify!r}: an address is not negative")
+            raise VtraceError(f"--notify {notify!r}: an address cannot be negative")
     fit = calibrate(traces, model, output, force=force, requests=requests, notify=addresses)
     for key, (value, source) in fit.fitted.items():
         console.print(f"{key} = {value:.6g}  [dim]# {escape(source)}[/dim]")
