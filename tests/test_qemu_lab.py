@@ -435,9 +435,13 @@ def test_virtio_net_two_vcpus_two_queue_pairs(tmp_path: Path) -> None:
     assert (s["vcpus"], s["queues"]) == (2, 2)
     # each stream's 128 echo requests leave by its vCPU's transmit queue (1, 3), and the
     # tap driver sends each flow's replies to the receive queue of its pair (0, 2); a
-    # stray packet of the guest's or the host's own (neighbour discovery) may land on any
+    # stray packet of the guest's or the host's own (neighbour discovery) may land on any,
+    # and the guest's driver may send a command meanwhile on the control queue (2 x pairs:
+    # its receive filter, when IPv6 joins a multicast group as the interface comes up)
     per_queue = {q["queue"]: q for q in s["per_queue"]}
-    assert sorted(per_queue) == [0, 1, 2, 3]
+    assert sorted(set(per_queue) - {4}) == [0, 1, 2, 3]
+    if 4 in per_queue:
+        assert per_queue[4]["requests"] <= 4 and per_queue[4]["kicks"] <= 4, per_queue[4]
     assert all(abs(per_queue[q]["requests"] - 128) <= 2 for q in (0, 1, 2, 3)), per_queue
     assert per_queue[0]["kicks"] == per_queue[2]["kicks"] == 0
     assert per_queue[1]["kicks"] >= 100 and per_queue[3]["kicks"] >= 100
