@@ -272,6 +272,13 @@ CURRENT = """(() => {
           editor: !!panel.querySelector('.jp-FileEditor'), cells};
 })()"""
 # The centre of the first code cell's editor.
+# The status bar's kernel item ("Python 3 (ipykernel) | Idle") once the notebook's kernel
+# is up: a cell run before it has a kernel is not queued, so the test waits for it.
+KERNEL_IDLE = """(() => {
+  const items = [...document.querySelectorAll('.jp-StatusBar-TextItem')].map(
+    e => e.textContent.trim());
+  return items.find(t => t.endsWith('| Idle')) || null;
+})()"""
 FIRST_CODE = """(() => {
   const panel = document.querySelector('#jp-main-dock-panel .jp-NotebookPanel:not(.lm-mod-hidden)');
   const editor = panel && panel.querySelector('.jp-CodeCell .jp-InputArea-editor');
@@ -305,7 +312,9 @@ def test_a_py_notebook_opens_from_the_file_browser_as_a_notebook_and_runs(lab: L
             assert len(kinds) == len(cells)
             code = next(c for c in shown["cells"] if c["kind"] == "code")
             assert first_code.source.splitlines()[0] in code["text"]
-            # Run the first code cell (the parameters) the way a user does: click, Shift+Enter.
+            # Run the first code cell (the parameters) the way a user does: click, Shift+Enter,
+            # once the kernel is up (on a slow host it starts after the cells are shown).
+            browser.wait(KERNEL_IDLE, "the notebook's kernel idle in the status bar")
             x, y = browser.wait(FIRST_CODE, "the first code cell")
             browser.click(x, y)
             browser.key("Enter", 13, SHIFT)
