@@ -183,10 +183,12 @@ def _kernel_shape(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) ->
         facts.vcpu_requests = -(-facts.requests // threads.height)
 
 
-def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> None:
+def _exit_costs(
+    events: pl.LazyFrame, acc: pl.DataFrame, kicks: pl.DataFrame, facts: TraceFacts
+) -> None:
     """Where the trace pairs the vCPU thread's ``kvm_exit`` with its ``kvm_entry`` (hardware
-    virtualisation): the exits that carried its kicks and those handled in user space, exit
-    to entry, and the thread's exits by reason, into ``facts``."""
+    virtualisation): the exits that carried its ``kicks`` and those handled in user space,
+    exit to entry, and the thread's exits by reason, into ``facts``."""
     from vtrace.analyze import exits
 
     tid = acc["tid"][0]
@@ -201,7 +203,6 @@ def _exit_costs(events: pl.LazyFrame, acc: pl.DataFrame, facts: TraceFacts) -> N
         .sort("n", descending=True)
     )
     facts.exit_reasons = {name: (int(n), float(m)) for name, n, m in reasons.iter_rows()}
-    kicks = acc.filter(is_kvm_kick())
     carried = (
         kicks.select(access_ts="ts_ns")
         .join_asof(
@@ -303,7 +304,7 @@ def trace_facts(
         per_kick = (facts.vcpu_requests or requests) / kicks
         facts.batch = max(1, round(per_kick))
         facts.batch_from = f"{per_kick:.2f} requests per kick, rounded"
-    _exit_costs(events, acc, facts)
+    _exit_costs(events, acc, kick_rows, facts)
     if user.height >= requests:  # an emulated device: per-register gaps and counts
         per_port = (
             user.drop_nulls("gap_ns")
@@ -379,7 +380,7 @@ def trace_facts(
     # the kicks merged into one wake-up (lab_kick's count), and the guest goes on kicking
     # while a stalled thread waits to run, so the last kick would hide the stall. Never a
     # kick from before the pass that came before (other vCPUs' kicks are not in kick_ts).
-    kick_ts = acc.filter(is_kvm_kick())["ts_ns"].to_numpy()
+    kick_ts = kick_rows["ts_ns"].to_numpy()
     wakes = lab_ev.filter((pl.col("event") == LAB_KICK) & (pl.col("next_event") == LAB_POP))
     last = np.searchsorted(kick_ts, wakes["ts_ns"].to_numpy(), side="right") - 1
     merged = wakes["count"].fill_null(1).clip(lower_bound=1).to_numpy().astype(np.int64)
@@ -589,9 +590,8 @@ def fit_virtio(
             "buffer fill, push: the lab's device work is inside the back end's loop)",
         )
         fitted["device.service_ns"] = (0.0, "counted in backend.per_request_ns (see there)")
-    wakes = [f.wake_ns for f in facts if f.wake_ns is not None and f.wake_ns.size]
-    if wakes:
-        w = np.concatenate(wakes)
+    w = _pooled(f.wake_ns for f in facts)
+    if w.size:
         # Wake-ups are bimodal on a shared host: microseconds, or a preempted thread that
         # runs milliseconds later. Both matter to a guest waiting on a small ring.
         stalled = w > STALL_FACTOR * np.median(w)
