@@ -8,17 +8,20 @@ Whether a deep lot goes in one kick or several is a race between the guest's add
 QEMU's pops, so the guest's time per add decides much of it. Calibration fits that time
 from depths 1 and 4 (the slope of whole lots' kick write to the vCPU's halt over depth,
 fast mode, `vtrace.sim.qemu_timing`). The same measure taken from depth 4 to depth 16 and
-to depth 32 gives the pace of the deep lots themselves. Per round this prints the three
-slopes, then the median of the 8 rounds' predictions against the median of the 8 runs,
-twice: with the calibrated pace (what `vtrace calibrate` gives), and with each round's
-deep pace put in by hand (the 4-to-16 slope for depth 16, the 4-to-32 slope for depth 32).
-The second uses the runs it predicts, so it is a diagnosis, not a prediction: where it is
-further off, the calibrated model is right in part because its pace is slower than the
-deep lots'. With --kick-exit-us a third column also sets what a kick costs the vCPU after
-its write (`kvm.kernel_exit_ns`; calibration keeps the base model's 1.5 us, the host's
-trace cannot separate it from the guest's own time; the guest's own trace, taken with
-`qemu-lab run --guest-trace`, puts it near 13 us, its tracepoints included). Takes about
-15 s.
+to depth 32 gives the pace of the deep lots themselves.
+
+Per round this prints the three slopes and, from the depth-4 run, what the host's trace
+shows of a kick's cost to the vCPU: where QEMU's main loop pre-empted the vCPU right
+after its write and popped one request, the time from the vCPU's return to its next kick
+write (the rest of that cost plus the lot's second add). Then the median of the 8 rounds'
+predictions against the median of the 8 runs, with the calibrated pace (what `vtrace
+calibrate` gives) and with each round's deep pace put in by hand (the 4-to-16 slope for
+depth 16, the 4-to-32 slope for depth 32). The second uses the runs it predicts, so it is
+a diagnosis, not a prediction: where it is further off, the calibrated model is right in
+part because its pace is slower than the deep lots'. With --kick-exit-us a third column
+also sets a kick's cost to the vCPU after its write (`kvm.kernel_exit_ns`; calibration
+keeps the base model's 1.5 us; the guest's own trace, `qemu-lab run --guest-trace`, puts
+it near 13 us, its tracepoints included). Takes about 15 s.
 """
 
 from __future__ import annotations
@@ -65,6 +68,59 @@ def to_halt_us(path: Path, depth: int) -> float:
     return float(np.median(fast)) / 1e3
 
 
+def kick_tail_us(path: Path, depth: int) -> np.ndarray:
+    """From the vCPU's return to its next kick write, in us, for each lot whose first kick
+    QEMU's main loop took by pre-empting the vCPU (switched out runnable, to the main loop)
+    and whose pass popped the one request there was: the rest of the kick's cost to the
+    vCPU plus the lot's second add. Lots whose vCPU left its CPU again first are left out
+    (it waited for QEMU's lock)."""
+    ev = (
+        open_trace(path)
+        .events.select("ts_ns", "tid", "value", "flags", ev=pl.col("event").cast(pl.String))
+        .sort("ts_ns", maintain_order=True)
+        .collect()
+    )
+    pops_f = ev.filter(pl.col("ev") == "virtqueue_pop")
+    main = int(pops_f["tid"].mode().sort()[0])
+    pops = pops_f["ts_ns"].to_numpy()
+    kicks = ev.filter(pl.col("ev") == "virtio_queue_notify")["ts_ns"].to_numpy()
+    wakes = ev.filter(
+        (pl.col("ev") == "sched_waking") & (pl.col("value") == main)
+        & (pl.col("tid") != 0) & (pl.col("tid") != main)
+    )  # fmt: skip
+    if wakes.is_empty() or kicks.size < 2:
+        return np.empty(0)
+    vcpu = int(wakes.group_by("tid").len().sort("len", "tid", descending=[True, False])["tid"][0])
+    writes = wakes.filter(pl.col("tid") == vcpu)["ts_ns"].to_numpy()
+    w = np.searchsorted(writes, kicks, side="right") - 1
+    write = np.where(w >= 0, writes[np.maximum(w, 0)], -1)
+    before = np.searchsorted(pops, kicks)  # pops before each kick
+    piece = np.diff(np.append(before, pops.size))
+    first = (before % depth == 0) & np.append(True, np.diff(before) > 0) & (write >= 0)
+    pick = first & (piece == 1)
+    sw = ev.filter(
+        (pl.col("ev") == "sched_switch") & ((pl.col("tid") == vcpu) | (pl.col("value") == vcpu))
+    )
+    ts, out = sw["ts_ns"].to_numpy(), (sw["tid"] == vcpu).to_numpy()
+    to_main = (sw["value"] == main).to_numpy() & (sw["flags"] == 0).to_numpy()
+    h = np.searchsorted(ts, write[pick])  # the vCPU's next switch after the write
+    ok = h < ts.size
+    h, at = h[ok], write[pick][ok]
+    pre = out[h] & to_main[h]
+    h, at = h[pre], at[pre]
+    back_i = h + 1  # its return: the next switch, into it
+    ok = back_i < ts.size
+    back_i = back_i[ok]
+    ok = ~out[back_i]
+    back = ts[back_i[ok]]
+    again = np.append(ts, np.iinfo(np.int64).max)[back_i[ok] + 1]  # off its CPU again
+    nxt = np.searchsorted(writes, back)
+    has = nxt < writes.size
+    second = np.where(has, writes[np.minimum(nxt, writes.size - 1)], np.iinfo(np.int64).max)
+    keep = has & (second < again)
+    return (second[keep] - back[keep]) / 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--requests", type=int, default=16384, help="requests per model run")
@@ -91,13 +147,17 @@ def main() -> None:
                 "pace_1_4": config["vcpu.request_prep_ns"] / 1e3,
                 "pace_4_16": (halt[16] - halt[4]) / 12,
                 "pace_4_32": (halt[32] - halt[4]) / 28,
+                "kick_tail": kick_tail_us(SERIES / f"qd4-r{r}", 4),
             }
         )
-    print("round   time per add, us: depths 1-4 (calibrated)   4-16   4-32")
+    print("         time per add, us                  depth 4: vCPU's return to its next kick")
+    print("round   depths 1-4 (calibrated)  4-16  4-32   lots  median us")
     for row in rows:
+        tail = row["kick_tail"]
+        median_tail = f"{np.median(tail):9.1f}" if tail.size else f"{'-':>9s}"
         print(
-            f"{row['round']:5d}   {row['pace_1_4']:38.2f}  {row['pace_4_16']:5.2f}  "
-            f"{row['pace_4_32']:5.2f}"
+            f"{row['round']:5d}   {row['pace_1_4']:23.2f}  {row['pace_4_16']:4.2f}  "
+            f"{row['pace_4_32']:4.2f}   {tail.size:4d}  {median_tail}"
         )
 
     out: dict[str, dict[str, float]] = {}
@@ -134,7 +194,11 @@ def main() -> None:
             out[f"d{depth}_{name}"] = figures
             print(line)
     if args.json:
-        paces = [{k: v for k, v in row.items() if k != "config"} for row in rows]
+        paces = [
+            {**{k: v for k, v in row.items() if k not in ("config", "kick_tail")},
+             "kick_tail_us": row["kick_tail"].tolist()}
+            for row in rows
+        ]  # fmt: skip
         print(json.dumps({"paces": paces, "predictions": out}, indent=1))
 
 
