@@ -38,7 +38,7 @@ MISSES = {
     (32, "kicks"): "-13 % on the runs' median: the model's deep lots in a fast stretch split "
     "into two or three pieces where real ones go in one kick or, in a tail of lock-step lots "
     "(a request per cycle of QEMU's lock, its I/O and the guest's interrupt), in many; "
-    "two guest costs the host's trace cannot give decide it (benchmarks/depth_pace.py)",
+    "two guest costs that depths 1 and 4 do not fix decide it (benchmarks/depth_pace.py)",
 }
 
 
