@@ -21,7 +21,7 @@ a diagnosis, not a prediction: where it is further off, the calibrated model is 
 part because its pace is slower than the deep lots'. With --kick-exit-us a third column
 also sets a kick's cost to the vCPU after its write (`kvm.kernel_exit_ns`; calibration
 keeps the base model's 1.5 us; the guest's own trace, `qemu-lab run --guest-trace`, puts
-it near 13 us, its tracepoints included). Takes about 15 s.
+it near 13 us, its tracepoints included). Takes about 10 s.
 """
 
 from __future__ import annotations
