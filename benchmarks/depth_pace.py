@@ -1,9 +1,12 @@
 """How much the depth-16 and depth-32 predictions owe to the guest's pace.
 
-    .venv/bin/python benchmarks/depth_pace.py [--kick-exit-us 9.5] [--requests 16384] [--json]
+    .venv/bin/python benchmarks/depth_pace.py [--kick-exit-us 9.5] [--series DIR] [--json]
 
 Reads the shipped series traces/qemu-virtio-blk-sched (8 rounds of QEMU virtio-blk runs at
-queue depths 1, 4, 16 and 32, with the host scheduler's events; no root, no QEMU needed).
+queue depths 1, 4, 16 and 32, with the host scheduler's events; no root, no QEMU needed),
+or a series of your own (`--series`: qd1-rN, qd4-rN, qd16-rN and qd32-rN for each round N,
+taken with `vtrace qemu-lab run --sched`).
+
 Whether a deep lot goes in one kick or several is a race between the guest's adds and
 QEMU's pops, so the guest's time per add decides much of it. Calibration fits that time
 from depths 1 and 4 (the slope of whole lots' kick write to the vCPU's halt over depth,
@@ -13,8 +16,8 @@ to depth 32 gives the pace of the deep lots themselves.
 Per round this prints the three slopes and, from the depth-4 run, what the host's trace
 shows of a kick's cost to the vCPU: where QEMU's main loop pre-empted the vCPU right
 after its write and popped one request, the time from the vCPU's return to its next kick
-write (the rest of that cost plus the lot's second add). Then the median of the 8 rounds'
-predictions against the median of the 8 runs, with the calibrated pace (what `vtrace
+write (the rest of that cost plus the lot's second add). Then the median of the rounds'
+predictions against the median of the runs, with the calibrated pace (what `vtrace
 calibrate` gives) and with each round's deep pace put in by hand (the 4-to-16 slope for
 depth 16, the 4-to-32 slope for depth 32). The second uses the runs it predicts, so it is
 a diagnosis, not a prediction: where it is further off, the calibrated model is right in
@@ -44,7 +47,6 @@ from vtrace.sim.qemu_timing import qemu_timing, two_speeds  # noqa: E402
 from vtrace.store import open_trace  # noqa: E402
 
 SERIES = ROOT / "traces" / "qemu-virtio-blk-sched"
-ROUNDS = range(1, 9)
 DEPTHS = (1, 4, 16, 32)
 
 
@@ -123,6 +125,10 @@ def kick_tail_us(path: Path, depth: int) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--series", type=Path, default=SERIES,
+        help="a directory of qd{1,4,16,32}-r{N} traces taken with --sched (default: the shipped one)",
+    )  # fmt: skip
     ap.add_argument("--requests", type=int, default=16384, help="requests per model run")
     ap.add_argument("--seed", type=int, default=1, help="the model's seed")
     ap.add_argument(
@@ -133,13 +139,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.kick_exit_us is not None and not 0 <= args.kick_exit_us <= 1000:
         sys.exit("depth_pace: --kick-exit-us: give 0 to 1000 (us)")
-    if not SERIES.is_dir():
-        sys.exit(f"depth_pace: {SERIES}: the shipped series is missing")
+    series: Path = args.series
+    if not series.is_dir():
+        sys.exit(f"depth_pace: {series}: no such directory")
+    rounds = sorted(
+        int(p.name.split("-r")[1]) for p in series.glob("qd1-r*") if p.name.split("-r")[1].isdigit()
+    )
+    missing = [
+        f"qd{d}-r{r}" for r in rounds for d in DEPTHS if not (series / f"qd{d}-r{r}").is_dir()
+    ]
+    if not rounds or missing:
+        sys.exit(f"depth_pace: {series}: missing {', '.join(missing[:3]) or 'qd1-r1'}")
 
     rows = []
-    for r in ROUNDS:
-        halt = {d: to_halt_us(SERIES / f"qd{d}-r{r}", d) for d in DEPTHS}
-        config = calibrate([SERIES / f"qd1-r{r}", SERIES / f"qd4-r{r}"], "virtio-blk", None).config
+    for r in rounds:
+        halt = {d: to_halt_us(series / f"qd{d}-r{r}", d) for d in DEPTHS}
+        config = calibrate([series / f"qd1-r{r}", series / f"qd4-r{r}"], "virtio-blk", None).config
         rows.append(
             {
                 "round": r,
@@ -147,7 +162,7 @@ def main() -> None:
                 "pace_1_4": config["vcpu.request_prep_ns"] / 1e3,
                 "pace_4_16": (halt[16] - halt[4]) / 12,
                 "pace_4_32": (halt[32] - halt[4]) / 28,
-                "kick_tail": kick_tail_us(SERIES / f"qd4-r{r}", 4),
+                "kick_tail": kick_tail_us(series / f"qd4-r{r}", 4),
             }
         )
     print("         time per add, us                  depth 4: vCPU's return to its next kick")
@@ -167,7 +182,7 @@ def main() -> None:
         f"   ({args.requests} requests a model)"
     )
     for depth, deep in ((16, "pace_4_16"), (32, "pace_4_32")):
-        real = [per_request(SERIES / f"qd{depth}-r{r}") for r in ROUNDS]
+        real = [per_request(series / f"qd{depth}-r{r}") for r in rounds]
         run = {"workload.queue_depth": depth, "workload.requests": args.requests,
                "workload.warmup_requests": 0, "workload.seed": args.seed}  # fmt: skip
         paced = [{**run, "vcpu.request_prep_ns": row[deep] * 1e3} for row in rows]
