@@ -34,6 +34,8 @@ from vtrace.lab.qemu import (
 QEMU_LOGS = Path(__file__).resolve().parent / "data" / "qemu"
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 VENV_BIN = Path(sys.executable).parent
+# packets of the guest's or the host's own on one queue of a multi-queue virtio-net run
+STRAY_PACKETS = 8
 
 
 def _kernel() -> initramfs.GuestKernel:
@@ -434,15 +436,19 @@ def test_virtio_net_two_vcpus_two_queue_pairs(tmp_path: Path) -> None:
                  "--request-bytes", "56", "--vcpus", "2", "--queues", "2")  # fmt: skip
     assert (s["vcpus"], s["queues"]) == (2, 2)
     # each stream's 128 echo requests leave by its vCPU's transmit queue (1, 3), and the
-    # tap driver sends each flow's replies to the receive queue of its pair (0, 2); a
-    # stray packet of the guest's or the host's own (neighbour discovery) may land on any,
-    # and the guest's driver may send a command meanwhile on the control queue (2 x pairs:
-    # its receive filter, when IPv6 joins a multicast group as the interface comes up)
+    # tap driver sends each flow's replies to the receive queue of its pair (0, 2). Packets
+    # of the guest's or the host's own may land on any: as an interface comes up IPv6 sends
+    # its duplicate address check, multicast listener reports and router solicitations
+    # (4 s apart at first, RFC 4861), a handful each side in a run of a few seconds, more
+    # in a slow one (one clean-clone run on a loaded host: 133 on queue 3, 130 on queue 2). The guest's driver may send a command meanwhile on the control queue
+    # (2 x pairs: its receive filter, when IPv6 joins a multicast group).
     per_queue = {q["queue"]: q for q in s["per_queue"]}
     assert sorted(set(per_queue) - {4}) == [0, 1, 2, 3]
     if 4 in per_queue:
         assert per_queue[4]["requests"] <= 4 and per_queue[4]["kicks"] <= 4, per_queue[4]
-    assert all(abs(per_queue[q]["requests"] - 128) <= 2 for q in (0, 1, 2, 3)), per_queue
+    assert all(-2 <= per_queue[q]["requests"] - 128 <= STRAY_PACKETS for q in (0, 1, 2, 3)), (
+        per_queue
+    )
     assert per_queue[0]["kicks"] == per_queue[2]["kicks"] == 0
     assert per_queue[1]["kicks"] >= 100 and per_queue[3]["kicks"] >= 100
     meta = open_trace(tmp_path / "net").meta
