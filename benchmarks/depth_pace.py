@@ -43,17 +43,16 @@ sys.path.insert(0, str(ROOT))
 
 from vtrace.sim import simulate  # noqa: E402
 from vtrace.sim.calibrate import calibrate  # noqa: E402
-from vtrace.sim.qemu_timing import qemu_timing, two_speeds  # noqa: E402
+from vtrace.sim.qemu_timing import kick_writes, qemu_timing, timing_events, two_speeds  # noqa: E402
 from vtrace.store import open_trace  # noqa: E402
 
 SERIES = ROOT / "traces" / "qemu-virtio-blk-sched"
 DEPTHS = (1, 4, 16, 32)
 
 
-def per_request(path: Path) -> dict[str, float]:
-    """Kicks and interrupts per request of a QEMU virtio trace."""
-    events = open_trace(path).events.select(pl.col("event").cast(pl.String))
-    counts = dict(events.group_by("event").len().collect().iter_rows())
+def per_request(events: pl.DataFrame) -> dict[str, float]:
+    """Kicks and interrupts per request of a QEMU virtio trace's events."""
+    counts = dict(events.group_by(pl.col("event").cast(pl.String)).len().iter_rows())
     pops = counts["virtqueue_pop"]
     return {
         "kicks": counts["virtio_queue_notify"] / pops,
@@ -61,64 +60,45 @@ def per_request(path: Path) -> dict[str, float]:
     }
 
 
-def to_halt_us(path: Path, depth: int) -> float:
+def to_halt_us(events: pl.DataFrame, name: str, depth: int) -> float:
     """The median kick write to halt of a run's whole lots, fast mode, in us."""
-    timing = qemu_timing(path.name, open_trace(path).events, depth)
+    timing = qemu_timing(name, events.lazy(), depth)
     x = timing.to_halt_ns
     bound = two_speeds(x)
     fast = x if bound is None else x[x <= bound]
     return float(np.median(fast)) / 1e3
 
 
-def kick_tail_us(path: Path, depth: int) -> np.ndarray:
+def kick_tail_us(events: pl.DataFrame, depth: int) -> np.ndarray:
     """From the vCPU's return to its next kick write, in us, for each lot whose first kick
     QEMU's main loop took by pre-empting the vCPU (switched out runnable, to the main loop)
     and whose pass popped the one request there was: the rest of the kick's cost to the
     vCPU plus the lot's second add. Lots whose vCPU left its CPU again first are left out
     (it waited for QEMU's lock)."""
-    ev = (
-        open_trace(path)
-        .events.select("ts_ns", "tid", "value", "flags", ev=pl.col("event").cast(pl.String))
-        .sort("ts_ns", maintain_order=True)
-        .collect()
-    )
-    pops_f = ev.filter(pl.col("ev") == "virtqueue_pop")
-    main = int(pops_f["tid"].mode().sort()[0])
-    pops = pops_f["ts_ns"].to_numpy()
-    kicks = ev.filter(pl.col("ev") == "virtio_queue_notify")["ts_ns"].to_numpy()
-    wakes = ev.filter(
-        (pl.col("ev") == "sched_waking") & (pl.col("value") == main)
-        & (pl.col("tid") != 0) & (pl.col("tid") != main)
-    )  # fmt: skip
-    if wakes.is_empty() or kicks.size < 2:
+    ev = timing_events(events.lazy())
+    k = kick_writes(ev)
+    if k is None or k.kicks.size < 2:
         return np.empty(0)
-    vcpu = int(wakes.group_by("tid").len().sort("len", "tid", descending=[True, False])["tid"][0])
-    writes = wakes.filter(pl.col("tid") == vcpu)["ts_ns"].to_numpy()
-    w = np.searchsorted(writes, kicks, side="right") - 1
-    write = np.where(w >= 0, writes[np.maximum(w, 0)], -1)
-    before = np.searchsorted(pops, kicks)  # pops before each kick
-    piece = np.diff(np.append(before, pops.size))
-    first = (before % depth == 0) & np.append(True, np.diff(before) > 0) & (write >= 0)
-    pick = first & (piece == 1)
+    before = np.searchsorted(k.pops, k.kicks)  # pops before each kick
+    piece = np.diff(np.append(before, k.pops.size))
+    first = (before % depth == 0) & np.append(True, np.diff(before) > 0) & (k.write_of >= 0)
+    write = k.write_of[first & (piece == 1)]
     sw = ev.filter(
-        (pl.col("ev") == "sched_switch") & ((pl.col("tid") == vcpu) | (pl.col("value") == vcpu))
+        (pl.col("ev") == "sched_switch") & ((pl.col("tid") == k.vcpu) | (pl.col("value") == k.vcpu))
     )
-    ts, out = sw["ts_ns"].to_numpy(), (sw["tid"] == vcpu).to_numpy()
-    to_main = (sw["value"] == main).to_numpy() & (sw["flags"] == 0).to_numpy()
-    h = np.searchsorted(ts, write[pick])  # the vCPU's next switch after the write
-    ok = h < ts.size
-    h, at = h[ok], write[pick][ok]
-    pre = out[h] & to_main[h]
-    h, at = h[pre], at[pre]
+    ts, out = sw["ts_ns"].to_numpy(), (sw["tid"] == k.vcpu).to_numpy()
+    to_main = (sw["value"] == k.main).to_numpy() & (sw["flags"] == 0).to_numpy()
+    h = np.searchsorted(ts, write)  # the vCPU's next switch after the write
+    h = h[h < ts.size]
+    h = h[out[h] & to_main[h]]  # pre-empted by the main loop
     back_i = h + 1  # its return: the next switch, into it
-    ok = back_i < ts.size
-    back_i = back_i[ok]
-    ok = ~out[back_i]
-    back = ts[back_i[ok]]
-    again = np.append(ts, np.iinfo(np.int64).max)[back_i[ok] + 1]  # off its CPU again
-    nxt = np.searchsorted(writes, back)
-    has = nxt < writes.size
-    second = np.where(has, writes[np.minimum(nxt, writes.size - 1)], np.iinfo(np.int64).max)
+    back_i = back_i[back_i < ts.size]
+    back_i = back_i[~out[back_i]]
+    back = ts[back_i]
+    again = np.append(ts, np.iinfo(np.int64).max)[back_i + 1]  # off its CPU again
+    nxt = np.searchsorted(k.writes, back)
+    has = nxt < k.writes.size
+    second = np.where(has, k.writes[np.minimum(nxt, k.writes.size - 1)], np.iinfo(np.int64).max)
     keep = has & (second < again)
     return (second[keep] - back[keep]) / 1e3
 
@@ -153,7 +133,8 @@ def main() -> None:
 
     rows = []
     for r in rounds:
-        halt = {d: to_halt_us(series / f"qd{d}-r{r}", d) for d in DEPTHS}
+        ev = {d: open_trace(series / f"qd{d}-r{r}").events.collect() for d in DEPTHS}
+        halt = {d: to_halt_us(ev[d], f"qd{d}-r{r}", d) for d in DEPTHS}
         config = calibrate([series / f"qd1-r{r}", series / f"qd4-r{r}"], "virtio-blk", None).config
         rows.append(
             {
@@ -162,7 +143,8 @@ def main() -> None:
                 "pace_1_4": config["vcpu.request_prep_ns"] / 1e3,
                 "pace_4_16": (halt[16] - halt[4]) / 12,
                 "pace_4_32": (halt[32] - halt[4]) / 28,
-                "kick_tail": kick_tail_us(series / f"qd4-r{r}", 4),
+                "kick_tail": kick_tail_us(ev[4], 4),
+                "runs": {d: per_request(ev[d]) for d in (16, 32)},
             }
         )
     print("         time per add, us                  depth 4: vCPU's return to its next kick")
@@ -182,10 +164,10 @@ def main() -> None:
         f"   ({args.requests} requests a model)"
     )
     for depth, deep in ((16, "pace_4_16"), (32, "pace_4_32")):
-        real = [per_request(series / f"qd{depth}-r{r}") for r in rounds]
+        real = [row["runs"][depth] for row in rows]
         run = {"workload.queue_depth": depth, "workload.requests": args.requests,
                "workload.warmup_requests": 0, "workload.seed": args.seed}  # fmt: skip
-        paced = [{**run, "vcpu.request_prep_ns": row[deep] * 1e3} for row in rows]
+        paced = [{"vcpu.request_prep_ns": row[deep] * 1e3} for row in rows]
         variants = {"calibrated": [{}] * len(rows), "deep_pace": paced}
         if args.kick_exit_us is not None:
             variants["deep_pace_kick"] = [
@@ -210,7 +192,7 @@ def main() -> None:
             print(line)
     if args.json:
         paces = [
-            {**{k: v for k, v in row.items() if k not in ("config", "kick_tail")},
+            {**{k: v for k, v in row.items() if k not in ("config", "kick_tail", "runs")},
              "kick_tail_us": row["kick_tail"].tolist()}
             for row in rows
         ]  # fmt: skip

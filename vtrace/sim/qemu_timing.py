@@ -66,9 +66,21 @@ def _before(times: np.ndarray, at: np.ndarray) -> np.ndarray:
     return np.searchsorted(times, at, side="right") - 1
 
 
-def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | None:
-    """The timings of a trace, or None when it has no scheduler events."""
-    ev = (
+@dataclass
+class KickWrites:
+    """Which threads a trace's kicks go between, and when the guest wrote each (ns)."""
+
+    main: int  # QEMU's thread that pops (its main loop, or an iothread)
+    vcpu: int  # the vCPU thread that signals it most: the guest's
+    pops: np.ndarray  # virtqueue_pop times
+    kicks: np.ndarray  # virtio_queue_notify times: QEMU taking each kick
+    writes: np.ndarray  # the vCPU waking the main loop (sched_waking): its kick writes
+    write_of: np.ndarray  # per kick, the guest's write of it (-1: none within MATCH_NS)
+
+
+def timing_events(events: pl.LazyFrame) -> pl.DataFrame:
+    """A trace's events in time order, with the columns the timings read."""
+    return (
         events.select(
             "ts_ns",
             "tid",
@@ -80,6 +92,34 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
         .sort("ts_ns", maintain_order=True)
         .collect()
     )
+
+
+def kick_writes(ev: pl.DataFrame) -> KickWrites | None:
+    """The kicks of :func:`timing_events`' frame and the guest's write of each, or None
+    without pops, kicks or a thread that signals the main loop."""
+    pops_f = ev.filter(pl.col("ev") == s.VIRTQUEUE_POP)
+    if pops_f.is_empty():
+        return None
+    main = int(pops_f["tid"].mode().sort()[0])
+    kicks = ev.filter(pl.col("ev") == s.VIRTIO_QUEUE_NOTIFY)["ts_ns"].to_numpy()
+    wakers = ev.filter(
+        (pl.col("src") == s.SOURCE_SCHED) & (pl.col("ev") == "sched_waking")
+        & (pl.col("value") == main) & (pl.col("tid") != 0) & (pl.col("tid") != main)
+    )  # fmt: skip
+    if wakers.is_empty() or kicks.size == 0:
+        return None
+    vcpu = int(wakers.group_by("tid").len().sort("len", "tid", descending=[True, False])["tid"][0])
+    writes = wakers.filter(pl.col("tid") == vcpu)["ts_ns"].to_numpy()
+    # the guest's write of each kick QEMU took: the vCPU's last signal before it
+    w = _before(writes, kicks)
+    matched = (w >= 0) & (kicks - writes[np.maximum(w, 0)] < MATCH_NS)
+    write_of = np.where(matched, writes[np.maximum(w, 0)], -1)
+    return KickWrites(main, vcpu, pops_f["ts_ns"].to_numpy(), kicks, writes, write_of)
+
+
+def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | None:
+    """The timings of a trace, or None when it has no scheduler events."""
+    ev = timing_events(events)
     sched = ev.filter(pl.col("src") == s.SOURCE_SCHED)
     if sched.is_empty():
         return None
@@ -88,22 +128,13 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     def times(name: str) -> np.ndarray:
         return ev.filter(pl.col("ev") == name)["ts_ns"].to_numpy()
 
-    pops_f = ev.filter(pl.col("ev") == s.VIRTQUEUE_POP)
-    if pops_f.is_empty():
+    k = kick_writes(ev)
+    if k is None:
         return t
-    main = int(pops_f["tid"].mode().sort()[0])
-    pops, kicks = pops_f["ts_ns"].to_numpy(), times(s.VIRTIO_QUEUE_NOTIFY)
+    main, vcpu, pops, kicks, write_of = k.main, k.vcpu, k.pops, k.kicks, k.write_of
+    matched = write_of >= 0
     fills, done = times("virtqueue_fill"), times("virtio_blk_rw_complete")
     wakes_main = sched.filter((pl.col("ev") == "sched_waking") & (pl.col("value") == main))
-    wakers = wakes_main.filter((pl.col("tid") != 0) & (pl.col("tid") != main))
-    if wakers.is_empty() or kicks.size == 0:
-        return t
-    vcpu = int(wakers.group_by("tid").len().sort("len", "tid", descending=[True, False])["tid"][0])
-    writes = wakers.filter(pl.col("tid") == vcpu)["ts_ns"].to_numpy()
-    # the guest's write of each kick QEMU took: the vCPU's last signal before it
-    w = _before(writes, kicks)
-    matched = (w >= 0) & (kicks - writes[np.maximum(w, 0)] < MATCH_NS)
-    write_of = np.where(matched, writes[np.maximum(w, 0)], -1)
     # the vCPU thread on and off its CPU: pre-emptions (switched out runnable) and how long
     # each kept it off, against its time on a CPU
     sw = sched.filter(
