@@ -4,8 +4,9 @@
 
 Reads the shipped series traces/qemu-virtio-blk-sched (8 rounds of QEMU virtio-blk runs at
 queue depths 1, 4, 16 and 32, with the host scheduler's events; no root, no QEMU needed),
-or a series of your own (`--series`: qd1-rN, qd4-rN, qd16-rN and qd32-rN for each round N,
-taken with `vtrace qemu-lab run --sched`).
+its second batch (`--series traces/qemu-virtio-blk-sched-2`), or a series of your own
+(`--series`: qd1-rN, qd4-rN, qd16-rN and qd32-rN for each round N, taken with `vtrace
+qemu-lab run --sched`).
 
 Whether a deep lot goes in one kick or several is a race between the guest's adds and
 QEMU's pops, so the guest's time per add decides much of it. Calibration fits that time

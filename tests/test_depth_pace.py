@@ -48,6 +48,19 @@ def test_depth_pace_reads_the_shipped_series() -> None:
         assert all(0 < v < 1 for v in row.values()), row
 
 
+def test_the_second_batch_shows_the_same_paces() -> None:
+    """On the second batch (a replication) the deep lots add faster too, and the kick's
+    cost shows in round 1 where the main loop pre-empted the vCPU (67 lots, median 10 us)."""
+    second = ROOT / "traces" / "qemu-virtio-blk-sched-2"
+    done = run("--series", str(second), "--requests", "2000", "--json")
+    assert done.returncode == 0, done.stderr
+    paces = json.loads(done.stdout[done.stdout.index("{") :])["paces"]
+    assert [p["round"] for p in paces] == list(range(1, 9))
+    assert sum(p["pace_4_32"] < p["pace_1_4"] for p in paces) >= 5, paces
+    tail = np.array(paces[0]["kick_tail_us"])
+    assert tail.size >= 30 and 5 < np.median(tail) < 20, tail
+
+
 def test_depth_pace_refuses_an_incomplete_series(tmp_path: Path) -> None:
     (tmp_path / "qd1-r1").symlink_to(SERIES / "qd1-r1")
     done = run("--series", str(tmp_path))

@@ -48,22 +48,28 @@ capture qemu-virtio-blk-qd4-2x2 $VTRACE qemu-lab run --device virtio-blk --reque
     --request-bytes 4096 --queue-depth 4 --vcpus 2 --queues 2
 capture qemu-virtio-blk-qd16-streams $VTRACE qemu-lab run --device virtio-blk --requests 1024 \
     --request-bytes 4096 --queue-depth 16 --submit streams
-# The series with the host scheduler's events (root): 8 rounds of depths 1, 4, 16, 32 in
-# turn, so that every depth sees the host in the same states.
-if wanted qemu-virtio-blk-sched; then
-    tmp=traces/.new-qemu-virtio-blk-sched
+# sched_series DIR: the series with the host scheduler's events (root): 8 rounds of depths
+# 1, 4, 16, 32 in turn, so that every depth sees the host in the same states.
+sched_series() {
+    local dir=$1 name r d
+    name=$(basename "$dir")
+    wanted "$name" || return 0
+    local tmp="traces/.new-$name"
     rm -rf "$tmp"
     mkdir -p "$tmp"
     for r in 1 2 3 4 5 6 7 8; do
         for d in 1 4 16 32; do
-            echo "== qemu-virtio-blk-sched/qd$d-r$r" >&2
+            echo "== $name/qd$d-r$r" >&2
             $VTRACE qemu-lab run --device virtio-blk --requests 4096 --request-bytes 4096 \
                 --queue-depth $d --sched -o "$tmp/qd$d-r$r" >/dev/null
         done
     done
-    rm -rf traces/qemu-virtio-blk-sched
-    mv "$tmp" traces/qemu-virtio-blk-sched
-fi
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+}
+sched_series traces/qemu-virtio-blk-sched
+# a second batch of the same series, judged on its own (a replication)
+sched_series traces/qemu-virtio-blk-sched-2
 if wanted qemu-virtio-blk-2x2-sched; then
     tmp=traces/.new-qemu-virtio-blk-2x2-sched
     rm -rf "$tmp"
