@@ -1,7 +1,9 @@
 """Calibrated on QEMU virtio-blk runs at depths 1 and 4 *with the host scheduler's events*,
 the model predicts depths 16 and 32 from timing: the guest's time per add, QEMU's pace and
 wake-up, its merged I/O, its work per completion, the big lock a TCG vCPU needs for its
-kicks and interrupts, the halted vCPU's wake-up (vtrace.sim.qemu_timing). No split count
+kicks (and the interrupts injected when the main loop lets go of it), the halted vCPU's
+wake-up, the guest's handler work per completion, its way to the next lot and into the
+halt (vtrace.sim.qemu_timing). No split count
 is carried over: whether a lot goes in one kick or several comes out of the race between
 the guest's adds and QEMU's passes; QEMU turns kicks off while a pass pops, so only an add
 after a pass has found the ring empty kicks.
@@ -37,15 +39,20 @@ TRACES = Path(__file__).resolve().parent.parent / "traces"
 SERIES = TRACES / "qemu-virtio-blk-sched"
 SECOND = TRACES / "qemu-virtio-blk-sched-2"  # the second batch
 ROUNDS = range(1, 9)
-DEEP_KICKS = (
-    "the model's deep lots in a fast stretch split into two or three pieces where real "
-    "ones go in one kick or, in a tail of lock-step lots (a request per cycle of QEMU's "
-    "lock, its I/O and the guest's interrupt), in many; two guest costs that depths 1 and 4 "
-    "do not fix decide it (benchmarks/depth_pace.py)"
+SLOW_PACE = (
+    "a slower guest splits more lots: the pace calibrated from depths 1 and 4 (4.3 to 5.3 us "
+    "an add) is slower than this batch's deep lots' own (3.9 to 4.6 us from depth 4 to 16); "
+    "with that put in, +1.6 % kicks and +4.5 % interrupts (benchmarks/depth_pace.py)"
 )
 MISSES = {
-    SERIES.name: {(32, "kicks"): f"-13 % on the runs' median: {DEEP_KICKS}"},
-    SECOND.name: {(32, "kicks"): f"-20 % on the runs' median: {DEEP_KICKS}"},
+    SERIES.name: {},
+    SECOND.name: {
+        (16, "kicks"): f"+10 % on the runs' median: {SLOW_PACE}",
+        (16, "irqs"): f"+10 % on the runs' median: {SLOW_PACE}",
+        (32, "irqs"): "+12 % on the runs' median: the model's depth-32 lots take an interrupt "
+        "for every 1.28 kicks, the runs' for every 1.46; their piece sizes and timing are not "
+        "those of the runs yet (docs/model.md)",
+    },
 }
 
 
@@ -66,7 +73,8 @@ def test_the_timings_come_from_the_scheduler_events(timed) -> None:
                 "interrupt.halted_wake_ns", "backend.avail_event", "backend.submit",
                 "vcpu.stall_per_s", "vcpu.stall_ns", "backend.complete_ns", "backend.idle_ns",
                 "backend.lock_wake_ns", "backend.preempt_share", "vcpu.slow_share",
-                "vcpu.slow_factor", "vcpu.slow_stretch_ns"):  # fmt: skip
+                "vcpu.slow_factor", "vcpu.slow_stretch_ns", "interrupt.per_completion_ns",
+                "workload.think_ns", "vcpu.idle_entry_ns"):  # fmt: skip
         assert key in notes, key
     assert cfg["backend.avail_event"] == "idle" and cfg["backend.submit"] == "pass"
     assert cfg["backend.publish"] == "per_request" and cfg["backend.holds_kicks"]

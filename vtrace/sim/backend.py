@@ -243,22 +243,28 @@ class BackendThread:
         return self.lock_event()
 
     def hold_interrupt(self, path: QueuePath) -> None:
-        """An interrupt injected while it holds the lock: the guest takes it when the lock
-        is free, and a running vCPU waits for it."""
+        """An interrupt raised while it holds the lock: only its event is set. Without
+        KVM's irqfd, QEMU's main loop reads the queue's guest notifier and injects the
+        interrupt on its next pass through its poll (virtio_queue_guest_notifier_read), so
+        the guest goes on running meanwhile and takes it once the lock is let go."""
         self.held_irqs.append(path)
-        timeline = path.irq_timeline
-        if not timeline.halted and timeline.lock_wait is None:
-            timeline.lock_wait = self.lock_event()
-            timeline.stopped_ns = self.env.now
 
     def _release(self) -> None:
-        """Back in its poll: let go of the lock. The vCPUs that waited for it run again
-        ``lock_wake_ns`` later (the scheduler wakes their threads): they write their kicks
-        and take their interrupts."""
+        """Back in its poll: let go of the lock and inject the interrupts raised meanwhile.
+        A running vCPU takes its interrupt at once (the lock it needs for that is free);
+        the vCPUs that waited for the lock, or halted, run again ``lock_wake_ns`` later
+        (the scheduler wakes their threads): they write their kicks and take their
+        interrupts."""
         self.lock_held = False
         kicks, self.held_kicks = self.held_kicks, []
         irqs, self.held_irqs = self.held_irqs, []
         free, self.lock_free = self.lock_free, None
+        running = [
+            p for p in irqs if not p.irq_timeline.halted and p.irq_timeline.lock_wait is None
+        ]
+        if running:
+            irqs = [p for p in irqs if p not in running]
+            self._deliver([], running, None)
         if self.p.lock_wake_ns <= 0:
             self._deliver(kicks, irqs, free)
         elif kicks or irqs or free is not None:
@@ -284,10 +290,6 @@ class BackendThread:
             return
         now = self.env.now
         for path in irqs:
-            timeline = path.irq_timeline
-            if timeline.stopped_ns is not None:  # the guest code it did not run meanwhile
-                timeline.preempt(timeline.stopped_ns, now - timeline.stopped_ns)
-                timeline.stopped_ns = None
             start_handler(path, path.last_used_request, now)
         for path, timeline in kicks:
             if path.vq.counts_kicks:  # the exit's way back after the write

@@ -748,7 +748,7 @@ def calibrate(
                 for f, o in zip(qfacts, opened, strict=True)
                 if (t := qemu_timing(f.name, o.events, f.queue_depth)) is not None
             ]
-            timing = fit_timing(timed)
+            timing = fit_timing(timed, cfg["interrupt.guest_handler_ns"], cfg["kvm.kernel_exit_ns"])
             if timing and all(o.meta.get("accel") == "tcg" for o in opened):
                 timing["backend.holds_kicks"] = (
                     True,

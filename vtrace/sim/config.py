@@ -190,6 +190,12 @@ SCHEMA: dict[str, dict[str, Param]] = {
         "reap_ns": Param(
             float, 0.0, "polling guest: fixed work of a look that takes used buffers back"
         ),
+        "idle_entry_ns": Param(
+            float,
+            0.0,
+            "guest work from its last request to halting when it has nothing left to do (the "
+            "submitting task blocks, the idle loop reaches HLT); the vCPU runs meanwhile",
+        ),
         "stall_per_s": Param(float, 0.0, "host preemptions of the vCPU thread per second of work"),
         "stall_ns": Param(float, 0.0, "mean time the vCPU thread loses to one preemption"),
         "slow_share": Param(
@@ -457,6 +463,13 @@ SCHEMA: dict[str, dict[str, Param]] = {
             "(the halt-poll window missed, an idle host CPU woken)",
         ),
         "guest_handler_ns": Param(float, 0.0, "guest handler work per interrupt, without exits"),
+        "per_completion_ns": Param(
+            float,
+            0.0,
+            "guest handler work for each used buffer it takes back beyond the first, those "
+            "that come while it runs included (Linux's virtblk_done loops until the ring is "
+            "empty before it asks for the next interrupt)",
+        ),
         "coalesce_requests": Param(
             int,
             1,

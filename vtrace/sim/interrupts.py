@@ -5,9 +5,12 @@ wants an interrupt (``used_event`` / ``VRING_AVAIL_F_NO_INTERRUPT``, or an emula
 interrupt line already asserted). It may hold that decision to gather completions: until
 ``coalesce_requests`` completions are waiting (flushed when it goes idle), or for
 ``coalesce_ns`` with a timer. An injected interrupt reaches the guest after
-``delivery_ns`` (``halted_wake_ns`` more when the vCPU is halted); the handler then runs on the queue's vCPU (pre-empting what it was doing)
-for ``guest_handler_ns`` plus its register exits, takes every used buffer back and asks for
-the next interrupt. Each queue has its own vector, so its own decisions and handler.
+``delivery_ns`` (``halted_wake_ns`` more when the vCPU is halted); the handler then runs on
+the queue's vCPU (pre-empting what it was doing) for ``guest_handler_ns`` plus its register
+exits, and ``per_completion_ns`` for each used buffer beyond the first (those that come
+while it runs included, as Linux's virtblk_done loops until the ring is empty), takes every
+used buffer back and asks for the next interrupt. Each queue has its own vector, so its own
+decisions and handler.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ def raise_interrupt(path: QueuePath, request: int, injection_ns: float) -> bool:
     timeline = path.irq_timeline
     thread = path.thread
     if thread is not None and thread.lock_held:
-        # taking it needs the lock the back end holds (QEMU's big lock under TCG): the
-        # handler starts when the vCPU has the lock, and a running vCPU stops until then
+        # QEMU under TCG: the back end sets the interrupt's event and injects it when it
+        # lets go of its big lock; the guest runs on until then
         thread.hold_interrupt(path)
         return True
     start = env.now + injection_ns + irq.delivery_ns
@@ -56,6 +59,10 @@ def start_handler(path: QueuePath, request: int, start: float) -> None:
     if timeline.handler_free_ns > start:
         start = timeline.handler_free_ns
     cost = irq.handler_ns
+    if irq.per_completion_ns > 0:  # each used buffer beyond the first it takes back
+        taken = len(path.vq.used)
+        path.handler_taken = max(taken, 1)  # the first is in guest_handler_ns
+        cost += irq.per_completion_ns * max(0, taken - 1)
     if timeline.speed is not None:  # a slow stretch slows the handler's own work
         cost *= timeline.speed.factor(env.now)
     exits = irq.exits
@@ -71,6 +78,29 @@ def start_handler(path: QueuePath, request: int, start: float) -> None:
     # used_event where it was: they share this interrupt.
     timeline.preempt(start, cost)
     env.timeout(end - env.now).callbacks.append(path.guest_interrupt_handler)
+
+
+def handler_goes_on(path: QueuePath) -> bool:
+    """At the end of its work so far, does the handler find used buffers that came while
+    it ran? Then it takes them too (``per_completion_ns`` each, its vCPU busy that much
+    longer) and is called again at the end of that; False when it is done."""
+    irq = path.irq
+    if irq.per_completion_ns <= 0:
+        return False
+    now_used = len(path.vq.used)
+    more = now_used - path.handler_taken
+    if more <= 0:
+        return False
+    path.handler_taken = now_used
+    env = path.env
+    timeline = path.irq_timeline
+    cost = irq.per_completion_ns * more
+    if timeline.speed is not None:
+        cost *= timeline.speed.factor(env.now)
+    timeline.handler_free_ns = env.now + cost
+    timeline.preempt(env.now, cost)
+    env.timeout(cost).callbacks.append(path.guest_interrupt_handler)
+    return True
 
 
 def inject_interrupt(path: QueuePath, request: int) -> Generator[simpy.Event, None, None]:

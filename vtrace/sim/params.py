@@ -58,6 +58,7 @@ class GuestParams:
     polls_completions: bool  # interrupt.completion == "poll"
     room_first: bool  # emulated: the register writes are the submission: room before prep
     drop_when_full: bool  # a finite reference queue loses what does not fit
+    idle_entry_ns: float = 0.0  # from its last request to the halt, running
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class InterruptParams:
     coalesce_requests: int
     coalesce_ns: float
     halted_wake_ns: float = 0.0  # more delivery when the vCPU is halted
+    per_completion_ns: float = 0.0  # handler work per used buffer beyond the first
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         polls_completions=irq["completion"] == "poll",
         room_first=request_exits.exits > 0,
         drop_when_full=False,
+        idle_entry_ns=g["idle_entry_ns"],
     )
     backend = BackendParams(
         thread=b["thread"],
@@ -268,6 +271,7 @@ def model_params(cfg: Config, replayed: bool = False) -> ModelParams:
         coalesce_requests=irq["coalesce_requests"],
         coalesce_ns=irq["coalesce_ns"],
         halted_wake_ns=irq.get("halted_wake_ns", 0.0),
+        per_completion_ns=irq["per_completion_ns"],
     )
     vcpus, host_cpus = vm.get("vcpus", 1), vm.get("host_cpus", 0)
     if 0 < host_cpus < vcpus:

@@ -33,6 +33,8 @@ THREAD_POOL = 64  # QEMU's thread pool runs at most 64 workers (util/thread-pool
 # least this many times the fast one's (the runs here: 41 and 70 us for lots of four)
 MIN_MODE = 20
 SLOW_RATIO = 1.3
+DENSE_SHARE = 0.1  # densest(): the share of samples its interval holds
+MIN_IRQ_LOTS = 50  # interrupts of one completion count at a depth for the handler's fit
 
 
 @dataclass
@@ -52,6 +54,11 @@ class QemuTiming:
     pop_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     merged_io_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     irq_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # per interrupt that woke the halted vCPU: from its running to its next kick write (the
+    # handler, the guest's way back to its task and on to the next lot's first add), and
+    # the completions QEMU filled since the interrupt before
+    irq_to_kick_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
+    irq_completions: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     completion_wake_ns: np.ndarray = field(default_factory=lambda: np.empty(0))
     complete_gaps_ns: np.ndarray = field(default_factory=lambda: np.empty(0))  # one burst's
     # consecutive completions
@@ -132,6 +139,7 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     if k is None:
         return t
     main, vcpu, pops, kicks, write_of = k.main, k.vcpu, k.pops, k.kicks, k.write_of
+    writes = k.writes
     matched = write_of >= 0
     fills, done = times("virtqueue_fill"), times("virtio_blk_rw_complete")
     wakes_main = sched.filter((pl.col("ev") == "sched_waking") & (pl.col("value") == main))
@@ -219,6 +227,12 @@ def qemu_timing(name: str, events: pl.LazyFrame, depth: int) -> QemuTiming | Non
     r = np.searchsorted(run_ts, irq)
     ok = r < run_ts.size
     t.irq_wake_ns = (run_ts[r[ok]] - irq[ok]).astype(float)
+    # then to its next kick write, and the completions that interrupt brought
+    run, woke = run_ts[r[ok]], irq[ok]
+    w = np.searchsorted(writes, run)
+    has = w < writes.size
+    t.irq_to_kick_ns = (writes[w[has]] - run[has]).astype(float)
+    t.irq_completions = np.diff(np.searchsorted(fills, np.concatenate(([0], woke))))[has]
     return t
 
 
@@ -232,6 +246,16 @@ def _median_fit(samples: np.ndarray, source: str) -> tuple[float, str] | None:
     if samples.size < 10:
         return None
     return round(float(np.median(samples)), 1), source
+
+
+def densest(samples: np.ndarray, share: float = DENSE_SHARE) -> float:
+    """The median of the shortest interval holding ``share`` of the samples: where they
+    are densest (a mode that a second, broader slow mode does not pull, as it pulls a
+    median)."""
+    x = np.sort(samples)
+    h = max(1, int(np.ceil(share * x.size)))
+    i = int(np.argmin(x[h - 1 :] - x[: x.size - h + 1]))
+    return float(np.median(x[i : i + h]))
 
 
 def two_speeds(samples: np.ndarray) -> float | None:
@@ -270,7 +294,9 @@ def _slow_stretches(at: np.ndarray, slow: np.ndarray) -> list[float]:
     return list(at[ends] - at[starts] + spacing)
 
 
-def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[Any, str]]:
+def _fit_guest_speed(
+    timings: list[QemuTiming], names: str, exit_ns: float = 0.0
+) -> dict[str, tuple[Any, str]]:
     """The guest's time per add, and its slow stretches, from whole lots' kick write to
     the vCPU's halt at two depths or more.
 
@@ -308,6 +334,14 @@ def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[A
         f"{', of the fast mode at depth ' + ' and '.join(map(str, split)) if split else ''})"
         ", per request more",
     )
+    # what a lot of one request leaves beside its kick's exit: the way into the halt
+    entry = max(0.0, h0 - slope * (d0 - 1) - exit_ns)
+    fitted["vcpu.idle_entry_ns"] = (
+        round(entry, 1),
+        f"{names}: the same kick write to halt at one request ({(h0 - slope * (d0 - 1)) / 1e3:.1f} "
+        f"us), less the kick's exit (kvm.kernel_exit_ns {exit_ns / 1e3:.1f} us): the guest's "
+        "task blocking and its idle loop reaching HLT",
+    )
     if not split:
         fitted["vcpu.slow_share"] = (
             0.0,
@@ -341,8 +375,54 @@ def _fit_guest_speed(timings: list[QemuTiming], names: str) -> dict[str, tuple[A
     return fitted
 
 
-def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
-    """Values the traces' timings fix, each with its source; empty without any."""
+def _fit_guest_lot(
+    timings: list[QemuTiming], names: str, prep: float, handler_ns: float, exit_ns: float
+) -> dict[str, tuple[Any, str]]:
+    """The guest's handler per completion, its way from an interrupt to the next lot, and
+    its way into the halt, from interrupts that woke the halted vCPU at two depths or more.
+
+    At depth D an interrupt that brought D completions (a whole lot's) is followed, from
+    the vCPU running, by the handler, the guest's way back to its task, the next read and
+    the lot's first add: the densest of those times (:func:`densest`, which a slow stretch
+    does not pull) grows with D by the handler's work per completion; what is left at the
+    smallest depth beside ``handler_ns``, that work and one add (``prep``) is the way to
+    the next lot. The way into the halt is what whole lots' kick write to halt leaves at
+    one request, beside the kick's exit (``exit_ns``)."""
+    by_depth: dict[int, np.ndarray] = {}
+    for t in timings:
+        whole = t.irq_to_kick_ns[t.irq_completions == t.depth]
+        if whole.size:
+            by_depth[t.depth] = np.concatenate([by_depth.get(t.depth, np.empty(0)), whole])
+    depths = sorted(d for d, s in by_depth.items() if s.size >= MIN_IRQ_LOTS)
+    if len(depths) < 2:
+        return {}
+    d0, d1 = depths[0], depths[-1]
+    m0, m1 = densest(by_depth[d0]), densest(by_depth[d1])
+    per = max(0.0, (m1 - m0) / (d1 - d0))
+    lead = max(0.0, m0 - handler_ns - per * (d0 - 1) - prep)
+    fitted: dict[str, tuple[Any, str]] = {}
+    fitted["interrupt.per_completion_ns"] = (
+        round(per, 1),
+        f"{names}: from the vCPU running after an interrupt that woke it (sched_waking by "
+        f"the main loop, sched_switch) to its next kick write, where the interrupt brought a "
+        f"whole lot: densest {m0 / 1e3:.1f} us at depth {d0} ({by_depth[d0].size}) and "
+        f"{m1 / 1e3:.1f} us at depth {d1} ({by_depth[d1].size}), per completion more",
+    )
+    fitted["workload.think_ns"] = (
+        round(lead, 1),
+        f"{names}: the same at depth {d0}, less the handler (guest_handler_ns "
+        f"{handler_ns / 1e3:.1f} us and its completions) and one add: the guest's way back "
+        "to its task and on to the next read",
+    )
+    return fitted
+
+
+def fit_timing(
+    timings: list[QemuTiming], handler_ns: float = 0.0, exit_ns: float = 0.0
+) -> dict[str, tuple[Any, str]]:
+    """Values the traces' timings fix, each with its source; empty without any.
+    ``handler_ns`` and ``exit_ns`` are the model's interrupt handler and kick exit, which
+    the guest's measured times are taken apart with."""
     if not timings:
         return {}
     names = " + ".join(t.name for t in timings)
@@ -377,7 +457,10 @@ def fit_timing(timings: list[QemuTiming]) -> dict[str, tuple[Any, str]]:
             f"{names}: {preempt.size} of the {wake.size} first kicks: the host's other work "
             "held the other CPUs, and the main loop took the vCPU's",
         )
-    fitted.update(_fit_guest_speed(timings, names))
+    fitted.update(_fit_guest_speed(timings, names, exit_ns))
+    if "vcpu.request_prep_ns" in fitted:
+        prep = fitted["vcpu.request_prep_ns"][0]
+        fitted.update(_fit_guest_lot(timings, names, prep, handler_ns, exit_ns))
     done_wake = _pooled(timings, "completion_wake_ns")
     if done_wake.size >= QUANTILES:
         fitted["backend.completion_wakeup_quantiles_ns"] = (

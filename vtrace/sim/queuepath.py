@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import simpy
 
+from vtrace.sim.interrupts import handler_goes_on
 from vtrace.sim.monitors import RunMonitor
 from vtrace.sim.params import BackendParams, InterruptParams, RingParams
 from vtrace.sim.timeline import VcpuTimeline
@@ -62,6 +63,7 @@ class QueuePath:
         self.unsignalled = 0  # completions put on the used ring and not yet signalled
         self.last_used_request = 0
         self.coalesce_timer_armed = False
+        self.handler_taken = 0  # used buffers the running handler has counted so far
         self.space_wait: simpy.Event | None = None
         self.requests = 0  # submitted through this queue
         self.kicks = 0
@@ -121,6 +123,8 @@ class QueuePath:
 
     def guest_interrupt_handler(self, _event: simpy.Event) -> None:
         """The end of the guest's handler: take used buffers back, ask for the next interrupt."""
+        if handler_goes_on(self):  # completions came meanwhile: its loop takes them too
+            return
         self.take_used()
         self.vq.enable_cb()
         self.wake_guest()

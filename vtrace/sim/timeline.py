@@ -28,16 +28,14 @@ class VcpuTimeline:
         "lock_wait",
         "preempt_at_ns",
         "speed",
-        "stopped_ns",
     )
 
     def __init__(self, speed: GuestSpeed | None = None) -> None:
         self.speed = speed  # its slow stretches (None: always one speed)
         self.halted = False  # the guest halted (HLT): an interrupt must wake its thread
-        # its thread sleeps on the back end's lock (to write a kick, or to take an
-        # interrupt) until this event: it runs no guest code meanwhile
+        # its thread sleeps on the back end's lock (to write a kick) until this event: it
+        # runs no guest code meanwhile
         self.lock_wait: simpy.Event | None = None
-        self.stopped_ns: float | None = None  # since when an interrupt stopped it for the lock
         self.busy_until_ns = 0.0
         self.exit_ns = 0.0  # vCPU time spent in exits (kicks, register accesses, EOIs)
         self.handler_free_ns = 0.0  # when its last interrupt handler ends

@@ -248,10 +248,27 @@ class Vcpu:
         self.timeline.halted = True  # nothing left to run: the guest idles
 
     def _halt(self, wake: simpy.Event) -> Generator[simpy.Event, None, None]:
-        """The guest has nothing to run until ``wake`` (HLT): its thread leaves the CPU."""
-        self.timeline.halted = True
+        """The guest has nothing to run until ``wake`` (HLT): its thread leaves the CPU,
+        after ``idle_entry_ns`` of guest work on the way (the task blocks, the idle loop
+        starts), which interrupt handlers may lengthen; a wake that comes meanwhile finds
+        it still running."""
+        timeline = self.timeline
+        entry = self.guest.idle_entry_ns
+        if entry > 0:
+            env = self.env
+            if timeline.speed is not None:  # a slow stretch slows the guest's own work
+                entry *= timeline.speed.factor(env.now)
+            end = timeline.occupy(env.now, entry)
+            while end > env.now:
+                yield env.timeout(end - env.now)
+                if timeline.preempt_at_ns <= env.now:  # a handler started meanwhile
+                    timeline.catch_up(env.now)
+                end = timeline.busy_until_ns
+            if wake.triggered:
+                return
+        timeline.halted = True
         yield wake
-        self.timeline.halted = False
+        timeline.halted = False
 
     def _reap(self) -> None:
         """A polling driver's look that finds used buffers: it takes them all back (they
