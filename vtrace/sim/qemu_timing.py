@@ -297,8 +297,9 @@ def _slow_stretches(at: np.ndarray, slow: np.ndarray) -> list[float]:
 def _fit_guest_speed(
     timings: list[QemuTiming], names: str, exit_ns: float = 0.0
 ) -> dict[str, tuple[Any, str]]:
-    """The guest's time per add, and its slow stretches, from whole lots' kick write to
-    the vCPU's halt at two depths or more.
+    """The guest's time per add, its way into the halt (what a lot of one request leaves
+    beside its kick's exit, ``exit_ns``) and its slow stretches, from whole lots' kick
+    write to the vCPU's halt at two depths or more.
 
     Per depth every whole lot of the traces at that depth is pooled (one odd run moves a
     median little) and split into a fast and a slow mode where it has two
@@ -376,18 +377,17 @@ def _fit_guest_speed(
 
 
 def _fit_guest_lot(
-    timings: list[QemuTiming], names: str, prep: float, handler_ns: float, exit_ns: float
+    timings: list[QemuTiming], names: str, prep: float, handler_ns: float
 ) -> dict[str, tuple[Any, str]]:
-    """The guest's handler per completion, its way from an interrupt to the next lot, and
-    its way into the halt, from interrupts that woke the halted vCPU at two depths or more.
+    """The guest's handler work per completion and its way from an interrupt to the next
+    lot, from interrupts that woke the halted vCPU at two depths or more.
 
     At depth D an interrupt that brought D completions (a whole lot's) is followed, from
     the vCPU running, by the handler, the guest's way back to its task, the next read and
     the lot's first add: the densest of those times (:func:`densest`, which a slow stretch
     does not pull) grows with D by the handler's work per completion; what is left at the
     smallest depth beside ``handler_ns``, that work and one add (``prep``) is the way to
-    the next lot. The way into the halt is what whole lots' kick write to halt leaves at
-    one request, beside the kick's exit (``exit_ns``)."""
+    the next lot."""
     by_depth: dict[int, np.ndarray] = {}
     for t in timings:
         whole = t.irq_to_kick_ns[t.irq_completions == t.depth]
@@ -460,7 +460,7 @@ def fit_timing(
     fitted.update(_fit_guest_speed(timings, names, exit_ns))
     if "vcpu.request_prep_ns" in fitted:
         prep = fitted["vcpu.request_prep_ns"][0]
-        fitted.update(_fit_guest_lot(timings, names, prep, handler_ns, exit_ns))
+        fitted.update(_fit_guest_lot(timings, names, prep, handler_ns))
     done_wake = _pooled(timings, "completion_wake_ns")
     if done_wake.size >= QUANTILES:
         fitted["backend.completion_wakeup_quantiles_ns"] = (
