@@ -259,12 +259,11 @@ class BackendThread:
         kicks, self.held_kicks = self.held_kicks, []
         irqs, self.held_irqs = self.held_irqs, []
         free, self.lock_free = self.lock_free, None
-        running = [
-            p for p in irqs if not p.irq_timeline.halted and p.irq_timeline.lock_wait is None
-        ]
-        if running:
-            irqs = [p for p in irqs if p not in running]
-            self._deliver([], running, None)
+        if irqs:  # a running vCPU takes its interrupt now; the others wake first
+            waking = [p for p in irqs if p.irq_timeline.halted or p.irq_timeline.lock_wait]
+            if len(waking) < len(irqs):
+                self._deliver([], [p for p in irqs if p not in waking], None)
+                irqs = waking
         if self.p.lock_wake_ns <= 0:
             self._deliver(kicks, irqs, free)
         elif kicks or irqs or free is not None:

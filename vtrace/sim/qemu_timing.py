@@ -336,12 +336,12 @@ def _fit_guest_speed(
         ", per request more",
     )
     # what a lot of one request leaves beside its kick's exit: the way into the halt
-    entry = max(0.0, h0 - slope * (d0 - 1) - exit_ns)
+    one = h0 - slope * (d0 - 1)
     fitted["vcpu.idle_entry_ns"] = (
-        round(entry, 1),
-        f"{names}: the same kick write to halt at one request ({(h0 - slope * (d0 - 1)) / 1e3:.1f} "
-        f"us), less the kick's exit (kvm.kernel_exit_ns {exit_ns / 1e3:.1f} us): the guest's "
-        "task blocking and its idle loop reaching HLT",
+        round(max(0.0, one - exit_ns), 1),
+        f"{names}: the same kick write to halt at one request ({one / 1e3:.1f} us), less the "
+        f"kick's exit (kvm.kernel_exit_ns {exit_ns / 1e3:.1f} us): the guest's task blocking "
+        "and its idle loop reaching HLT",
     )
     if not split:
         fitted["vcpu.slow_share"] = (
